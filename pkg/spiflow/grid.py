@@ -125,3 +125,28 @@ def rotated_points(q: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 def friedel_symmetrize(volume: torch.Tensor) -> torch.Tensor:
     """``(V(q) + V(−q)) / 2`` on the centred odd grid (flip of all three axes)."""
     return 0.5 * (volume + torch.flip(volume, dims=(-3, -2, -1)))
+
+
+def structure_factor_to_density(F: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Electron density (n, n, n) in e/Å³ from the structure factor ``F`` (n, n, n) in electrons.
+
+    With ``F(q) = Σ_j f_j exp(+2πi q·r_j)`` (SPEC.md) the inverse is
+    ``ρ(r) = ∫ F(q) exp(−2πi q·r) d³q ≈ dq³ Σ_k F(q_k) exp(−2πi q_k·r)``, a forward DFT
+    on the centred grids (q = 0 and r = 0 at index n // 2). Returns a complex tensor;
+    the density of a real object is its real part.
+    """
+    Fs = torch.fft.ifftshift(F, dim=(-3, -2, -1))
+    rho = torch.fft.fftn(Fs, dim=(-3, -2, -1)) * grid.dq ** 3
+    return torch.fft.fftshift(rho, dim=(-3, -2, -1))
+
+
+def density_to_structure_factor(rho: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Structure factor ``F(q_k) = v Σ_n ρ(r_n) exp(+2πi q_k·r_n)`` in electrons.
+
+    ``rho`` (n, n, n) in e/Å³ on the centred real-space grid, ``v = voxel_size³`` Å³.
+    Exact inverse of :func:`structure_factor_to_density`. Returns complex (n, n, n).
+    """
+    rs = torch.fft.ifftshift(rho.to(torch.complex128 if rho.dtype == torch.float64 else torch.complex64),
+                             dim=(-3, -2, -1))
+    F = torch.fft.ifftn(rs, dim=(-3, -2, -1)) * (grid.n ** 3 * grid.voxel_size ** 3)
+    return torch.fft.fftshift(F, dim=(-3, -2, -1))
