@@ -8,11 +8,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
+
+
+# Consolidated metadata is a zarr-python extension to Zarr v3 that xarray reads fast; the
+# warnings about it and about fixed-length strings concern other zarr implementations only.
+warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
+warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
