@@ -1,0 +1,43 @@
+# spiflow: simulate → orient (EMC) → phase → evaluate, one rule file per stage.
+# Paths come from spiflow.pipeline.layout (SPEC.md); every rule calls a thin script
+# in workflow/scripts/ that calls a stage function of the spiflow package.
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+import spiflow.config
+from spiflow.pipeline import layout
+
+min_version("8.0")
+
+
+configfile: Path(workflow.basedir) / "config" / "config.yaml"
+
+
+validate(config, str(spiflow.config.SCHEMA_PATH))
+if not Path(config["sample"]["path"]).is_file():
+    raise WorkflowError(f"sample.path: structure file not found: {config['sample']['path']}")
+
+RUN = config["run"]
+P = layout("results", RUN)
+LOGS = f"logs/{RUN}"
+BENCH = f"benchmarks/{RUN}"
+METHODS = config["reconstruction"]["methods"]
+GPU = 1 if config["device"].startswith("cuda") else 0
+
+
+wildcard_constraints:
+    method="|".join(METHODS),
+
+
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/orient.smk"
+include: "workflow/rules/phase.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        P["summary"],
+    default_target: True

@@ -1,0 +1,93 @@
+"""``spiflow`` command line: run any stage alone, outside Snakemake.
+
+    spiflow simulate  [--configfile FILE ...] [--results DIR]
+    spiflow recon-truth | emc [--configfile ...]
+    spiflow phase    --method METHOD
+    spiflow evaluate --method METHOD
+    spiflow summary
+    spiflow config                     # print the complete configuration
+
+Paths follow SPEC.md (``spiflow.pipeline.layout``), so files written here are the same
+ones Snakemake writes and reads: a stage run by hand can be picked up by the workflow.
+The default configuration is the package schema's (= config/config.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from . import pipeline
+from .config import load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spiflow", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+    for name, help_ in [("simulate", "simulate patterns and ground truth"),
+                        ("recon-truth", "write the truth oracle as a reconstruction"),
+                        ("emc", "orient with EMC and merge the 3D intensity"),
+                        ("phase", "phase one method's intensity"),
+                        ("evaluate", "evaluate one method against the truth"),
+                        ("summary", "write evaluate/summary.csv and overview plots"),
+                        ("config", "print the complete, validated configuration")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--configfile", nargs="*", default=[], help="YAML files, later ones win")
+        s.add_argument("--results", default="results", help="results directory (default: results)")
+        s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name in ("phase", "evaluate"):
+            s.add_argument("--method", required=True, help="truth, emc, ...")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(*args.configfile)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"spiflow: {exc}", file=sys.stderr)
+        return 2
+    if args.stage == "config":
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    pipeline.configure_threads(args.threads)
+    P = pipeline.layout(args.results, config["run"])
+    progress = not args.quiet
+    method = getattr(args, "method", None)
+    if method is not None and method not in config["reconstruction"]["methods"]:
+        print(f"spiflow: --method {method!r} is not in reconstruction.methods "
+              f"{config['reconstruction']['methods']}", file=sys.stderr)
+        return 2
+    f = {k: v.format(method=method) for k, v in P.items()}
+    try:
+        if args.stage == "simulate":
+            pipeline.stage_simulate(config, f["patterns"], f["truth"], progress=progress)
+        elif args.stage == "recon-truth":
+            pipeline.stage_recon_truth(config, f["truth"], f["patterns"], P["intensity"].format(method="truth"),
+                                       P["orientations"].format(method="truth"))
+        elif args.stage == "emc":
+            pipeline.stage_emc(config, f["patterns"], P["intensity"].format(method="emc"),
+                               P["orientations"].format(method="emc"), f["emc_log"], f["emc_checkpoint"],
+                               progress=progress)
+        elif args.stage == "phase":
+            pipeline.stage_phase(config, f["intensity"], f["density"], f["density_mrc"], f["phase_log"])
+        elif args.stage == "evaluate":
+            pipeline.stage_evaluate(config, method, f["truth"], f["patterns"], f["intensity"],
+                                    f["orientations"], f["density"], f["eval_dir"])
+        elif args.stage == "summary":
+            methods = config["reconstruction"]["methods"]
+            pipeline.stage_summary(config, [P["metrics"].format(method=m) for m in methods],
+                                   [P["fsc"].format(method=m) for m in methods], f["patterns"], f["summary"],
+                                   f["emc_log"] if "emc" in methods else None)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"spiflow {args.stage}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

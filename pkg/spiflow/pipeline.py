@@ -1,0 +1,234 @@
+"""The workflow's stages as functions: one per Snakemake rule and ``spiflow`` subcommand.
+
+Each stage reads the stores of earlier stages, calls the numerical kernels of this
+package and writes its outputs atomically. :func:`layout` is the one place that names
+every file of a run (SPEC.md); the Snakefile and the command line both use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+import zarr
+
+from . import metrics, plots
+from .align import align_density, align_intensity_rotation, rotate_volume
+from .emc import EMCConfig, run_emc
+from .grid import Grid
+from .io import atomic_path, intensity_dataset, open_dataset, orientations_dataset, write_dataset
+from .phasing import PhasingConfig, phase
+from .simulate import grid_of, simulate
+
+log = logging.getLogger(__name__)
+RECON_METHODS = ("truth", "emc")
+
+
+def layout(results: str | Path, run: str) -> dict[str, str]:
+    """Paths of a run's files (SPEC.md 'Stores'); ``{method}`` is left as a placeholder."""
+    r = Path(results) / run
+    return {k: str(r / v) for k, v in {
+        "patterns": "simulate/patterns.zarr",
+        "truth": "simulate/truth.zarr",
+        "intensity": "recon/{method}/intensity.zarr",
+        "orientations": "recon/{method}/orientations.zarr",
+        "emc_log": "recon/emc/emc_log.csv",
+        "emc_checkpoint": "recon/emc/checkpoint.pt",
+        "density": "phase/{method}/density.zarr",
+        "density_mrc": "phase/{method}/density.mrc",
+        "phase_log": "phase/{method}/phase_log.csv",
+        "fsc": "evaluate/{method}/fsc.csv",
+        "metrics": "evaluate/{method}/metrics.json",
+        "eval_dir": "evaluate/{method}",
+        "summary": "evaluate/summary.csv",
+        "summary_dir": "evaluate",
+        "logs": "logs",
+    }.items()}
+
+
+def stage_simulate(config: dict, patterns: str, truth: str, progress: bool = True) -> dict:
+    """simulate: the patterns store and the ground-truth store (see :mod:`spiflow.simulate`)."""
+    return simulate(config, patterns, truth, progress=progress)
+
+
+def stage_recon_truth(config: dict, truth: str, patterns: str, intensity: str, orientations: str) -> None:
+    """The ``truth`` oracle: the true intensity and orientations as a reconstruction.
+
+    Its ``measured`` voxels are those the detector can reach, ``q_min ≤ |q| ≤ q_max`` of
+    the valid pixels, so the oracle sees the same q range as every other method.
+    """
+    t0 = time.perf_counter()
+    tr = open_dataset(truth, "truth store")
+    pat = xr.open_zarr(patterns)
+    grid = grid_of(pat)
+    qn = np.linalg.norm(pat.q.values[pat.valid.values], axis=-1)
+    measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
+    attrs = {"method": "truth", "wall_seconds": time.perf_counter() - t0}
+    write_dataset(intensity_dataset(tr.intensity.values, grid.q_axis, measured, attrs), intensity)
+    write_dataset(orientations_dataset(tr.quaternion.values, tr.gain.values, attrs), orientations)
+
+
+def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str,
+              checkpoint: str, progress: bool = True) -> None:
+    """orient with EMC: streams photons from the Zarr chunks; never reads the truth.
+
+    The model W (photons per unit pixel factor) becomes electrons² through the nominal
+    fluence J of the patterns' metadata: ``I = W / (J r_e²)``.
+    """
+    t0 = time.perf_counter()
+    pat = xr.open_zarr(patterns)
+    grid = grid_of(pat)
+    photons = zarr.open_group(patterns, mode="r")["photons"]
+    emc_cfg = EMCConfig(**config["emc"], seed=config["dataset"]["seed"], device=config["device"])
+    res = run_emc(photons, pat.valid.values, pat.q.values.astype(np.float64), pat.pixel_factor.values.astype(np.float64),
+                  grid, emc_cfg, log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+    attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": emc_cfg.num_div,
+             "iterations": emc_cfg.iterations}
+    write_dataset(intensity_dataset(res.intensity / scale, grid.q_axis, res.weight > 0, attrs), intensity)
+    ds = orientations_dataset(res.quaternion, res.gain, attrs)
+    ds["probability_max"] = ("frame", res.probability_max)
+    write_dataset(ds, orientations)
+
+
+def stage_phase(config: dict, intensity: str, density: str, density_mrc: str, log_csv: str) -> None:
+    """phase: iterative phasing of a reconstruction's intensity (never reads the truth)."""
+    t0 = time.perf_counter()
+    ds = open_dataset(intensity, "intensity store")
+    n = ds.sizes["qx"]
+    grid = Grid(n, float(ds.qx.values[1] - ds.qx.values[0]))
+    measured = ds["measured"].values if "measured" in ds else None
+    res = phase(ds.intensity.values, grid, PhasingConfig(**config["phase"]), measured=measured,
+                seed=config["dataset"]["seed"], device=config["device"])
+    out = xr.Dataset({"density": (("x", "y", "z"), res.density), "support": (("x", "y", "z"), res.support)},
+                     coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis},
+                     attrs={"method": ds.attrs.get("method", ""), "wall_seconds": time.perf_counter() - t0,
+                            "fourier_errors": res.errors.tolist(), "chosen_restarts": res.chosen.tolist(),
+                            "prtf": res.prtf.tolist(), "prtf_q_inv_angstrom": res.prtf_q.tolist()})
+    out["density"].attrs["units"] = "electrons/angstrom^3"
+    write_dataset(out, density)
+    with atomic_path(density_mrc) as tmp:
+        write_mrc(tmp, res.density, grid.voxel_size)
+    with atomic_path(log_csv) as tmp:
+        res.log.to_csv(tmp, index=False)
+
+
+def write_mrc(path, density: np.ndarray, voxel_size: float) -> None:
+    """MRC map (mrcfile) with the voxel size in Å; array (x, y, z) stored with x fastest."""
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(np.asarray(density, dtype=np.float32).transpose(2, 1, 0)))
+        mrc.voxel_size = voxel_size
+        c = density.shape[0] // 2
+        mrc.header.origin = (-c * voxel_size,) * 3
+
+
+def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensity: str,
+                   orientations: str, density: str, out_dir: str) -> dict:
+    """evaluate one method: align to the truth, FSC, intensity CC, orientation and gain errors.
+
+    Rotation: EMC's frame is arbitrary; ``A`` with ``I_rec(q) ≈ I_true(A q)`` is found from
+    the intensities and undone on intensity and density (``ρ_rec(r) = ρ_true(A r)``). The
+    density is then registered by translation and inversion. The oracle needs no rotation.
+    """
+    tr = open_dataset(truth, "truth store")
+    rec = open_dataset(intensity, "intensity store")
+    ori = open_dataset(orientations, "orientations store")
+    den = open_dataset(density, "density store")
+    grid = Grid(tr.sizes["qx"], float(tr.qx.values[1] - tr.qx.values[0]))
+    measured = rec["measured"].values if "measured" in rec else np.ones(rec.intensity.shape, bool)
+    if method == "truth":
+        A, rot_cc = np.eye(3), 1.0
+    else:
+        A, rot_cc = align_intensity_rotation(rec.intensity.values, tr.intensity.values, grid, mask=measured,
+                                             num_div=config["evaluate"]["align_num_div"])
+        A = np.asarray(A, dtype=np.float64)
+    I_al = np.asarray(rotate_volume(rec.intensity.values, A))
+    meas_al = np.asarray(rotate_volume(measured.astype(np.float32), A)) > 0.5
+    rho_al, reg = align_density(np.asarray(rotate_volume(den.density.values, A)), tr.density.values)
+    rho_al = np.asarray(rho_al)
+    table = metrics.fsc(rho_al, tr.density.values, grid)
+    errors, _ = metrics.orientation_errors(ori.quaternion.values, tr.quaternion.values)
+    out = Path(out_dir)
+    result = {
+        "method": method,
+        "resolution_fsc05_angstrom": metrics.resolution_at(table, 0.5),
+        "resolution_fsc0143_angstrom": metrics.resolution_at(table, 0.143),
+        "intensity_cc": metrics.intensity_cc(I_al, tr.intensity.values, meas_al, grid),
+        "orientation_error_median_deg": float(np.median(errors)),
+        "gain_pearson": metrics.gain_pearson(ori.gain.values, tr.gain.values),
+        "wall_seconds": float(rec.attrs.get("wall_seconds", np.nan) + den.attrs.get("wall_seconds", np.nan)),
+        "rotation_cc": float(rot_cc), "density_cc": float(reg["cc"]), "inverted": bool(reg["inverted"]),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "fsc.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    plots.plot_intensity_sections(tr.intensity.values, I_al, grid, out / "intensity_sections.png",
+                                  f"{method}: true (top) vs reconstructed (bottom) intensity")
+    plots.plot_density_slices(tr.density.values, rho_al, grid, out / "density_slices.png")
+    plots.plot_orientation_errors(errors, out / "orientation_errors.png")
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    return result
+
+
+SUMMARY_COLUMNS = ["method", "resolution_fsc05_angstrom", "resolution_fsc0143_angstrom", "intensity_cc",
+                   "orientation_error_median_deg", "gain_pearson", "wall_seconds"]
+
+
+def stage_summary(config: dict, metric_files: list[str], fsc_files: list[str], patterns: str,
+                  summary_csv: str, emc_log: str | None = None) -> pd.DataFrame:
+    """One table comparing every method (SPEC.md columns) plus the run's overview plots."""
+    rows = [json.loads(Path(f).read_text()) for f in metric_files]
+    df = pd.DataFrame(rows)[SUMMARY_COLUMNS]
+    out = Path(summary_csv).parent
+    plots.plot_fsc({r["method"]: pd.read_csv(f) for r, f in zip(rows, fsc_files)}, out / "fsc.png")
+    pat = xr.open_zarr(patterns)
+    k = min(config["evaluate"]["montage_frames"], pat.sizes["frame"])
+    plots.plot_pattern_montage(pat.photons[:k].values, pat.valid.values, out / "patterns_montage.png")
+    if emc_log and Path(emc_log).exists():
+        plots.plot_emc_log(pd.read_csv(emc_log), out / "emc_log.png")
+    with atomic_path(summary_csv) as tmp:
+        df.to_csv(tmp, index=False)
+    return df
+
+
+def configure_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads in torch (intra-op) for this process."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def config_dataclass_fields(cls) -> set[str]:
+    """Names of a config dataclass's fields (used to check schema ↔ code agreement)."""
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@contextlib.contextmanager
+def snakemake_stage(smk):
+    """Run a stage inside a Snakemake ``script:``: threads from the rule, log to ``log[0]``.
+
+    Standard error (progress bars, warnings, tracebacks) and Python logging go to the rule's
+    log file; an exception is logged there and re-raised so Snakemake marks the job failed.
+    """
+    configure_threads(smk.threads)
+    log_path = Path(smk.log[0]) if smk.log else None
+    if log_path is None:
+        yield
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as fh, contextlib.redirect_stderr(fh), contextlib.redirect_stdout(fh):
+        logging.basicConfig(stream=fh, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            force=True)
+        try:
+            yield
+        except BaseException:
+            logging.getLogger("spiflow").exception("stage failed")
+            raise

@@ -1,0 +1,39 @@
+rule recon_truth:
+    """The oracle: true intensity and orientations, restricted to the detector's q range."""
+    input:
+        truth=P["truth"],
+        patterns=P["patterns"],
+    output:
+        intensity=directory(P["intensity"].format(method="truth")),
+        orientations=directory(P["orientations"].format(method="truth")),
+    log:
+        f"{LOGS}/recon_truth.log",
+    benchmark:
+        f"{BENCH}/recon_truth.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../scripts/recon_truth.py"
+
+
+rule orient_emc:
+    """EMC: orientations, gains and the merged 3D intensity (resumes from its checkpoint)."""
+    input:
+        patterns=P["patterns"],
+    output:
+        intensity=directory(P["intensity"].format(method="emc")),
+        orientations=directory(P["orientations"].format(method="emc")),
+        log_csv=P["emc_log"],
+    log:
+        f"{LOGS}/orient_emc.log",
+    benchmark:
+        f"{BENCH}/orient_emc.tsv"
+    params:
+        checkpoint=P["emc_checkpoint"],
+    threads: workflow.cores
+    resources:
+        mem_mb=lambda wc: int(config["emc"]["memory_budget_gb"] * 1024 * 2 + 2000),
+        gpu=GPU,
+    script:
+        "../scripts/orient_emc.py"

@@ -1,0 +1,18 @@
+rule phase:
+    """Iterative phasing (RAAR/HIO/ER + shrinkwrap, several restarts) of one method's intensity."""
+    input:
+        intensity=P["intensity"],
+    output:
+        density=directory(P["density"]),
+        mrc=P["density_mrc"],
+        log_csv=P["phase_log"],
+    log:
+        f"{LOGS}/phase_{{method}}.log",
+    benchmark:
+        f"{BENCH}/phase_{{method}}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        gpu=GPU,
+    script:
+        "../scripts/phase.py"

@@ -1,0 +1,16 @@
+rule simulate:
+    """Noisy diffraction patterns of config['sample']['path'] plus the ground truth."""
+    input:
+        sample=config["sample"]["path"],
+    output:
+        patterns=directory(P["patterns"]),
+        truth=directory(P["truth"]),
+    log:
+        f"{LOGS}/simulate.log",
+    benchmark:
+        f"{BENCH}/simulate.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/simulate.py"

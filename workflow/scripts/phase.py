@@ -1,0 +1,6 @@
+"""rule phase → spiflow.pipeline.stage_phase."""
+from spiflow.pipeline import snakemake_stage, stage_phase
+
+with snakemake_stage(snakemake):
+    stage_phase(snakemake.config, snakemake.input.intensity, snakemake.output.density,
+                snakemake.output.mrc, snakemake.output.log_csv)

@@ -1,0 +1,5 @@
+"""rule simulate → spiflow.pipeline.stage_simulate."""
+from spiflow.pipeline import snakemake_stage, stage_simulate
+
+with snakemake_stage(snakemake):
+    stage_simulate(snakemake.config, snakemake.output.patterns, snakemake.output.truth)
