@@ -1,0 +1,436 @@
+"""Expand–maximise–compress (EMC) orientation recovery and 3D merging, in PyTorch.
+
+References: N. D. Loh & V. Elser, PRE 80, 026705 (2009) (the algorithm); K. Ayyer et al.,
+J. Appl. Cryst. 49, 1320 (2016) (Dragonfly: per-frame scale factors, deterministic
+annealing with β). Runs unchanged on CPU or CUDA.
+
+Model. Pixel p of frame i at sampled orientation r expects ``μ_irp = φ_i s_p W(R_rᵀ q_p)``
+photons: ``s_p`` the pixel factor (solid angle × polarisation), ``φ_i`` the frame's gain
+(mean 1 over the data set), ``W`` the intensity on a :class:`~spiflow.grid.Grid` read by
+trilinear slicing. Only valid pixels count. One iteration:
+
+* expand / E-step: ``L_ri = Σ_p [K_ip log μ_irp − μ_irp]`` (Poisson, log K! dropped),
+  ``P_ri = w_r exp(β L_ri) / Σ_r' w_r' exp(β L_r'i)`` (w_r the SO(3) quadrature weights
+  of :func:`spiflow.sampling.so3_sampling`, log-sum-exp over r);
+* gain (Dragonfly's scaling update): ``φ_i = Σ_p K_ip / Σ_r P_ri Σ_p s_p W_rp`` with the
+  current W, then φ is divided by its mean and W multiplied by it (μ is unchanged);
+* maximise + compress: ``W = F[Σ_r merge_r(Σ_i P_ri K_ip)] / F[Σ_r merge_r(s_p Σ_i P_ri φ_i)]``
+  with the new φ, ``merge_r`` the trilinear adjoint of slicing at ``R_rᵀ q_p`` and ``F``
+  :func:`spiflow.grid.friedel_symmetrize` (numerator and denominator are symmetrised
+  *before* dividing, so W is Friedel symmetric); W = 0 where the denominator is 0.
+
+Slicing and merging use torch's fused trilinear kernels (``grid_sample`` and its input
+gradient), 5–10× faster than :func:`spiflow.grid.slice_volume` / :func:`~spiflow.grid.merge_into`
+and equal to them (same weights, corners outside the grid read 0; tested).
+
+The frames × orientations matrices are built one frame block at a time (block size from
+``memory_budget_gb``) and one orientation chunk at a time inside (slices of ``chunk ×
+valid pixels``); frames × orientations × pixels is never formed. Photons are read block by
+block as ``photons[i0:i1]`` so a Zarr array larger than memory streams from disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .grid import Grid, friedel_symmetrize, rotated_points
+from .io import atomic_path, resolve_device
+from .rotation import quaternion_to_matrix
+from .sampling import so3_sampling
+
+LOG_COLUMNS = ["iteration", "beta", "log_likelihood", "rms_change", "mutual_info",
+               "mean_max_probability", "gain_std", "seconds"]
+
+
+@dataclass
+class EMCConfig:
+    """Settings of :func:`run_emc`.
+
+    num_div: SO(3) refinement (10 (5n³+n) orientations, spacing ≈ 73.5° / n).
+    iterations: total number of iterations (a resumed run continues up to it).
+    beta_start, beta_factor, beta_every, beta_max: deterministic annealing; iteration t
+    (1-based) uses ``β_t = min(beta_max, beta_start · beta_factor ** ((t − 1) // beta_every))``.
+    update_gain: fit per-frame gains φ (else φ ≡ 1). seed: seeds the initial model's noise.
+    device: "auto", "cpu", "cuda", … (:func:`spiflow.io.resolve_device`).
+    orientation_chunk: orientations sliced / merged at once (work arrays of chunk × valid
+    pixels). memory_budget_gb: frame block size B is the largest with
+    ``B (2 M + P) · itemsize <= budget`` (M orientations, P valid pixels: the log-likelihood
+    and probability matrices plus the photon block); the photons (frames × P) are kept in
+    memory between passes when they fit in the budget too, else re-read every pass.
+    dtype: "float32" (fast) or "float64".
+    """
+
+    num_div: int = 6
+    iterations: int = 30
+    beta_start: float = 0.05
+    beta_factor: float = 1.5
+    beta_every: int = 5
+    beta_max: float = 1.0
+    update_gain: bool = True
+    seed: int = 0
+    device: str = "auto"
+    orientation_chunk: int = 1024
+    memory_budget_gb: float = 2.0
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        checks = [
+            (int(self.num_div) == self.num_div and self.num_div >= 1, "num_div must be an integer >= 1"),
+            (int(self.iterations) == self.iterations and self.iterations >= 1, "iterations must be an integer >= 1"),
+            (self.beta_start > 0, "beta_start must be > 0"),
+            (self.beta_factor >= 1, "beta_factor must be >= 1"),
+            (int(self.beta_every) == self.beta_every and self.beta_every >= 1, "beta_every must be an integer >= 1"),
+            (self.beta_max > 0, "beta_max must be > 0"),
+            (self.orientation_chunk >= 1, "orientation_chunk must be >= 1"),
+            (self.memory_budget_gb > 0, "memory_budget_gb must be > 0"),
+            (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"EMCConfig: {msg}")
+
+    def beta(self, iteration: int) -> float:
+        """β of 1-based ``iteration``."""
+        step = (iteration - 1) // self.beta_every
+        return float(min(self.beta_max, self.beta_start * self.beta_factor ** step))
+
+
+@dataclass
+class EMCResult:
+    """Output of :func:`run_emc`.
+
+    intensity: (n, n, n) float32, W in photons per unit pixel factor (gain-1 frame).
+    weight: (n, n, n) float32, the merge denominator of a final E-step with the final
+    model (voxels with weight > 0 are measured). quaternion: (frames, 4) float64, the most
+    likely sampled orientation of each frame. gain: (frames,) float64, mean 1.
+    probability_max: (frames,) float64, that orientation's probability. log: one row per
+    iteration (columns :data:`LOG_COLUMNS`).
+    """
+
+    intensity: np.ndarray
+    weight: np.ndarray
+    quaternion: np.ndarray
+    gain: np.ndarray
+    probability_max: np.ndarray
+    log: pd.DataFrame
+
+
+def _coordinates(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``R_rᵀ q_p`` as :func:`torch.nn.functional.grid_sample` coordinates, (R, P, 3).
+
+    grid_sample with ``align_corners=True`` maps −1 … 1 onto voxel 0 … n−1, i.e. onto
+    q = −q_max … q_max, and orders the last axis (z, y, x) (fastest volume axis first)."""
+    return rotated_points(q_valid, rotations[..., [2, 1, 0]] / grid.q_max)
+
+
+def _slice(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear slices (C, P) of ``volume`` (n, n, n) at ``coords`` (C, P, 3) of
+    :func:`_coordinates`; equal to :func:`spiflow.grid.slice_volume` at ``R_rᵀ q_p`` (the
+    same trilinear weights, corners outside the grid read 0), as one fused kernel."""
+    out = F.grid_sample(volume[None, None], coords[None, :, :, None, :], mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out.view(coords.shape[:2])
+
+
+def _merge(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
+    """``accum[c] += merge(values[c])`` for channels c: accum (ch, n, n, n), values (ch, C, P).
+
+    The adjoint of :func:`_slice` (grid_sample's input gradient), equal to
+    :func:`spiflow.grid.merge_into` at ``R_rᵀ q_p`` but one fused pass for all channels."""
+    grad = torch.ops.aten.grid_sampler_3d_backward(
+        values.contiguous()[None, ..., None], accum[None], coords[None, :, :, None, :], 0, 0, True, [True, False])[0]
+    accum += grad[0]
+
+
+def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
+             s_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maximise + compress step for given probabilities (all tensors on one device/dtype).
+
+    counts (F, P) photons of the valid pixels; prob (R, F) P_ri; gain (F,); q_valid (P, 3)
+    Å⁻¹; s_valid (P,) pixel factors; rotations (R, 3, 3). Returns ``(W, weight)``, both
+    (n, n, n): ``F[num] / F[den]`` (0 where den = 0) and ``F[den]``, F the Friedel
+    symmetrisation. With one-hot ``prob`` this merges frames at known orientations.
+    """
+    accum = torch.zeros((2,) + (grid.n,) * 3, dtype=counts.dtype, device=counts.device)
+    values = torch.stack([prob @ counts, (prob @ gain)[:, None] * s_valid[None, :]])
+    _merge(accum, _coordinates(q_valid, rotations, grid), values)
+    return _divide(accum[0], accum[1]), friedel_symmetrize(accum[1])
+
+
+def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    num, den = friedel_symmetrize(num), friedel_symmetrize(den)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
+
+
+class _Data:
+    """Valid-pixel photon blocks ``(i0, i1, K (i1 − i0, P))`` read from ``photons[i0:i1]``."""
+
+    def __init__(self, photons, valid: np.ndarray, block: int, cache: bool, device, dtype):
+        self.photons, self.flat = photons, valid.reshape(-1)
+        self.frames = photons.shape[0]
+        self.block, self.device, self.dtype = block, device, dtype
+        self._cache: list | None = [] if cache else None
+        self._complete = False
+
+    def __iter__(self):
+        if self._complete:
+            yield from self._cache
+            return
+        for i0 in range(0, self.frames, self.block):
+            i1 = min(self.frames, i0 + self.block)
+            raw = np.asarray(self.photons[i0:i1])
+            k = raw.reshape(i1 - i0, -1)[:, self.flat]
+            if not np.isfinite(k).all() or (k < 0).any():
+                raise ValueError(f"photons[{i0}:{i1}]: negative or non-finite counts in valid pixels")
+            k = k.astype(np.float32 if self.dtype == torch.float32 else np.float64, copy=False)
+            item = (i0, i1, torch.as_tensor(k).to(self.device))
+            if self._cache is not None:
+                self._cache.append(item)
+            yield item
+        self._complete = self._cache is not None
+
+
+class _Engine:
+    """One EMC problem: sampled rotations, valid pixels, photon blocks and work buffers."""
+
+    def __init__(self, data: _Data, q_valid, s_valid, grid: Grid, config: EMCConfig, device, dtype):
+        quats, weights = so3_sampling(config.num_div)
+        self.quats, self.M = quats, len(quats)
+        self.rot = quaternion_to_matrix(torch.as_tensor(quats)).to(device, dtype)
+        self.logw = torch.as_tensor(np.log(weights)).to(device, dtype)
+        self.q = torch.as_tensor(q_valid).to(device, dtype)
+        self.s = torch.as_tensor(s_valid).to(device, dtype)
+        self.logs = torch.log(self.s)
+        self.grid, self.data, self.chunk = grid, data, int(config.orientation_chunk)
+        self.tiny = torch.finfo(dtype).tiny
+        self._buf = torch.empty(2 * self.M * data.block, dtype=dtype, device=device)
+        self._vals = torch.empty((2, min(self.chunk, self.M), len(q_valid)), dtype=dtype, device=device)
+
+    def iterate(self, W: torch.Tensor, gain: torch.Tensor, beta: float, update_gain: bool):
+        """One E + gain + M pass with model W (n, n, n) and gains (frames,).
+
+        Returns (W_new, gain_new, stats, most likely index (frames,), its P (frames,),
+        Friedel-symmetrised merge denominator (n, n, n))."""
+        M, C, dev, dt = self.M, self.chunk, W.device, W.dtype
+        frames = self.data.frames
+        accum = torch.zeros((2,) + W.shape, dtype=dt, device=dev)  # numerator, denominator
+        new_gain = gain.clone()
+        ll, mi = (torch.zeros(frames, dtype=torch.float64, device=dev) for _ in range(2))
+        pmax, best = torch.zeros(frames, dtype=dt, device=dev), torch.zeros(frames, dtype=torch.long, device=dev)
+        s_dot = torch.empty(M, dtype=dt, device=dev)  # Σ_p s_p W_rp
+        for i0, i1, K in self.data:
+            b, g = i1 - i0, gain[i0:i1]
+            L = self._buf[:M * b].view(M, b)
+            P = self._buf[M * b:2 * M * b].view(M, b)
+            for r0 in range(0, M, C):  # expand: L_ri without the r-independent terms
+                r1 = min(M, r0 + C)
+                S = _slice(W, _coordinates(self.q, self.rot[r0:r1], self.grid))
+                torch.mv(S, self.s, out=s_dot[r0:r1])
+                torch.mm(S.clamp_min_(self.tiny).log_(), K.T, out=L[r0:r1])
+                L[r0:r1].addr_(s_dot[r0:r1], g, alpha=-1)
+            L.mul_(beta).add_(self.logw[:, None])
+            lse = torch.logsumexp(L, 0)
+            L.sub_(lse)  # log P_ri
+            torch.exp(L, out=P)
+            pw = self.logw @ P
+            pmax[i0:i1], best[i0:i1] = P.max(0)
+            plogp = L.mul_(P).sum(0)
+            const = K @ self.logs + torch.xlogy(K.sum(1), g)  # Σ_p K log s + N log φ
+            ll[i0:i1] = ((plogp - pw + lse) / beta + const).double()  # Σ_r P_ri L_ri
+            mi[i0:i1] = (plogp - pw).double()  # Σ_r P_ri log(P_ri / w_r)
+            if update_gain:
+                new_gain[i0:i1] = K.sum(1) / (s_dot @ P)
+            for r0 in range(0, M, C):  # maximise: merge this block's photons
+                r1 = min(M, r0 + C)
+                vals = self._vals[:, :r1 - r0]
+                torch.mm(P[r0:r1], K, out=vals[0])
+                torch.mul((P[r0:r1] @ new_gain[i0:i1])[:, None], self.s[None, :], out=vals[1])
+                _merge(accum, _coordinates(self.q, self.rot[r0:r1], self.grid), vals)
+        scale = new_gain.mean() if update_gain else torch.ones((), dtype=dt, device=dev)
+        W_new = _divide(accum[0], accum[1]) * scale
+        stats = {"log_likelihood": ll.mean().item(), "mutual_info": mi.mean().item(),
+                 "mean_max_probability": pmax.double().mean().item()}
+        return W_new, new_gain / scale, stats, best, pmax, friedel_symmetrize(accum[1])
+
+
+def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndarray, gain_sum: float,
+                   grid: Grid, seed: int) -> np.ndarray:
+    """W0: radial profile ``Σ_bin Σ_i K_ip / Σ_bin s_p Σ_i φ_i`` (bins of width dq in |q|),
+    interpolated linearly to every voxel's |q| (constant beyond the ends), times
+    ``1 + 0.1 u`` with u ~ U[0, 1) from ``numpy.random.default_rng(seed)``. (n, n, n) float64."""
+    k = np.rint(np.linalg.norm(q_valid, axis=1) / grid.dq).astype(np.int64)
+    top = np.bincount(k, weights=sum_counts)
+    bottom = np.bincount(k, weights=s_valid * gain_sum)
+    filled = bottom > 0
+    radii = np.flatnonzero(filled)
+    profile = np.interp(grid.q_norm() / grid.dq, radii, top[filled] / bottom[filled])
+    return profile * (1 + 0.1 * np.random.default_rng(seed).random(profile.shape))
+
+
+def _validate_inputs(photons, valid, q, pixel_factor, grid: Grid):
+    if not hasattr(photons, "shape") or len(photons.shape) != 3:
+        raise ValueError(f"photons must be an array (frames, ny, nx), got shape {getattr(photons, 'shape', None)}")
+    frames, ny, nx = photons.shape
+    valid = np.asarray(valid)
+    q, pixel_factor = np.asarray(q, dtype=np.float64), np.asarray(pixel_factor, dtype=np.float64)
+    if frames < 1:
+        raise ValueError("photons: no frames")
+    if valid.shape != (ny, nx) or valid.dtype != bool:
+        raise ValueError(f"valid must be a bool array of shape {(ny, nx)}, got {valid.dtype} {valid.shape}")
+    if q.shape != (ny, nx, 3):
+        raise ValueError(f"q must have shape {(ny, nx, 3)}, got {q.shape}")
+    if pixel_factor.shape != (ny, nx):
+        raise ValueError(f"pixel_factor must have shape {(ny, nx)}, got {pixel_factor.shape}")
+    if not valid.any():
+        raise ValueError("valid: the pixel mask selects no pixels")
+    qv, sv = q[valid], pixel_factor[valid]
+    if not np.isfinite(qv).all():
+        raise ValueError("q: non-finite values in valid pixels")
+    if not (np.isfinite(sv).all() and (sv > 0).all()):
+        raise ValueError("pixel_factor must be finite and > 0 in valid pixels")
+    outside = np.linalg.norm(qv, axis=1) > grid.q_max
+    if outside.all():
+        raise ValueError(f"all valid pixels have |q| > grid.q_max = {grid.q_max:g} 1/Å")
+    if outside.any():
+        warnings.warn(f"{outside.sum()} valid pixels with |q| > grid.q_max = {grid.q_max:g} 1/Å are ignored")
+        valid = valid.copy()
+        valid[valid] = ~outside
+        qv, sv = qv[~outside], sv[~outside]
+    return frames, valid, qv, sv
+
+
+def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int) -> str:
+    keys = ["num_div", "seed", "beta_start", "beta_factor", "beta_every", "beta_max", "update_gain", "dtype"]
+    fp = {k: getattr(config, k) for k in keys}
+    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid))
+    return json.dumps(fp, sort_keys=True)
+
+
+def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | None = None,
+            log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
+            progress: bool = True) -> EMCResult:
+    """Reconstruct the 3D intensity and frame orientations by EMC (see the module docstring).
+
+    photons: (frames, ny, nx) photon counts, any array-like sliced as ``photons[i0:i1]``
+    (numpy, Zarr); read block by block and kept in memory only when frames × valid pixels
+    fits in ``memory_budget_gb``. valid: (ny, nx) bool; q: (ny, nx, 3) Å⁻¹ (valid pixels
+    beyond ``grid.q_max`` are dropped with a warning); pixel_factor: (ny, nx) > 0.
+    grid: the model grid. config: :class:`EMCConfig`.
+    log_path: CSV with one row per iteration (:data:`LOG_COLUMNS`), appended per
+    iteration. checkpoint_path: written atomically after every iteration with
+    ``{iteration, model, gain, beta, fingerprint}``; if it exists with the same
+    fingerprint (num_div, grid, data shape, valid-pixel count, seed, β schedule,
+    update_gain, dtype) the run resumes from it, the CSV is cut back to that iteration, and
+    a finished run only repeats the final E-step (a checkpoint past ``iterations`` is
+    returned as it is). A different fingerprint restarts from scratch (UserWarning).
+    progress: tqdm bar.
+
+    Gains start at ``φ_i = N_i / mean N`` (N_i the photons in valid pixels) when
+    ``update_gain``, else 1; the model starts from the data (:func:`_initial_model`).
+    The returned orientations, probability_max and weight come from one final E-step with
+    the final model and gains at the last iteration's β.
+    Raises ValueError for mismatched shapes, an empty valid mask, pixel_factor <= 0,
+    negative or non-finite counts in valid pixels (checked per block), frames without any
+    photon at all, and invalid config values.
+    """
+    config = config or EMCConfig()
+    config.validate()
+    frames, valid, qv, sv = _validate_inputs(photons, valid, q, pixel_factor, grid)
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    item = torch.finfo(dtype).bits // 8
+    M = 10 * (5 * config.num_div ** 3 + config.num_div)
+    budget = config.memory_budget_gb * 1e9
+    block = int(max(1, min(frames, budget // (item * (2 * M + len(qv))))))
+    data = _Data(photons, valid, block, frames * len(qv) * item <= budget, device, dtype)
+
+    sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
+    for i0, i1, K in data:  # validates every block, fills the cache when enabled
+        sum_counts += K.sum(0).double().cpu().numpy()
+        n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
+    if n_frame.sum() <= 0:
+        raise ValueError("photons: no photon in any valid pixel")
+    engine = _Engine(data, qv, sv, grid, config, device, dtype)
+    fp = _fingerprint(config, grid, photons.shape, len(qv))
+
+    start, ckpt = 0, _load_checkpoint(checkpoint_path, fp)
+    if ckpt is not None:
+        start = int(ckpt["iteration"])
+        W, gain = ckpt["model"].to(device, dtype), ckpt["gain"].to(device, dtype)
+    else:
+        g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
+        gain = torch.as_tensor(g0).to(device, dtype)
+        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed)).to(device, dtype)
+    rows = _prepare_log(log_path, start if ckpt is not None else None)
+
+    bar = tqdm(total=config.iterations, initial=min(start, config.iterations), disable=not progress, desc="EMC")
+    for it in range(start + 1, config.iterations + 1):
+        t0, beta = time.perf_counter(), config.beta(it)
+        W_new, gain, stats, _, _, _ = engine.iterate(W, gain, beta, config.update_gain)
+        change = (torch.linalg.norm(W_new - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
+        W = W_new
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row = {"iteration": it, "beta": beta, **stats, "rms_change": change,
+               "gain_std": gain.double().std().item() if frames > 1 else 0.0,
+               "seconds": time.perf_counter() - t0}
+        row = {k: row[k] for k in LOG_COLUMNS}
+        rows.append(row)
+        if log_path is not None:
+            pd.DataFrame([row]).to_csv(log_path, mode="a", header=False, index=False)
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, {"iteration": it, "model": W.cpu(), "gain": gain.cpu(),
+                                               "beta": beta, "fingerprint": fp})
+        bar.update(1)
+        bar.set_postfix(beta=f"{beta:.3g}", loglik=f"{stats['log_likelihood']:.4g}", change=f"{change:.2e}")
+    bar.close()
+
+    last_beta = config.beta(max(start, config.iterations))
+    _, _, _, best, pmax, weight = engine.iterate(W, gain, last_beta, update_gain=False)
+    log = pd.read_csv(log_path) if log_path is not None else pd.DataFrame(rows, columns=LOG_COLUMNS)
+    return EMCResult(intensity=W.cpu().numpy().astype(np.float32),
+                     weight=weight.cpu().numpy().astype(np.float32),
+                     quaternion=engine.quats[best.cpu().numpy()],
+                     gain=gain.double().cpu().numpy(),
+                     probability_max=pmax.double().cpu().numpy(), log=log)
+
+
+def _load_checkpoint(path, fingerprint: str) -> dict | None:
+    if path is None or not Path(path).exists():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("fingerprint") != fingerprint:
+        warnings.warn(f"checkpoint {path} is from different settings; starting afresh")
+        return None
+    return ckpt
+
+
+def _save_checkpoint(path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _prepare_log(log_path, keep_until: int | None) -> list:
+    """Start the CSV (header only), or cut an existing one back to ``keep_until`` rows' iterations.
+
+    Returns the in-memory rows kept (used when there is no CSV)."""
+    if log_path is None:
+        return []
+    old = None
+    if keep_until is not None and Path(log_path).exists():
+        old = pd.read_csv(log_path)
+        old = old[old["iteration"] <= keep_until]
+    old = pd.DataFrame(old if old is not None else [], columns=LOG_COLUMNS)
+    with atomic_path(log_path) as tmp:
+        old.to_csv(tmp, index=False)
+    return old.to_dict("records")

@@ -1,0 +1,144 @@
+"""Near-uniform sampling of SO(3) by refining the 600-cell (Loh & Elser, PRE 80, 026705 (2009)).
+
+Unit quaternions cover the 3-sphere S³ twice (q and −q are one rotation). The 600-cell is
+the regular 4-polytope whose 120 vertices (the binary icosahedral group) lie on S³:
+
+* 8 of the form (±1, 0, 0, 0) (all positions),
+* 16 of the form (±½, ±½, ±½, ±½),
+* 96 even permutations of ½(±φ, ±1, ±1/φ, 0), φ = (1 + √5) / 2.
+
+Nearest neighbours have dot product φ/2 (36° apart on S³, a 72° rotation); its 600 cells
+are the regular tetrahedra spanned by 4 mutually neighbouring vertices. Every cell is
+filled with the barycentric points ``(i v0 + j v1 + k v2 + l v3) / n``, ``i+j+k+l = n``,
+points shared by neighbouring cells are kept once, and all are projected onto S³. That
+gives ``120 + 720 (n−1) + 1200 (n−1)(n−2)/2 + 600 (n−1)(n−2)(n−3)/6 = 20 (5n³ + n)``
+points, closed under q → −q; one of each ± pair is kept, so ``10 (5n³ + n)`` rotations.
+
+Weights. A cell lies in the hyperplane ``{x: x·m = h}`` (m its unit normal, h its
+distance from 0, the same for all cells). The central projection p ↦ p/|p| maps a flat
+volume element dV at p to the solid angle ``dΩ = cos θ dV / |p|³`` with
+``cos θ = h / |p|`` (the angle between the ray and the normal), i.e. ``dΩ = h dV / |p|⁴``.
+The barycentric points are uniform in flat volume, so each point stands for the solid
+angle ∝ ``1 / |p|⁴``, p the unprojected point; the weights are that, normalised to sum 1
+(the Haar measure of SO(3) is the uniform measure on S³).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+
+PHI = (1 + math.sqrt(5)) / 2
+
+#: ``angular_step_deg(n) = STEP_CONSTANT_DEG / n``. Measured with this module for
+#: n = 1 … 10: the rotation angle from a sample to its nearest other sample is 72° / n for
+#: n ≤ 2 and 69°–76° / n (median 73.5° ± 0.7° / n, mean 73.5° ± 0.4° / n) for n ≥ 3. The
+#: covering radius (largest angle from any rotation to its nearest sample, 200 000 random
+#: rotations) is 53° / n ≈ 0.93 / n rad (mean 31° / n), which is Loh & Elser's ≈ 0.944 / n.
+STEP_CONSTANT_DEG = 73.5
+
+
+def _vertices() -> np.ndarray:
+    """The 120 unit quaternions of the 600-cell, (120, 4) float64."""
+    verts = []
+    for pos in range(4):
+        for s in (1.0, -1.0):
+            v = np.zeros(4)
+            v[pos] = s
+            verts.append(v)
+    verts.extend(0.5 * np.array(signs) for signs in itertools.product((1.0, -1.0), repeat=4))
+    base = (PHI, 1.0, 1 / PHI, 0.0)
+    even = [p for p in itertools.permutations(range(4))
+            if sum(p[i] > p[j] for i in range(4) for j in range(i + 1, 4)) % 2 == 0]
+    for perm in even:  # perm[k] = which base value goes to coordinate k
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            vals = np.array(base[:3]) * signs
+            v = np.zeros(4)
+            for k in range(4):
+                if perm[k] < 3:
+                    v[k] = vals[perm[k]]
+            verts.append(0.5 * v)
+    return np.array(verts)
+
+
+def _cells(verts: np.ndarray) -> np.ndarray:
+    """The 600 tetrahedral cells as sorted vertex-index quadruples, (600, 4) int64."""
+    adj = np.abs(verts @ verts.T - PHI / 2) < 1e-9
+    cells = []
+    for a in range(len(verts)):
+        nb = np.flatnonzero(adj[a])
+        nb = nb[nb > a]
+        for b, c, d in itertools.combinations(nb, 3):
+            if adj[b, c] and adj[b, d] and adj[c, d]:
+                cells.append((a, b, c, d))
+    cells = np.array(cells, dtype=np.int64)
+    if cells.shape != (600, 4):  # pragma: no cover - guards the construction itself
+        raise RuntimeError(f"600-cell construction found {len(cells)} cells")
+    return cells
+
+
+def _canonical_sign(q: np.ndarray, tol: float = 1e-9) -> np.ndarray:
+    """+1 where the first component with |c| > tol is positive, else −1; shape (M,)."""
+    nonzero = np.abs(q) > tol
+    first = np.argmax(nonzero, axis=1)
+    return np.sign(q[np.arange(len(q)), first])
+
+
+@functools.lru_cache(maxsize=8)
+def _sampling(num_div: int) -> tuple[np.ndarray, np.ndarray]:
+    verts = _vertices()
+    cells = _cells(verts)
+    n = num_div
+    comp = np.array([c for c in itertools.product(range(n + 1), repeat=4) if sum(c) == n],
+                    dtype=np.int64)  # (K, 4) barycentric numerators
+    # Exact key of each point: its (vertex index, coefficient) pairs with coefficient > 0,
+    # sorted by vertex index (cells are sorted, absent vertices get (-1, 0) and sort first).
+    vidx = np.where(comp[None, :, :] > 0, cells[:, None, :], -1)  # (600, K, 4)
+    coef = np.broadcast_to(comp[None], vidx.shape)
+    order = np.argsort(vidx, axis=-1, kind="stable")
+    vidx = np.take_along_axis(vidx, order, -1)
+    coef = np.take_along_axis(coef, order, -1)
+    keys = np.concatenate([vidx, coef], axis=-1).reshape(-1, 8)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    flat_cell = first // len(comp)
+    flat_comp = first % len(comp)
+    p = np.einsum("mk,mkd->md", comp[flat_comp] / n, verts[cells[flat_cell]])  # unprojected
+    norm = np.linalg.norm(p, axis=1)
+    quat = p / norm[:, None]
+    keep = _canonical_sign(quat) > 0
+    quat, norm = quat[keep], norm[keep]
+    quat[np.abs(quat) < 1e-12] = 0.0
+    weight = norm ** -4.0
+    weight /= weight.sum()
+    return quat, weight
+
+
+def so3_sampling(num_div: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quaternions and quadrature weights of the refined 600-cell sampling of SO(3).
+
+    num_div: the refinement n >= 1 (each 600-cell edge split into n). Returns
+    ``quats`` (M, 4) float64 unit ``[w, x, y, z]`` with ``M = 10 (5n³ + n)``, one of each
+    ± pair (w > 0; for w = 0 the first nonzero component is positive), and ``weights``
+    (M,) float64 ∝ ``1/|p|⁴`` (p the unprojected point, see the module docstring),
+    summing to 1. Results are cached; copies are returned. Nearest-neighbour spacing:
+    :func:`angular_step_deg`. Raises ValueError if ``num_div < 1``.
+    """
+    if int(num_div) != num_div or num_div < 1:
+        raise ValueError(f"num_div must be an integer >= 1, got {num_div}")
+    quat, weight = _sampling(int(num_div))
+    return quat.copy(), weight.copy()
+
+
+def angular_step_deg(num_div: int) -> float:
+    """Typical rotation angle (degrees) between neighbouring samples of :func:`so3_sampling`.
+
+    ``STEP_CONSTANT_DEG / num_div`` = 73.5° / n ≈ 1.28 / n rad, the measured median
+    nearest-neighbour rotation angle (72° / n exactly for n ≤ 2). A random rotation lies
+    on average 31° / n and at most 53° / n ≈ 0.93 / n rad (Loh & Elser's ≈ 0.944 / n)
+    from its nearest sample. Raises ValueError if ``num_div < 1``.
+    """
+    if int(num_div) != num_div or num_div < 1:
+        raise ValueError(f"num_div must be an integer >= 1, got {num_div}")
+    return STEP_CONSTANT_DEG / num_div

@@ -1,0 +1,210 @@
+"""Tests of the EMC orientation stage on small, high-signal synthetic data built here."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spiflow.emc import EMCConfig, LOG_COLUMNS, _coordinates, _merge, _slice, compress, run_emc
+from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
+from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
+from spiflow.sampling import angular_step_deg
+
+torch.set_num_threads(2)
+
+
+def _atoms(rng, count=6, radius=18.0):
+    """Random point atoms (Å) in a ball, redrawn until clearly three-dimensional: a nearly
+    planar set is nearly mirror symmetric, and then a 180° rotation fits the data too."""
+    while True:
+        xyz = rng.uniform(-1, 1, (4 * count, 3))
+        xyz = xyz[np.linalg.norm(xyz, axis=1) < 1][:count] * radius
+        sv = np.linalg.svd(xyz - xyz.mean(0), compute_uv=False)
+        if sv[-1] > 0.5 * sv[0]:
+            return xyz
+
+
+def _intensity(atoms, q):
+    """|Σ_j exp(2πi q·r_j)|² at q (..., 3) Å⁻¹ (Friedel symmetric by construction)."""
+    return np.abs(np.exp(2j * np.pi * q @ atoms.T).sum(-1)) ** 2
+
+
+def _detector(grid, npix=15, k=0.15):
+    """Flat detector on the Ewald sphere |k_in| = k Å⁻¹ (strong curvature), corners at
+    0.98 q_max; returns q (npix, npix, 3), pixel factor cos³2θ, valid (centre masked)."""
+    two_theta = 2 * np.arcsin(0.98 * grid.q_max / (2 * k))
+    ax = np.linspace(-1, 1, npix) * np.tan(two_theta) / np.sqrt(2)
+    x, y = np.meshgrid(ax, ax, indexing="ij")
+    d = np.stack([x, y, np.ones_like(x)], -1)
+    r = np.linalg.norm(d, axis=-1)
+    q = k * (d / r[..., None] - np.array([0.0, 0.0, 1.0]))
+    valid = np.ones((npix, npix), bool)
+    valid[npix // 2, npix // 2] = False
+    return q, r ** -3.0, valid
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    grid = Grid(23, 0.01)
+    atoms = _atoms(rng)
+    q, pf, valid = _detector(grid)
+    frames = 200
+    quat = random_quaternions(frames, rng)
+    R = quaternion_to_matrix(torch.as_tensor(quat)).numpy()
+    intensity = _intensity(atoms, np.einsum("pk,fkl->fpl", q.reshape(-1, 3), R)).reshape(frames, *pf.shape)
+    gain = rng.gamma(4.0, 1.0, frames)
+    gain /= gain.mean()
+    scale = 3000.0 / (pf * _intensity(atoms, q)).sum()  # ≈ 3000 photons per frame
+    photons = rng.poisson(gain[:, None, None] * pf * intensity * scale).astype(np.int32)
+    return dict(photons=photons, valid=valid, q=q, pf=pf, grid=grid, quat=quat, gain=gain,
+                atoms=atoms, scale=scale)
+
+
+def _run(d, photons=None, **kw):
+    cfg = dict(num_div=2, iterations=3, device="cpu", dtype="float64")
+    cfg.update(kw.pop("config", {}))
+    return run_emc(d["photons"] if photons is None else photons, d["valid"], d["q"], d["pf"], d["grid"],
+                   EMCConfig(**cfg), progress=False, **kw)
+
+
+def test_recovers_orientations_gains_and_model(data):
+    num_div = 3
+    cfg = EMCConfig(num_div=num_div, iterations=15, beta_start=0.05, beta_factor=1.5, beta_every=3,
+                    device="cpu")
+    res = run_emc(data["photons"], data["valid"], data["q"], data["pf"], data["grid"], cfg, progress=False)
+    # W(q) = I(A q) for a global rotation A; frame i then has R_est = R_true A, R_true = R_est Aᵀ.
+    r_true = quaternion_to_matrix(torch.as_tensor(data["quat"]))
+    r_est = quaternion_to_matrix(torch.as_tensor(res.quaternion))
+    A = mean_rotation(r_true.transpose(1, 2) @ r_est)
+    err = angle_between(torch.as_tensor(data["quat"]), matrix_to_quaternion(r_est @ A.T)).numpy()
+    assert np.median(err) < 1.5 * angular_step_deg(num_div)
+    assert np.corrcoef(res.gain, data["gain"])[0, 1] > 0.9
+    assert res.gain.mean() == pytest.approx(1, abs=1e-5)
+    ll = res.log["log_likelihood"].to_numpy()
+    assert ll[-1] > ll[0] and (np.diff(ll) > -1e-3 * abs(ll[0])).all()
+    assert list(res.log.columns) == LOG_COLUMNS and list(res.log["iteration"]) == list(range(1, 16))
+    # The model is the truth rotated by A (blurred by the coarse 24.5° sampling: r ≈ 0.87).
+    grid = data["grid"]
+    inside = (grid.q_norm() < 0.9 * grid.q_max) & (res.weight > 0)
+    truth = _intensity(data["atoms"], grid.q_points() @ A.numpy().T)  # I(A q)
+    assert np.corrcoef(res.intensity[inside], truth[inside])[0, 1] > 0.8
+    assert res.probability_max.shape == (200,) and (res.probability_max <= 1 + 1e-6).all()
+
+
+def test_fused_kernels_equal_grid_slice_and_merge():
+    grid = Grid(9, 0.1)
+    g = torch.Generator().manual_seed(0)
+    vol = torch.rand((9, 9, 9), generator=g, dtype=torch.float64)
+    q = (torch.rand(30, 3, generator=g, dtype=torch.float64) - 0.5) * 1.2  # some beyond the grid
+    rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(5, np.random.default_rng(1))))
+    points, coords = rotated_points(q, rot), _coordinates(q, rot, grid)
+    torch.testing.assert_close(_slice(vol, coords), slice_volume(vol, points, grid))
+    values = torch.rand((2, 5, 30), generator=g, dtype=torch.float64)
+    accum = torch.zeros((2, 9, 9, 9), dtype=torch.float64)
+    _merge(accum, coords, values)
+    for c in range(2):
+        ref = torch.zeros((9, 9, 9), dtype=torch.float64)
+        merge_into(ref, points, values[c], grid)
+        torch.testing.assert_close(accum[c], ref)
+
+
+def test_one_hot_probabilities_merge_back_the_model(data):
+    grid, d = data["grid"], data
+    qv = torch.as_tensor(d["q"][d["valid"]])
+    sv = torch.as_tensor(d["pf"][d["valid"]])
+    rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(400, np.random.default_rng(5))))
+    gain = torch.as_tensor(np.random.default_rng(6).gamma(4.0, 1.0, 400))
+    one_hot = torch.eye(400, dtype=torch.float64)
+    # Constant model: merged back exactly wherever measured.
+    counts = gain[:, None] * sv[None, :] * 7.0
+    W, weight = compress(counts, one_hot, gain, qv, sv, rot, grid)
+    measured = weight > 0
+    assert measured.sum() > 0.3 * grid.n ** 3
+    torch.testing.assert_close(W[measured], torch.full_like(W[measured], 7.0))
+    # Smooth model: noiseless slices at the true orientations merge back to it.
+    truth = torch.as_tensor(_intensity(d["atoms"] * 0.5, grid.q_points()))
+    counts = gain[:, None] * sv[None, :] * slice_volume(truth, rotated_points(qv, rot), grid)
+    W, weight = compress(counts, one_hot, gain, qv, sv, rot, grid)
+    good = weight > 0.2 * weight.max()
+    rel = (W[good] - truth[good]).norm() / truth[good].norm()
+    assert rel < 0.05
+
+
+def test_memory_bounded_streaming_path_matches_single_block(data, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    ref = _run(data)
+    store = zarr.create_array(tmp_path / "photons.zarr", shape=data["photons"].shape, chunks=(16, 15, 15),
+                              dtype="int32")
+    store[:] = data["photons"]
+    # 200 kB budget → 23-frame blocks (9 of them) × 420 orientations in chunks of 100;
+    # photons not cached (200 × 224 × 8 B > budget) so every pass streams from the Zarr store.
+    small = _run(data, photons=store, config=dict(memory_budget_gb=2e-4, orientation_chunk=100))
+    np.testing.assert_allclose(small.intensity, ref.intensity, rtol=1e-5, atol=1e-6 * ref.intensity.max())
+    np.testing.assert_allclose(small.gain, ref.gain, rtol=1e-8)
+    np.testing.assert_array_equal(small.quaternion, ref.quaternion)
+    np.testing.assert_allclose(small.log["log_likelihood"], ref.log["log_likelihood"], rtol=1e-10)
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(data, tmp_path):
+    full = _run(data, config=dict(iterations=4), log_path=tmp_path / "a.csv", checkpoint_path=tmp_path / "a.pt")
+    log, ckpt = tmp_path / "b.csv", tmp_path / "b.pt"
+    _run(data, config=dict(iterations=2), log_path=log, checkpoint_path=ckpt)  # "interrupted" after 2
+    resumed = _run(data, config=dict(iterations=4), log_path=log, checkpoint_path=ckpt)
+    np.testing.assert_array_equal(resumed.intensity, full.intensity)
+    np.testing.assert_array_equal(resumed.gain, full.gain)
+    np.testing.assert_array_equal(resumed.quaternion, full.quaternion)
+    assert list(pd.read_csv(log)["iteration"]) == [1, 2, 3, 4]
+    cols = ["iteration", "beta", "log_likelihood", "rms_change", "mutual_info", "mean_max_probability"]
+    pd.testing.assert_frame_equal(resumed.log[cols], full.log[cols])
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 4 and set(state) == {"iteration", "model", "gain", "beta", "fingerprint"}
+    # A finished run re-invoked: same result, nothing appended.
+    again = _run(data, config=dict(iterations=4), log_path=log, checkpoint_path=ckpt)
+    np.testing.assert_array_equal(again.intensity, full.intensity)
+    assert len(pd.read_csv(log)) == 4
+    # Different settings: the checkpoint is not used.
+    with pytest.warns(UserWarning, match="different settings"):
+        other = _run(data, config=dict(iterations=1, seed=1), log_path=log, checkpoint_path=ckpt)
+    assert list(other.log["iteration"]) == [1]
+
+
+def test_bad_inputs_raise(data):
+    d = data
+    good = dict(photons=d["photons"], valid=d["valid"], q=d["q"], pixel_factor=d["pf"], grid=d["grid"])
+    cfg = EMCConfig(num_div=1, iterations=1, device="cpu")
+
+    def call(config=cfg, **kw):
+        run_emc(**{**good, **kw}, config=config, progress=False)
+
+    neg = d["photons"].copy()
+    neg[150, 3, 3] = -1
+    nan = d["photons"].astype(float)
+    nan[7, 2, 2] = np.nan
+    bad = [
+        dict(photons=d["photons"][:, :14]),
+        dict(photons=d["photons"][0]),
+        dict(valid=np.zeros_like(d["valid"])),
+        dict(valid=d["valid"].astype(int)),
+        dict(q=d["q"][..., :2]),
+        dict(pixel_factor=d["pf"][:14]),
+        dict(pixel_factor=np.zeros_like(d["pf"])),
+        dict(photons=neg),
+        dict(photons=nan),
+        dict(photons=np.zeros_like(d["photons"])),
+        dict(config=dataclasses.replace(cfg, num_div=0)),
+        dict(config=dataclasses.replace(cfg, iterations=0)),
+        dict(config=dataclasses.replace(cfg, dtype="float16")),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            call(**kw)
+    # Pixels that rotations could carry outside the grid are dropped with a warning.
+    with pytest.warns(UserWarning, match="q_max"):
+        call(q=d["q"] * 1.05)
+
+
+def test_beta_schedule():
+    cfg = EMCConfig(beta_start=0.1, beta_factor=2.0, beta_every=2, beta_max=0.5)
+    assert [cfg.beta(t) for t in range(1, 8)] == [0.1, 0.1, 0.2, 0.2, 0.4, 0.4, 0.5]
