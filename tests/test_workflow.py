@@ -1,0 +1,104 @@
+"""One tiny end-to-end Snakemake run, single-stage reruns, the CLI, and bad input at start-up."""
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import yaml
+
+from spiflow import cli
+from spiflow.pipeline import SUMMARY_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "run": "tiny",
+    "sample": {"path": str(ROOT / "data" / "2cex.pdb")},
+    "dataset": {"n_patterns": 120, "seed": 3, "chunk_frames": 50},
+    "beam": {"mean_photons_per_pattern": 2000.0},
+    "detector": {"n_pixels": 12, "pixel_size_m": 2.6e-3, "beam_stop_radius_m": 2.0e-3},
+    "simulate": {"pilot_orientations": 16},
+    "emc": {"num_div": 2, "iterations": 3},
+    "phase": {"n_restarts": 2, "n_average": 2, "n_cycles": 1, "schedule": "RAAR:30,ER:10", "final_er": 10},
+    "evaluate": {"align_num_div": 1, "montage_frames": 4},
+}
+
+
+def snakemake(workdir, *args, check=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(workdir / "tiny.yaml"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("workflow")
+    (work / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    snakemake(work)
+    return work
+
+
+@pytest.mark.slow
+def test_tiny_workflow_end_to_end(tiny_run):
+    r = tiny_run / "results" / "tiny"
+    summary = pd.read_csv(r / "evaluate" / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert sorted(summary.method) == ["emc", "truth"]
+    truth_row = summary.set_index("method").loc["truth"]
+    assert truth_row.orientation_error_median_deg < 1e-6 and truth_row.gain_pearson == pytest.approx(1.0)
+    assert np.all(np.isfinite(summary.resolution_fsc05_angstrom)) and np.all(summary.wall_seconds > 0)
+    for method in ("truth", "emc"):
+        fsc = pd.read_csv(r / "evaluate" / method / "fsc.csv")
+        assert list(fsc.columns)[:3] == ["q_inv_angstrom", "resolution_angstrom", "fsc"]
+        rec = xr.open_zarr(r / "recon" / method / "intensity.zarr")
+        assert rec.intensity.dims == ("qx", "qy", "qz")
+        ori = xr.open_zarr(r / "recon" / method / "orientations.zarr")
+        assert ori.quaternion.dims == ("frame", "component") and ori.sizes["frame"] == 120
+        den = xr.open_zarr(r / "phase" / method / "density.zarr")
+        with mrcfile.open(r / "phase" / method / "density.mrc") as mrc:
+            assert mrc.data.shape == den.density.shape
+            assert float(mrc.voxel_size.x) == pytest.approx(float(den.x[1] - den.x[0]), rel=1e-5)
+    assert (r / "recon" / "emc" / "checkpoint.pt").exists()
+    for png in ("fsc.png", "patterns_montage.png", "emc_log.png"):
+        assert (r / "evaluate" / png).stat().st_size > 1000
+    assert (tiny_run / "logs" / "tiny" / "orient_emc.log").exists()
+    assert (tiny_run / "benchmarks" / "tiny" / "orient_emc.tsv").exists()
+
+
+@pytest.mark.slow
+def test_rerun_one_stage_leaves_upstream_untouched(tiny_run):
+    r = tiny_run / "results" / "tiny"
+    before = (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns
+    snakemake(tiny_run, "--forcerun", "phase", "--until", "phase")
+    assert (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns == before
+    out = snakemake(tiny_run, "-n")  # everything downstream of phase is now out of date, nothing upstream
+    assert "simulate" not in out.stdout.split("Job stats:")[-1]
+
+
+def test_bad_config_stops_at_once_naming_the_key(tmp_path):
+    bad = dict(TINY, reconstruction={"methods": ["truth", "magic"]})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
+    res = snakemake(tmp_path, "-n", check=False)
+    assert res.returncode != 0 and "magic" in res.stdout + res.stderr
+    bad = dict(TINY, sample={"path": str(tmp_path / "absent.pdb")})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
+    res = snakemake(tmp_path, "-n", check=False)
+    assert res.returncode != 0 and "sample.path" in res.stdout + res.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_config_and_errors(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"emc": {"num_div": 3}}))
+    assert cli.main(["config", "--configfile", str(f)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["emc"]["num_div"] == 3
+    f.write_text(yaml.safe_dump({"emc": {"num_div": -1}}))
+    assert cli.main(["simulate", "--configfile", str(f)]) == 2
+    assert "emc.num_div" in capsys.readouterr().err
+    assert cli.main(["phase", "--method", "nope"]) == 2
