@@ -7,7 +7,6 @@ every file of a run (SPEC.md); the Snakefile and the command line both use it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -48,8 +47,9 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "fsc": "evaluate/{method}/fsc.csv",
         "metrics": "evaluate/{method}/metrics.json",
         "eval_dir": "evaluate/{method}",
+        "eval_plot": "evaluate/{method}/{plot}.png",
+        "summary_plot": "evaluate/{plot}.png",
         "summary": "evaluate/summary.csv",
-        "summary_dir": "evaluate",
         "logs": "logs",
     }.items()}
 
@@ -204,11 +204,6 @@ def configure_threads(threads: int | None) -> None:
     """Use ``threads`` CPU threads in torch (intra-op) for this process."""
     if threads:
         torch.set_num_threads(int(threads))
-
-
-def config_dataclass_fields(cls) -> set[str]:
-    """Names of a config dataclass's fields (used to check schema ↔ code agreement)."""
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 @contextlib.contextmanager

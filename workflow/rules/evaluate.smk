@@ -9,11 +9,14 @@ rule evaluate:
     output:
         fsc=P["fsc"],
         metrics=P["metrics"],
-        plots=multiext(P["eval_dir"] + "/", "intensity_sections.png", "density_slices.png", "orientation_errors.png"),
+        plots=expand(P["eval_plot"], plot=["intensity_sections", "density_slices", "orientation_errors"],
+                     allow_missing=True),
     log:
         f"{LOGS}/evaluate_{{method}}.log",
     benchmark:
         f"{BENCH}/evaluate_{{method}}.tsv"
+    conda:
+        "../envs/spiflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -30,9 +33,11 @@ rule summary:
         emc_log=[P["emc_log"]] if "emc" in METHODS else [],
     output:
         summary=P["summary"],
-        plots=multiext(P["summary_dir"] + "/", "fsc.png", "patterns_montage.png"),
+        plots=expand(P["summary_plot"], plot=["fsc", "patterns_montage"]),
     log:
         f"{LOGS}/summary.log",
+    conda:
+        "../envs/spiflow.yaml"
     threads: 1
     script:
         "../scripts/summary.py"

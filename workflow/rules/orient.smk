@@ -10,6 +10,8 @@ rule recon_truth:
         f"{LOGS}/recon_truth.log",
     benchmark:
         f"{BENCH}/recon_truth.tsv"
+    conda:
+        "../envs/spiflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -31,6 +33,8 @@ rule orient_emc:
         f"{BENCH}/orient_emc.tsv"
     params:
         checkpoint=P["emc_checkpoint"],
+    conda:
+        "../envs/spiflow.yaml"
     threads: workflow.cores
     resources:
         mem_mb=lambda wc: int(config["emc"]["memory_budget_gb"] * 1024 * 2 + 2000),

@@ -10,6 +10,8 @@ rule phase:
         f"{LOGS}/phase_{{method}}.log",
     benchmark:
         f"{BENCH}/phase_{{method}}.tsv"
+    conda:
+        "../envs/spiflow.yaml"
     threads: workflow.cores
     resources:
         mem_mb=4000,

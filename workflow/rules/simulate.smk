@@ -9,6 +9,8 @@ rule simulate:
         f"{LOGS}/simulate.log",
     benchmark:
         f"{BENCH}/simulate.tsv"
+    conda:
+        "../envs/spiflow.yaml"
     threads: 2
     resources:
         mem_mb=4000,
