@@ -21,8 +21,8 @@ if not Path(config["sample"]["path"]).is_file():
 
 RUN = config["run"]
 P = layout("results", RUN)
-LOGS = f"logs/{RUN}"
-BENCH = f"benchmarks/{RUN}"
+LOGS = f"results/{RUN}/logs"
+BENCH = f"results/{RUN}/benchmarks"
 METHODS = config["reconstruction"]["methods"]
 GPU = 1 if config["device"].startswith("cuda") else 0
 

@@ -67,8 +67,8 @@ def test_tiny_workflow_end_to_end(tiny_run):
     assert (r / "recon" / "emc" / "checkpoint.pt").exists()
     for png in ("fsc.png", "patterns_montage.png", "emc_log.png"):
         assert (r / "evaluate" / png).stat().st_size > 1000
-    assert (tiny_run / "logs" / "tiny" / "orient_emc.log").exists()
-    assert (tiny_run / "benchmarks" / "tiny" / "orient_emc.tsv").exists()
+    assert (r / "logs" / "orient_emc.log").exists()
+    assert (r / "benchmarks" / "orient_emc.tsv").exists()
 
 
 @pytest.mark.slow

@@ -50,7 +50,6 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "eval_plot": "evaluate/{method}/{plot}.png",
         "summary_plot": "evaluate/{plot}.png",
         "summary": "evaluate/summary.csv",
-        "logs": "logs",
     }.items()}
 
 
