@@ -1,5 +1,4 @@
 """Physics of the simulate stage against analytic cases, and its store contract."""
-import math
 from pathlib import Path
 
 import gemmi

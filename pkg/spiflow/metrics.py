@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spiflow.grid import Grid, density_to_structure_factor, slice_volume
+from spiflow.grid import Grid, density_to_structure_factor
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix
 
 FSC_THRESHOLDS = (0.5, 0.143)  # the customary 0.5 and Rosenthal & Henderson, JMB 333, 721 (2003)
@@ -172,23 +172,6 @@ def intensity_cc(recon, truth, mask, grid: Grid, shell_width: int = 1) -> float:
     if cc.size == 0:
         raise ValueError("intensity_cc: no shell with at least 2 masked voxels and non-zero variance")
     return float(cc.mean())
-
-
-def align_intensity(volume, G, grid: Grid) -> np.ndarray:
-    """Bring an EMC intensity into the truth frame: returns ``W(G q)`` on ``grid``.
-
-    If the model is ``W(q) = I(A q)``, then ``R_true = R_est Aᵀ`` and
-    :func:`orientation_errors` returns ``G ≈ Aᵀ``, so ``I(q) = W(G q)``. Trilinear
-    interpolation (:func:`spiflow.grid.slice_volume`); points leaving the cube read 0.
-    volume: (n, n, n); G: (3, 3). Returns (n, n, n) float64.
-    """
-    v = _array(volume, "volume", np.float64)
-    _check_volume(v, grid, "volume")
-    g = _array(G, "G", np.float64)
-    if g.shape != (3, 3):
-        raise ValueError(f"G has shape {g.shape}, expected (3, 3)")
-    q = torch.from_numpy(grid.q_points() @ g.T)
-    return slice_volume(torch.from_numpy(v), q, grid).numpy()
 
 
 def orientation_errors(q_est, q_true, robust_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
