@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one stage; returns the exit status: 0 done, 1 the stage failed on bad input
+    (the message names the file), 2 a bad configuration or option (it names the key)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
