@@ -196,6 +196,8 @@ def test_bad_inputs_raise(data):
         dict(config=dataclasses.replace(cfg, num_div=0)),
         dict(config=dataclasses.replace(cfg, iterations=0)),
         dict(config=dataclasses.replace(cfg, dtype="float16")),
+        dict(config=dataclasses.replace(cfg, orientation_min_radius_voxels=-1)),
+        dict(config=dataclasses.replace(cfg, orientation_min_radius_voxels=100)),  # no pixel left
     ]
     for kw in bad:
         with pytest.raises(ValueError):
@@ -208,3 +210,14 @@ def test_bad_inputs_raise(data):
 def test_beta_schedule():
     cfg = EMCConfig(beta_start=0.1, beta_factor=2.0, beta_every=2, beta_max=0.5)
     assert [cfg.beta(t) for t in range(1, 8)] == [0.1, 0.1, 0.2, 0.2, 0.4, 0.4, 0.5]
+
+
+def test_central_pixels_are_merged_but_do_not_vote(data):
+    """Pixels inside orientation_min_radius_voxels still fill the model's centre."""
+    grid = data["grid"]
+    r = np.linalg.norm(data["q"], axis=-1) / grid.dq
+    central = data["valid"] & (r < 5)
+    assert central.any()
+    res = _run(data, config=dict(orientation_min_radius_voxels=5, iterations=2))
+    near = grid.q_norm() < 5 * grid.dq
+    assert (res.weight[near] > 0).sum() > 0.5 * near.sum()

@@ -9,12 +9,17 @@ photons: ``s_p`` the pixel factor (solid angle × polarisation), ``φ_i`` the fr
 (mean 1 over the data set), ``W`` the intensity on a :class:`~spiflow.grid.Grid` read by
 trilinear slicing. Only valid pixels count. One iteration:
 
-* expand / E-step: ``L_ri = Σ_p [K_ip log μ_irp − μ_irp]`` (Poisson, log K! dropped),
+* expand / E-step: ``L_ri = Σ_{p∈O} [K_ip log μ_irp − μ_irp]`` (Poisson, log K! dropped)
+  over the *orientation pixels* O: the valid pixels at ``|q| ≥ orientation_min_radius_voxels
+  · dq``. The central speckle holds most photons but encodes little beyond the particle's
+  inertia ellipsoid, whose near-D2 symmetry traps EMC in symmetric mixtures; like
+  Dragonfly's detector mask value 1 (Ayyer et al. 2016, "used for merging, not for
+  orientation determination"), those pixels are merged but do not vote on orientations,
   ``P_ri = w_r exp(β L_ri) / Σ_r' w_r' exp(β L_r'i)`` (w_r the SO(3) quadrature weights
   of :func:`spiflow.sampling.so3_sampling`, log-sum-exp over r);
 * gain (Dragonfly's scaling update): ``φ_i = Σ_p K_ip / Σ_r P_ri Σ_p s_p W_rp`` with the
-  current W, then φ is divided by its mean and W multiplied by it (μ is unchanged);
-* maximise + compress: ``W = F[Σ_r merge_r(Σ_i P_ri K_ip)] / F[Σ_r merge_r(s_p Σ_i P_ri φ_i)]``
+  current W over all valid pixels, then φ is divided by its mean and W multiplied by it;
+* maximise + compress (all valid pixels): ``W = F[Σ_r merge_r(Σ_i P_ri K_ip)] / F[Σ_r merge_r(s_p Σ_i P_ri φ_i)]``
   with the new φ, ``merge_r`` the trilinear adjoint of slicing at ``R_rᵀ q_p`` and ``F``
   :func:`spiflow.grid.friedel_symmetrize` (numerator and denominator are symmetrised
   *before* dividing, so W is Friedel symmetric); W = 0 where the denominator is 0.
@@ -61,6 +66,10 @@ class EMCConfig:
     beta_start, beta_factor, beta_every, beta_max: deterministic annealing; iteration t
     (1-based) uses ``β_t = min(beta_max, beta_start · beta_factor ** ((t − 1) // beta_every))``.
     update_gain: fit per-frame gains φ (else φ ≡ 1). seed: seeds the initial model's noise.
+    orientation_min_radius_voxels: valid pixels with ``|q| < this · grid.dq`` are merged but
+    left out of the E-step (0 uses every valid pixel; see the module docstring). The
+    default 3 voxels covers the central speckle of a particle sampled at the usual linear
+    oversampling of 2–3 voxels per speckle.
     device: "auto", "cpu", "cuda", … (:func:`spiflow.io.resolve_device`).
     orientation_chunk: orientations sliced / merged at once (work arrays of chunk × valid
     pixels). memory_budget_gb: frame block size B is the largest with
@@ -77,6 +86,7 @@ class EMCConfig:
     beta_every: int = 5
     beta_max: float = 1.0
     update_gain: bool = True
+    orientation_min_radius_voxels: float = 3.0
     seed: int = 0
     device: str = "auto"
     orientation_chunk: int = 1024
@@ -92,6 +102,7 @@ class EMCConfig:
             (self.beta_factor >= 1, "beta_factor must be >= 1"),
             (int(self.beta_every) == self.beta_every and self.beta_every >= 1, "beta_every must be an integer >= 1"),
             (self.beta_max > 0, "beta_max must be > 0"),
+            (self.orientation_min_radius_voxels >= 0, "orientation_min_radius_voxels must be >= 0"),
             (self.orientation_chunk >= 1, "orientation_chunk must be >= 1"),
             (self.memory_budget_gb > 0, "memory_budget_gb must be > 0"),
             (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
@@ -174,10 +185,13 @@ def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 class _Data:
-    """Valid-pixel photon blocks ``(i0, i1, K (i1 − i0, P))`` read from ``photons[i0:i1]``."""
+    """Valid-pixel photon blocks ``(i0, i1, K (i1 − i0, P))`` read from ``photons[i0:i1]``;
+    column p of K is flat pixel ``pixels[p]`` of a frame (``pixels`` may also be a bool mask)."""
 
-    def __init__(self, photons, valid: np.ndarray, block: int, cache: bool, device, dtype):
-        self.photons, self.flat = photons, valid.reshape(-1)
+    def __init__(self, photons, pixels: np.ndarray, block: int, cache: bool, device, dtype):
+        pixels = np.asarray(pixels)
+        self.photons = photons
+        self.pixels = np.flatnonzero(pixels.reshape(-1)) if pixels.dtype == bool else pixels
         self.frames = photons.shape[0]
         self.block, self.device, self.dtype = block, device, dtype
         self._cache: list | None = [] if cache else None
@@ -190,7 +204,7 @@ class _Data:
         for i0 in range(0, self.frames, self.block):
             i1 = min(self.frames, i0 + self.block)
             raw = np.asarray(self.photons[i0:i1])
-            k = raw.reshape(i1 - i0, -1)[:, self.flat]
+            k = raw.reshape(i1 - i0, -1)[:, self.pixels]
             if not np.isfinite(k).all() or (k < 0).any():
                 raise ValueError(f"photons[{i0}:{i1}]: negative or non-finite counts in valid pixels")
             k = k.astype(np.float32 if self.dtype == torch.float32 else np.float64, copy=False)
@@ -202,9 +216,11 @@ class _Data:
 
 
 class _Engine:
-    """One EMC problem: sampled rotations, valid pixels, photon blocks and work buffers."""
+    """One EMC problem: sampled rotations, valid pixels, photon blocks and work buffers.
 
-    def __init__(self, data: _Data, q_valid, s_valid, grid: Grid, config: EMCConfig, device, dtype):
+    The first ``n_orient`` valid pixels are the orientation pixels (E-step); all are merged."""
+
+    def __init__(self, data: _Data, q_valid, s_valid, n_orient: int, grid: Grid, config: EMCConfig, device, dtype):
         quats, weights = so3_sampling(config.num_div)
         self.quats, self.M = quats, len(quats)
         self.rot = quaternion_to_matrix(torch.as_tensor(quats)).to(device, dtype)
@@ -212,6 +228,7 @@ class _Engine:
         self.q = torch.as_tensor(q_valid).to(device, dtype)
         self.s = torch.as_tensor(s_valid).to(device, dtype)
         self.logs = torch.log(self.s)
+        self.po = int(n_orient)
         self.grid, self.data, self.chunk = grid, data, int(config.orientation_chunk)
         self.tiny = torch.finfo(dtype).tiny
         self._buf = torch.empty(2 * self.M * data.block, dtype=dtype, device=device)
@@ -228,17 +245,21 @@ class _Engine:
         new_gain = gain.clone()
         ll, mi = (torch.zeros(frames, dtype=torch.float64, device=dev) for _ in range(2))
         pmax, best = torch.zeros(frames, dtype=dt, device=dev), torch.zeros(frames, dtype=torch.long, device=dev)
-        s_dot = torch.empty(M, dtype=dt, device=dev)  # Σ_p s_p W_rp
+        po, so = self.po, self.s[:self.po]
+        s_dot = torch.empty(M, dtype=dt, device=dev)  # Σ_p s_p W_rp, all valid pixels (gain)
+        s_dot_o = torch.empty(M, dtype=dt, device=dev)  # the same over orientation pixels (E-step)
         for i0, i1, K in self.data:
-            b, g = i1 - i0, gain[i0:i1]
+            b, g, Ko = i1 - i0, gain[i0:i1], K[:, :po]
             L = self._buf[:M * b].view(M, b)
             P = self._buf[M * b:2 * M * b].view(M, b)
             for r0 in range(0, M, C):  # expand: L_ri without the r-independent terms
                 r1 = min(M, r0 + C)
                 S = _slice(W, _coordinates(self.q, self.rot[r0:r1], self.grid))
                 torch.mv(S, self.s, out=s_dot[r0:r1])
-                torch.mm(S.clamp_min_(self.tiny).log_(), K.T, out=L[r0:r1])
-                L[r0:r1].addr_(s_dot[r0:r1], g, alpha=-1)
+                So = S[:, :po]
+                torch.mv(So, so, out=s_dot_o[r0:r1])
+                torch.mm(So.clamp_min_(self.tiny).log_(), Ko.T, out=L[r0:r1])
+                L[r0:r1].addr_(s_dot_o[r0:r1], g, alpha=-1)
             L.mul_(beta).add_(self.logw[:, None])
             lse = torch.logsumexp(L, 0)
             L.sub_(lse)  # log P_ri
@@ -246,7 +267,7 @@ class _Engine:
             pw = self.logw @ P
             pmax[i0:i1], best[i0:i1] = P.max(0)
             plogp = L.mul_(P).sum(0)
-            const = K @ self.logs + torch.xlogy(K.sum(1), g)  # Σ_p K log s + N log φ
+            const = Ko @ self.logs[:po] + torch.xlogy(Ko.sum(1), g)  # Σ_p K log s + N log φ over O
             ll[i0:i1] = ((plogp - pw + lse) / beta + const).double()  # Σ_r P_ri L_ri
             mi[i0:i1] = (plogp - pw).double()  # Σ_r P_ri log(P_ri / w_r)
             if update_gain:
@@ -311,7 +332,8 @@ def _validate_inputs(photons, valid, q, pixel_factor, grid: Grid):
 
 
 def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int) -> str:
-    keys = ["num_div", "seed", "beta_start", "beta_factor", "beta_every", "beta_max", "update_gain", "dtype"]
+    keys = ["num_div", "seed", "beta_start", "beta_factor", "beta_every", "beta_max", "update_gain",
+            "orientation_min_radius_voxels", "dtype"]
     fp = {k: getattr(config, k) for k in keys}
     fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid))
     return json.dumps(fp, sort_keys=True)
@@ -328,7 +350,8 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     beyond ``grid.q_max`` are dropped with a warning); pixel_factor: (ny, nx) > 0.
     grid: the model grid. config: :class:`EMCConfig`.
     log_path: CSV with one row per iteration (:data:`LOG_COLUMNS`), appended per
-    iteration. checkpoint_path: written atomically after every iteration with
+    iteration; log_likelihood is the frame mean of ``Σ_r P_ri L_ri`` (nats, over the
+    orientation pixels, with the r-independent Poisson terms except log K!). checkpoint_path: written atomically after every iteration with
     ``{iteration, model, gain, beta, fingerprint}``; if it exists with the same
     fingerprint (num_div, grid, data shape, valid-pixel count, seed, β schedule,
     update_gain, dtype) the run resumes from it, the CSV is cut back to that iteration, and
@@ -352,7 +375,15 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     M = 10 * (5 * config.num_div ** 3 + config.num_div)
     budget = config.memory_budget_gb * 1e9
     block = int(max(1, min(frames, budget // (item * (2 * M + len(qv))))))
-    data = _Data(photons, valid, block, frames * len(qv) * item <= budget, device, dtype)
+    # orientation pixels first (stable order), the central ones last: see EMCConfig
+    central = np.linalg.norm(qv, axis=1) < config.orientation_min_radius_voxels * grid.dq
+    if central.all():
+        raise ValueError(f"emc.orientation_min_radius_voxels = {config.orientation_min_radius_voxels:g} "
+                         f"leaves no valid pixel for orientation determination")
+    order = np.argsort(central, kind="stable")
+    qv, sv = qv[order], sv[order]
+    pixels = np.flatnonzero(valid.reshape(-1))[order]
+    data = _Data(photons, pixels, block, frames * len(qv) * item <= budget, device, dtype)
 
     sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
     for i0, i1, K in data:  # validates every block, fills the cache when enabled
@@ -360,7 +391,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
         n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
-    engine = _Engine(data, qv, sv, grid, config, device, dtype)
+    engine = _Engine(data, qv, sv, int((~central).sum()), grid, config, device, dtype)
     fp = _fingerprint(config, grid, photons.shape, len(qv))
 
     start, ckpt = 0, _load_checkpoint(checkpoint_path, fp)
