@@ -102,3 +102,14 @@ def test_cli_config_and_errors(tmp_path, capsys):
     assert cli.main(["simulate", "--configfile", str(f)]) == 2
     assert "emc.num_div" in capsys.readouterr().err
     assert cli.main(["phase", "--method", "nope"]) == 2
+
+
+def test_cli_runs_stages_without_snakemake(tmp_path):
+    f = tmp_path / "tiny.yaml"
+    f.write_text(yaml.safe_dump({**TINY, "dataset": {"n_patterns": 20, "seed": 1, "chunk_frames": 10}}))
+    common = ["--configfile", str(f), "--results", str(tmp_path / "results"), "--quiet"]
+    assert cli.main(["simulate", *common]) == 0
+    assert cli.main(["recon-truth", *common]) == 0
+    r = tmp_path / "results" / "tiny"
+    assert xr.open_zarr(r / "simulate" / "patterns.zarr").photons.shape[0] == 20
+    assert xr.open_zarr(r / "recon" / "truth" / "intensity.zarr").intensity.ndim == 3
