@@ -6,6 +6,9 @@
     spiflow evaluate --method METHOD
     spiflow summary
     spiflow config                     # print the complete configuration
+    spiflow import-cxi FILE.cxi [--patterns PATTERNS.zarr] # measured data -> patterns store
+    spiflow export-cxi FILE.cxi [--patterns PATTERNS.zarr]
+    spiflow export-dragonfly --photons photons.emc --detector det.dat [--patterns ...]
 
 Paths follow SPEC.md (``spiflow.pipeline.layout``), so files written here are the same
 ones Snakemake writes and reads: a stage run by hand can be picked up by the workflow.
@@ -40,7 +43,57 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("phase", "evaluate"):
             s.add_argument("--method", required=True, help="truth, emc, ...")
+    _format_parsers(sub)
     return p
+
+
+def _format_parsers(sub) -> None:
+    """Subcommands of :mod:`spiflow.formats`; the patterns store defaults to the run's."""
+    for name, help_ in [("import-cxi", "convert a CXI file into the run's patterns store"),
+                        ("export-cxi", "write the run's patterns store as a CXI file"),
+                        ("export-dragonfly", "write the patterns as Dragonfly photons + detector files")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--configfile", nargs="*", default=[], help="YAML files, later ones win")
+        s.add_argument("--results", default="results", help="results directory (default: results)")
+        s.add_argument("--patterns", default=None, help="patterns store (default: the run's simulate/patterns.zarr)")
+        s.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+        s.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+        if name == "export-dragonfly":
+            s.add_argument("--photons", required=True, help="output photons (.emc) file")
+            s.add_argument("--detector", required=True, help="output ASCII detector file")
+            s.add_argument("--ewald-rad", type=float, default=None, help="Ewald radius in voxels")
+        else:
+            s.add_argument("cxi", help="CXI file")
+        if name == "import-cxi":
+            s.add_argument("--photon-energy-ev", type=float, default=None, help="override the file's energy")
+            s.add_argument("--polarization", choices=["x", "y", "unpolarized"], default=None)
+            s.add_argument("--fluence", type=float, default=None, help="photons per Å² if known")
+            s.add_argument("--round-counts", action="store_true", help="round non-integer counts")
+
+
+def _run_format(args, config: dict, patterns: str) -> int:
+    """Run one :mod:`spiflow.formats` subcommand; exit status as :func:`main`."""
+    from . import formats
+
+    patterns = args.patterns or patterns
+    try:
+        if args.stage == "import-cxi":
+            out = formats.import_cxi(args.cxi, patterns, photon_energy_ev=args.photon_energy_ev,
+                                     polarization=args.polarization, fluence_photons_per_angstrom2=args.fluence,
+                                     grid_oversampling=config["reconstruction"]["grid_oversampling"],
+                                     round_counts=args.round_counts, chunk_frames=config["dataset"]["chunk_frames"])
+            print(f"spiflow import-cxi: {out['frames']} frames {out['shape']} -> {patterns}")
+        elif args.stage == "export-cxi":
+            formats.export_cxi(patterns, args.cxi)
+        else:
+            formats.export_dragonfly(patterns, args.photons, args.detector, ewald_rad=args.ewald_rad)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"spiflow {args.stage}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+FORMAT_STAGES = ("import-cxi", "export-cxi", "export-dragonfly")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spiflow: --method {method!r} is not in reconstruction.methods "
               f"{config['reconstruction']['methods']}", file=sys.stderr)
         return 2
-    f = {k: v.format(method=method) for k, v in P.items()}
+    if args.stage in FORMAT_STAGES:
+        return _run_format(args, config, P["patterns"])
+    f = {k: v.format(method=method, plot="{plot}") for k, v in P.items()}
     try:
         if args.stage == "simulate":
             pipeline.stage_simulate(config, f["patterns"], f["truth"], progress=progress)
