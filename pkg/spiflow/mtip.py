@@ -1,0 +1,463 @@
+"""Multi-tiered iterative phasing (M-TIP): orientation matching, merging and phasing in one loop.
+
+References: J. J. Donatelli, J. A. Sethian & P. H. Zwart, PNAS 114, 7222 (2017) (the
+algorithm); spinifel, the LCLS/ExaFEL implementation (read in the niteya-shah/spinifel copy on
+GitHub, ``spinifel/sequential`` and ``spinifel/mpi``): a first merge at random orientations,
+then generations of (match every pattern to the nearest of the model's slices at reference
+orientations, by a Euclidean distance computed as a matrix product on std-normalised
+slices; merge at the matched orientations, there by conjugate gradient on the NUFFT
+slicing operator; phase with ER/HIO and shrinkwrap, warm-started with the previous density
+and support), each matching slicing the *phased* intensity ``|F[ρ]|²``. Here, on CPU or CUDA:
+
+Model (as in :mod:`spiflow.emc`): pixel p of frame i expects ``φ_i s_p W(R_iᵀ q_p)``
+photons, ``s_p`` the pixel factor, ``φ_i`` the frame's gain (mean 1), W the intensity on a
+:class:`~spiflow.grid.Grid` (photons per unit pixel factor for a gain-1 frame), read by
+trilinear slicing. Only valid pixels count. One iteration:
+
+1. merge: ``W = F[Σ_i merge_i(K_i)] / F[Σ_i merge_i(φ_i s)]`` at the current orientations,
+   ``merge_i`` the trilinear adjoint of slicing at ``R_iᵀ q_p``, F the Friedel
+   symmetrisation (emc's compress with one-hot probabilities; no conjugate gradient);
+   measured voxels: weight = F[Σ_i merge_i(φ_i s)] > 0.
+2. phase: ``phasing_hio`` HIO (β = ``beta_hio``) then ``phasing_er`` ER iterations
+   (Fienup, Appl. Opt. 21, 2758 (1982); support and positivity) against ``√W`` on the
+   measured voxels (free elsewhere), shrinkwrap (Marchesini et al., PRB 68, 140101 (2003))
+   every ``shrinkwrap_every`` HIO iterations. ρ is carried over from the previous
+   iteration (random at the first, seeded), but the support restarts every iteration from
+   the thresholded autocorrelation of the current W: carrying the shrink-wrapped support
+   over, as spinifel does, locked runs from random orientations into a wrong model on the
+   test data (measured), since a support once too tight never grows back.
+3. match: the model is the phased ``|F[ρ]|²`` (``use_phased_model``; an intensity consistent
+   with a bounded, positive density everywhere, unmeasured voxels included) or the merged W.
+   Every frame gets the sampled orientation (:func:`spiflow.sampling.so3_sampling`) of
+   smallest distance, optionally refined locally (``refine_steps`` rounds trying ±α about
+   x, y, z, α halving from half the sampling step), and the gain
+   ``φ_i = N_i / Σ_p s_p W(R_iᵀ q_p)`` (N_i its photons), normalised to mean 1.
+
+The loop stops after ``iterations`` or once at most ``converge_fraction`` of the frames
+moved by more than half the finest search step (73.5° / num_div / 2^(refine_steps + 1)).
+
+Distance (``distance``). ``"poisson"`` (default) is the negative multinomial
+log-likelihood of the frame's photons among its valid pixels, without the r-independent
+``Σ_p K_ip log s_p``: ``D_ri = N_i log Σ_p s_p W_rp − Σ_p K_ip log W_rp``. It is the Poisson
+log-likelihood with the gain at its optimum for each orientation, so it is right for photon
+counts (most pixels hold 0 or 1 photon, where a Euclidean distance weighs noise like
+signal) and independent of the gain and of the model's scale. ``"euclidean"`` is
+spinifel's kind, ``‖K_i / N_i − s W_r / Σ_p s_p W_rp‖²`` (patterns and slices normalised to
+unit sum, so gains and scale drop out here too), suited to high counts. Both are one matrix
+product per frame block and orientation chunk; frames × orientations × pixels is never
+formed, and photons stream block by block as in :mod:`spiflow.emc`. The log's
+``data_distance`` is, for "poisson", ``−Σ_i Σ_p K_ip log(s_p W_ip / Σ_p' s_p' W_ip') / Σ_i N_i``
+in nats per photon at the matched orientations (the photons' cross entropy against the
+slices), for "euclidean" the mean distance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .emc import _coordinates, _Data, _divide, _load_checkpoint, _merge, _save_checkpoint, _slice, _validate_inputs
+from .grid import Grid, friedel_symmetrize
+from .io import atomic_path, resolve_device
+from .phasing import _gaussian_filter
+from .rotation import angle_between, canonical, multiply, quaternion_to_matrix, random_quaternions
+from .sampling import angular_step_deg, so3_sampling
+
+LOG_COLUMNS = ["iteration", "orientation_change", "data_distance", "phasing_error", "support_fraction",
+               "gain_std", "seconds"]
+_AXES = (-3, -2, -1)
+
+
+@dataclass
+class MTIPConfig:
+    """Settings of :func:`run_mtip` (module docstring for the steps they control).
+
+    num_div: reference orientations, the 600-cell refinement (10 (5n³+n) rotations,
+    spacing ≈ 73.5° / n). iterations: maximum number of M-TIP iterations (a resumed run
+    continues up to it). converge_fraction: stop once at most this fraction of the frames
+    moved (by more than half the finest search step) in an iteration. distance: "poisson"
+    or "euclidean". refine_steps: local refinement rounds after the global match (0: none;
+    each tries 7 rotations per frame). use_phased_model: match against the phased
+    ``|F[ρ]|²`` (M-TIP) rather than the merged W. update_gain: fit per-frame gains (else
+    φ ≡ 1). phasing_hio, phasing_er (>= 1, so that the fed-back ρ obeys support and
+    positivity): iterations per M-TIP iteration; beta_hio: HIO β. shrinkwrap_every (HIO
+    iterations, 0: never), shrinkwrap_sigma (voxels), shrinkwrap_threshold (fraction of
+    the blurred maximum): the support updates. autocorr_threshold: each iteration's first
+    support, a fraction of the maximum of the autocorrelation blurred by 1 voxel.
+    seed: the random initial orientations and initial ρ. device: "auto", "cpu", "cuda", …
+    (:func:`spiflow.io.resolve_device`). orientation_chunk: orientations sliced at once
+    (chunk × valid pixels). memory_budget_gb: bounds the frame block B by
+    ``B (40 P + chunk) · itemsize <= budget`` (P valid pixels: photons, per-frame slicing
+    coordinates, merge values, refinement slices, the chunk × B distances); the photons
+    stay in memory when frames × P fits in it too. dtype: "float32" or "float64".
+    """
+
+    num_div: int = 4
+    iterations: int = 20
+    converge_fraction: float = 0.0
+    distance: str = "poisson"
+    refine_steps: int = 0
+    use_phased_model: bool = True
+    update_gain: bool = True
+    phasing_hio: int = 30
+    phasing_er: int = 20
+    beta_hio: float = 0.9
+    shrinkwrap_every: int = 10
+    shrinkwrap_sigma: float = 1.5
+    shrinkwrap_threshold: float = 0.1
+    autocorr_threshold: float = 0.04
+    seed: int = 0
+    device: str = "auto"
+    orientation_chunk: int = 1024
+    memory_budget_gb: float = 2.0
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        def whole(low):
+            return lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
+
+        checks = [
+            ("num_div", whole(1), "an integer >= 1"),
+            ("iterations", whole(1), "an integer >= 1"),
+            ("converge_fraction", lambda x: 0 <= x < 1, "in [0, 1)"),
+            ("distance", lambda x: x in ("poisson", "euclidean"), "'poisson' or 'euclidean'"),
+            ("refine_steps", whole(0), "an integer >= 0"),
+            ("phasing_hio", whole(0), "an integer >= 0"),
+            ("phasing_er", whole(1), "an integer >= 1"),
+            ("beta_hio", lambda x: 0 < x <= 1, "in (0, 1]"),
+            ("shrinkwrap_every", whole(0), "an integer >= 0"),
+            ("shrinkwrap_sigma", lambda x: 0 < x < float("inf"), "> 0 voxels"),
+            ("shrinkwrap_threshold", lambda x: 0 < x < 1, "in (0, 1)"),
+            ("autocorr_threshold", lambda x: 0 < x < 1, "in (0, 1)"),
+            ("seed", whole(0), "an integer >= 0"),
+            ("orientation_chunk", whole(1), "an integer >= 1"),
+            ("memory_budget_gb", lambda x: 0 < x < float("inf"), "> 0"),
+            ("dtype", lambda x: x in ("float32", "float64"), "'float32' or 'float64'"),
+        ]
+        for name, check, what in checks:
+            value = getattr(self, name)
+            try:
+                ok = bool(check(value))
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"MTIPConfig.{name} must be {what}, got {value!r}")
+
+
+@dataclass
+class MTIPResult:
+    """Output of :func:`run_mtip` (all numpy, on the grid of SPEC.md).
+
+    intensity: (n, n, n) float32, W merged at the final orientations and gains, photons per
+    unit pixel factor for a gain-1 frame (0 where unmeasured). weight: (n, n, n) float32,
+    its Friedel-symmetrised merge denominator (measured where > 0). phased_intensity:
+    (n, n, n) float32, ``|F[ρ]|²`` of the last phasing in the same units (the last
+    matching's model when ``use_phased_model``). density: (n, n, n) float32, ρ on the
+    centred real-space grid (voxel ``1 / (n dq)`` Å), e/Å³ times the model's unknown
+    scale √(photons per unit pixel factor per electron²); support: (n, n, n) bool.
+    quaternion: (frames, 4) float64 [w, x, y, z], w >= 0, frame i recording
+    ``W(R_iᵀ q)``; gain: (frames,) float64, mean 1; distance: (frames,) float64, each
+    frame's final distance (module docstring); log: one row per iteration
+    (:data:`LOG_COLUMNS`); converged: whether ``converge_fraction`` was reached.
+    """
+
+    intensity: np.ndarray
+    weight: np.ndarray
+    phased_intensity: np.ndarray
+    density: np.ndarray
+    support: np.ndarray
+    quaternion: np.ndarray
+    gain: np.ndarray
+    distance: np.ndarray
+    log: pd.DataFrame
+    converged: bool
+
+
+class _Problem:
+    """The data (photon blocks), pixels, reference rotations and the three M-TIP steps."""
+
+    def __init__(self, data: _Data, qv, sv, grid: Grid, config: MTIPConfig, device, dtype):
+        self.data, self.grid, self.cfg, self.chunk = data, grid, config, int(config.orientation_chunk)
+        self.q = torch.as_tensor(qv).to(device, dtype)
+        self.s = torch.as_tensor(sv).to(device, dtype)
+        self.logs = torch.log(self.s)
+        self.quats = torch.as_tensor(so3_sampling(config.num_div)[0]).to(device, dtype)
+        self.rot = quaternion_to_matrix(self.quats)
+        self.device, self.dtype = device, dtype
+        self.gen = torch.Generator().manual_seed(int(config.seed))
+
+    # -- 1. merge --------------------------------------------------------------------------------
+    def merge(self, rot: torch.Tensor, gain: torch.Tensor):
+        """W (n, n, n) and its Friedel-symmetrised weight at per-frame rotations (frames, 3, 3)."""
+        accum = torch.zeros((2,) + (self.grid.n,) * 3, dtype=self.dtype, device=self.device)
+        for i0, i1, K in self.data:
+            vals = torch.stack([K, gain[i0:i1, None] * self.s.expand_as(K)])
+            _merge(accum, _coordinates(self.q, rot[i0:i1], self.grid), vals)
+        return _divide(accum[0], accum[1]), friedel_symmetrize(accum[1])
+
+    # -- 2. phase --------------------------------------------------------------------------------
+    def phase(self, W, measured, rho):
+        """One phasing cycle on W (n, n, n) with measured (n, n, n) bool, starting from ρ
+        (un-centred, or None: random). Returns (ρ, support (un-centred), error, ``|F[ρ]|²``
+        (n, n, n) centred, in W's units).
+
+        Un-centred layout: ``fftn(ρ)(k) = F(−k) / v`` (v the voxel volume, as in
+        :mod:`spiflow.phasing`), so the target modulus is ``√W / v`` on measured voxels
+        (free elsewhere). The support starts as the thresholded autocorrelation of W (which
+        contains the object's support) and is shrink-wrapped every ``shrinkwrap_every`` HIO
+        iterations (fixed during ER). The error ``‖|G| − A‖ / ‖A‖`` (measured voxels) is that
+        of the iterate entering the last ER iteration."""
+        cfg, n, v = self.cfg, self.grid.n, self.grid.voxel_size ** 3
+        A = torch.fft.ifftshift(W.clamp_min(0).sqrt() / v, dim=_AXES)
+        M = torch.fft.ifftshift(measured | measured.flip(_AXES), dim=_AXES)
+        ac = self._blur(torch.fft.ifftn(torch.where(M, A, 0) ** 2).real, 1.0)
+        support = ac > cfg.autocorr_threshold * ac.max()
+        if rho is None:
+            rho = torch.rand((n,) * 3, generator=self.gen, dtype=torch.float64).to(self.device, self.dtype)
+        rho = rho * support
+        norm_A = torch.linalg.norm(torch.where(M, A, 0))
+        for k in range(cfg.phasing_hio + cfg.phasing_er):
+            G = torch.fft.fftn(rho)
+            err = torch.linalg.norm(torch.where(M, G.abs() - A, 0)) / norm_A
+            y = torch.fft.ifftn(torch.where(M, G * (A / G.abs().clamp_min(1e-30)), G)).real
+            keep = support & (y >= 0)
+            rho = torch.where(keep, y, rho - cfg.beta_hio * y) if k < cfg.phasing_hio else y * keep
+            if k < cfg.phasing_hio and cfg.shrinkwrap_every and (k + 1) % cfg.shrinkwrap_every == 0:
+                blur = self._blur(rho.clamp_min(0) * support, cfg.shrinkwrap_sigma)
+                if blur.max() > 0:
+                    support = blur > cfg.shrinkwrap_threshold * blur.max()
+        phased = torch.fft.fftshift(torch.fft.fftn(rho).abs() ** 2, dim=_AXES) * v ** 2
+        return rho, support, float(err), phased
+
+    def _blur(self, x, sigma):
+        n = self.grid.n
+        h = _gaussian_filter(n, sigma, self.device)[0].to(self.dtype)
+        return torch.fft.irfftn(torch.fft.rfftn(x) * h, s=(n, n, n))
+
+    # -- 3. match --------------------------------------------------------------------------------
+    def _distance(self, S, K, floor):
+        """Distances (module docstring) of slices S (C, P) to frames K (B, P): (C, B); or of
+        per-frame slices S (B, J, P): (B, J). Slice values are floored at ``floor`` in logs."""
+        pair, N = S.dim() == 2, K.sum(1)
+        sS = S * self.s
+        sdot = sS.sum(-1)
+        if self.cfg.distance == "poisson":  # N log Σ s W − Σ K log W  (Σ K log s added in the log only)
+            logS = torch.log(S.clamp_min(floor))
+            if pair:
+                return N * sdot.log()[:, None] - logS @ K.T
+            return N[:, None] * sdot.log() - torch.einsum("bjp,bp->bj", logS, K)
+        b = sS / sdot.clamp_min(floor)[..., None]  # unit-sum slices and patterns
+        a = K / N.clamp_min(1)[:, None]
+        if pair:
+            return (b * b).sum(1)[:, None] + (a * a).sum(1) - 2 * b @ a.T
+        return (b * b).sum(-1) + (a * a).sum(1)[:, None] - 2 * torch.einsum("bjp,bp->bj", b, a)
+
+    def match(self, W):
+        """Match every frame to model W (n, n, n): quaternions (frames, 4), ``Σ_p s_p W(R_iᵀ q_p)``
+        (frames,) and distances (frames,) at them, all on the device."""
+        floor = 1e-6 * W.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
+        frames, M, C = self.data.frames, len(self.quats), self.chunk
+        quat = torch.empty((frames, 4), dtype=self.dtype, device=self.device)
+        sdot, dist = torch.empty_like(quat[:, 0]), torch.empty_like(quat[:, 0])
+        step = math.radians(angular_step_deg(self.cfg.num_div))
+        for i0, i1, K in self.data:
+            best = torch.full((i1 - i0,), float("inf"), dtype=self.dtype, device=self.device)
+            arg = torch.zeros(i1 - i0, dtype=torch.long, device=self.device)
+            for r0 in range(0, M, C):  # global search, one orientation chunk at a time
+                S = _slice(W, _coordinates(self.q, self.rot[r0:r0 + C], self.grid))
+                val, idx = self._distance(S, K, floor).min(0)
+                better = val < best
+                best, arg = torch.where(better, val, best), torch.where(better, idx + r0, arg)
+            q_blk = self.quats[arg]
+            for k in range(self.cfg.refine_steps):
+                q_blk = self._refine(W, q_blk, K, floor, step / 2 ** (k + 1))
+            S = _slice(W, _coordinates(self.q, quaternion_to_matrix(q_blk), self.grid))
+            quat[i0:i1] = canonical(q_blk)
+            dist[i0:i1] = self._distance(S[:, None], K, floor)[:, 0]
+            sdot[i0:i1] = S @ self.s
+        return quat, sdot, dist
+
+    def _refine(self, W, q_blk, K, floor, angle):
+        """One local round: each frame tries ``R_i δ_j``, δ_j the identity and rotations by
+        ±angle (rad) about x, y, z; the one of smallest distance is kept. q_blk (B, 4)."""
+        axes = torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)]).to(self.device, self.dtype)
+        half = torch.full((7, 1), angle / 2, dtype=self.dtype, device=self.device)
+        half[0] = 0
+        cand = multiply(q_blk[:, None], torch.cat([half.cos(), half.sin() * axes], 1)[None])  # (B, 7, 4)
+        B, P = len(q_blk), len(self.q)
+        S = _slice(W, _coordinates(self.q, quaternion_to_matrix(cand.reshape(-1, 4)), self.grid)).view(B, 7, P)
+        return cand[torch.arange(B, device=self.device), self._distance(S, K, floor).argmin(1)]
+
+
+def _fingerprint(config: MTIPConfig, grid: Grid, shape, n_valid: int, init) -> str:
+    skip = ("iterations", "device", "orientation_chunk", "memory_budget_gb")
+    fp = {k: v for k, v in asdict(config).items() if k not in skip}
+    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid),
+              init=None if init is None else hashlib.sha1(np.ascontiguousarray(init).tobytes()).hexdigest())
+    return json.dumps(fp, sort_keys=True)
+
+
+def _prepare_log(log_path, keep_until: int | None) -> list:
+    """Start the CSV (header only) or cut it back to iterations <= ``keep_until``; returns its rows."""
+    old = pd.DataFrame([], columns=LOG_COLUMNS)
+    if log_path is not None and keep_until is not None and Path(log_path).exists():
+        old = pd.read_csv(log_path)
+        old = old[old["iteration"] <= keep_until]
+    if log_path is not None:
+        with atomic_path(log_path) as tmp:
+            old.to_csv(tmp, index=False)
+    return old.to_dict("records")
+
+
+def _setup(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig):
+    """Validated inputs → (_Problem, photons per frame N_i (frames,), Σ_i Σ_p K_ip log s_p)."""
+    config.validate()
+    frames, valid, qv, sv = _validate_inputs(photons, valid, q, pixel_factor, grid)
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    item, P = torch.finfo(dtype).bits // 8, len(qv)
+    budget = config.memory_budget_gb * 1e9
+    block = int(max(1, min(frames, budget // (item * (40 * P + config.orientation_chunk)))))
+    data = _Data(photons, valid, block, frames * P * item <= budget, device, dtype)
+    problem = _Problem(data, qv, sv, grid, config, device, dtype)
+    n_frame, klogs = np.zeros(frames), 0.0
+    for i0, i1, K in data:  # validates every block, fills the cache when enabled
+        n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
+        klogs += (K @ problem.logs).double().sum().item()
+    if n_frame.sum() <= 0:
+        raise ValueError("photons: no photon in any valid pixel")
+    return problem, n_frame, klogs
+
+
+def _quaternions(quat, frames: int, name: str) -> np.ndarray:
+    quat = np.asarray(quat, dtype=np.float64)
+    if quat.shape != (frames, 4) or not np.isfinite(quat).all() or (np.linalg.norm(quat, axis=1) == 0).any():
+        raise ValueError(f"{name} must be finite, non-zero quaternions of shape {(frames, 4)}, got {quat.shape}")
+    return quat / np.linalg.norm(quat, axis=1, keepdims=True)
+
+
+def match_orientations(model, photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | None = None):
+    """Orientation matching alone (step 3): the best orientation of every frame against ``model``.
+
+    model: (n, n, n) intensity on ``grid``; photons, valid, q, pixel_factor as in
+    :func:`run_mtip`; config: num_div, distance, refine_steps, device, chunk, budget, dtype
+    are used. Returns numpy ``(quaternion (frames, 4) [w, x, y, z] w >= 0, gain (frames,)
+    φ_i = N_i / Σ_p s_p W(R_iᵀ q_p) normalised to mean 1, distance (frames,))``.
+    """
+    config = config or MTIPConfig()
+    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, config)
+    W = torch.as_tensor(np.asarray(model)).to(problem.device, problem.dtype)
+    if W.shape != (grid.n,) * 3:
+        raise ValueError(f"model has shape {tuple(W.shape)}, expected {(grid.n,) * 3}")
+    quat, sdot, dist = problem.match(W)
+    gain = n_frame / sdot.double().cpu().numpy()
+    return quat.double().cpu().numpy(), gain / gain.mean(), dist.double().cpu().numpy()
+
+
+def merge_frames(photons, valid, q, pixel_factor, grid: Grid, quaternion, gain=None,
+                 config: MTIPConfig | None = None):
+    """Merging alone (step 1): frames at known orientations into ``(W, weight)``, numpy (n, n, n).
+
+    quaternion: (frames, 4) [w, x, y, z], frame i recording ``W(R_iᵀ q)``; gain: (frames,)
+    (default 1). W in photons per unit pixel factor for a gain-1 frame, 0 where weight = 0.
+    """
+    config = config or MTIPConfig()
+    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, config)
+    quat = torch.as_tensor(_quaternions(quaternion, len(n_frame), "quaternion")).to(problem.device, problem.dtype)
+    g = torch.as_tensor(np.ones(len(n_frame)) if gain is None else np.asarray(gain, dtype=np.float64))
+    W, weight = problem.merge(quaternion_to_matrix(quat), g.to(problem.device, problem.dtype))
+    return W.cpu().numpy(), weight.cpu().numpy()
+
+
+def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | None = None, init_quaternions=None,
+             log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
+             progress: bool = True) -> MTIPResult:
+    """Reconstruct the 3D intensity, density and frame orientations by M-TIP (module docstring).
+
+    photons: (frames, ny, nx) counts, any array-like sliced as ``photons[i0:i1]`` (numpy,
+    Zarr), streamed block by block as in :func:`spiflow.emc.run_emc`. valid: (ny, nx)
+    bool; q: (ny, nx, 3) Å⁻¹ (no 2π; valid pixels beyond ``grid.q_max`` are dropped with a
+    warning); pixel_factor: (ny, nx) > 0 (solid angle × polarisation). grid: the model grid.
+    config: :class:`MTIPConfig`. init_quaternions: optional (frames, 4) [w, x, y, z]
+    starting orientations (e.g. learned ones: "synergy" seeding); default uniformly random
+    (seeded by ``config.seed``). Gains start at ``N_i / mean N`` (1 without update_gain).
+    log_path: CSV, one row per iteration (:data:`LOG_COLUMNS`), appended as it goes.
+    checkpoint_path: ``torch.save`` of ``{iteration, quaternion, gain, distance, rho,
+    support, converged, fingerprint}`` written atomically after every iteration; an
+    existing one with the same fingerprint (all config fields except iterations, device,
+    chunk and memory budget; grid; data shape; valid-pixel count; init_quaternions) is
+    resumed (loaded with ``weights_only=True``), the CSV cut back to it; a converged run
+    or one at or past ``iterations`` is returned as it is (one final merge). A different
+    fingerprint restarts from scratch (UserWarning). The result's W is one final merge at
+    the final orientations and gains.
+    Raises ValueError for bad shapes, an empty mask, pixel_factor <= 0, negative or
+    non-finite counts, no photon at all, bad init_quaternions and invalid config values.
+    """
+    config = config or MTIPConfig()
+    problem, n_frame, klogs = _setup(photons, valid, q, pixel_factor, grid, config)
+    frames, device, dtype = len(n_frame), problem.device, problem.dtype
+    init = None if init_quaternions is None else _quaternions(init_quaternions, frames, "init_quaternions")
+    fp = _fingerprint(config, grid, photons.shape, len(problem.q), init)
+    # a frame "changed" when it moved by more than half the finest search step
+    threshold = angular_step_deg(config.num_div) / 2 ** (config.refine_steps + 1)
+
+    start, converged, ckpt = 0, False, _load_checkpoint(checkpoint_path, fp)
+    if ckpt is not None:
+        start, converged = int(ckpt["iteration"]), bool(ckpt["converged"])
+        quat, gain, dist, rho = (ckpt[k].to(device, dtype) for k in ("quaternion", "gain", "distance", "rho"))
+        support = ckpt["support"].to(device)
+    else:
+        q0 = init if init is not None else random_quaternions(frames, np.random.default_rng(config.seed))
+        quat = canonical(torch.as_tensor(q0)).to(device, dtype)
+        g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
+        gain, rho, support = torch.as_tensor(g0).to(device, dtype), None, None
+        dist = torch.full((frames,), float("nan"), dtype=dtype, device=device)
+    rows = _prepare_log(log_path, start if ckpt is not None else None)
+
+    bar = tqdm(total=config.iterations, initial=min(start, config.iterations), disable=not progress, desc="M-TIP")
+    it = start
+    while it < config.iterations and not converged:
+        it, t0 = it + 1, time.perf_counter()
+        W, weight = problem.merge(quaternion_to_matrix(quat), gain)                      # 1. merge
+        rho, support, err, phased = problem.phase(W, weight > 0, rho)                      # 2. phase
+        new, sdot, dist = problem.match(phased if config.use_phased_model else W)          # 3. match
+        change = (angle_between(quat, new) > threshold).double().mean().item()
+        if config.update_gain:
+            gain = torch.as_tensor(n_frame).to(device, dtype) / sdot.clamp_min(torch.finfo(dtype).tiny)
+            gain = gain / gain.mean()
+        quat, converged = new, change <= config.converge_fraction
+        d = dist.double().mean().item() if config.distance == "euclidean" else \
+            (dist.double().sum().item() - klogs) / n_frame.sum()
+        row = {"iteration": it, "orientation_change": change, "data_distance": d, "phasing_error": err,
+               "support_fraction": support.double().mean().item(),
+               "gain_std": gain.double().std().item() if frames > 1 else 0.0, "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        if log_path is not None:
+            pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, {"iteration": it, "quaternion": quat.cpu(), "gain": gain.cpu(),
+                                               "distance": dist.cpu(), "rho": rho.cpu(), "support": support.cpu(),
+                                               "converged": converged, "fingerprint": fp})
+        bar.update(1)
+        bar.set_postfix(change=f"{change:.3f}", distance=f"{d:.4g}", phasing=f"{err:.3f}")
+    bar.close()
+
+    W, weight = problem.merge(quaternion_to_matrix(quat), gain)
+    phased = torch.fft.fftshift(torch.fft.fftn(rho).abs() ** 2, dim=_AXES) * grid.voxel_size ** 6
+    log = pd.read_csv(log_path) if log_path is not None else pd.DataFrame(rows, columns=LOG_COLUMNS)
+    quat = canonical(quat.double() / quat.double().norm(dim=1, keepdim=True))
+    f32 = lambda x: x.cpu().numpy().astype(np.float32)  # noqa: E731
+    return MTIPResult(intensity=f32(W), weight=f32(weight), phased_intensity=f32(phased),
+                      density=f32(torch.fft.fftshift(rho, dim=_AXES)),
+                      support=torch.fft.fftshift(support, dim=_AXES).cpu().numpy(),
+                      quaternion=quat.cpu().numpy(), gain=gain.double().cpu().numpy(),
+                      distance=dist.double().cpu().numpy(), log=log, converged=converged)
