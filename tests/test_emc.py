@@ -63,7 +63,7 @@ def data():
 
 
 def _run(d, photons=None, **kw):
-    cfg = dict(num_div=2, iterations=3, device="cpu", dtype="float64")
+    cfg = dict(num_div=2, iterations=3, device="cpu", dtype="float64", n_starts=1)
     cfg.update(kw.pop("config", {}))
     return run_emc(d["photons"] if photons is None else photons, d["valid"], d["q"], d["pf"], d["grid"],
                    EMCConfig(**cfg), progress=False, **kw)
@@ -72,7 +72,7 @@ def _run(d, photons=None, **kw):
 def test_recovers_orientations_gains_and_model(data):
     num_div = 3
     cfg = EMCConfig(num_div=num_div, iterations=15, beta_start=0.05, beta_factor=1.5, beta_every=3,
-                    device="cpu")
+                    n_starts=3, start_iterations=9, start_frames=120, start_num_div=2, device="cpu")
     res = run_emc(data["photons"], data["valid"], data["q"], data["pf"], data["grid"], cfg, progress=False)
     # W(q) = I(A q) for a global rotation A; frame i then has R_est = R_true A, R_true = R_est Aᵀ.
     r_true = quaternion_to_matrix(torch.as_tensor(data["quat"]))
@@ -82,9 +82,17 @@ def test_recovers_orientations_gains_and_model(data):
     assert np.median(err) < 1.5 * angular_step_deg(num_div)
     assert np.corrcoef(res.gain, data["gain"])[0, 1] > 0.9
     assert res.gain.mean() == pytest.approx(1, abs=1e-5)
-    ll = res.log["log_likelihood"].to_numpy()
-    assert ll[-1] > ll[0] and (np.diff(ll) > -1e-3 * abs(ll[0])).all()
-    assert list(res.log.columns) == LOG_COLUMNS and list(res.log["iteration"]) == list(range(1, 16))
+    # three random starts of 9 iterations on 120 frames, then the most likely one on all frames
+    log = res.log
+    assert list(log.columns) == LOG_COLUMNS and len(log) == 3 * 9 + 6
+    trials = log[log.iteration <= 9]
+    assert sorted(trials.groupby("start").size().to_dict().items()) == [(0, 9), (1, 9), (2, 9)]
+    last = trials[trials.iteration == 9].set_index("start").log_likelihood
+    main = log[log.iteration > 9]
+    assert list(main.iteration) == list(range(10, 16)) and (main.start == last.idxmax()).all()
+    for _, rows in trials.groupby("start"):  # each start: likelihood rising with β
+        ll = rows.log_likelihood.to_numpy()
+        assert ll[-1] > ll[0] and (np.diff(ll) > -1e-3 * abs(ll[0])).all()
     # The model is the truth rotated by A (blurred by the coarse 24.5° sampling: r ≈ 0.87).
     grid = data["grid"]
     inside = (grid.q_norm() < 0.9 * grid.q_max) & (res.weight > 0)
@@ -159,7 +167,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(data, tmp_path):
     cols = ["iteration", "beta", "log_likelihood", "rms_change", "mutual_info", "mean_max_probability"]
     pd.testing.assert_frame_equal(resumed.log[cols], full.log[cols])
     state = torch.load(ckpt, weights_only=True)
-    assert state["iteration"] == 4 and set(state) == {"iteration", "model", "gain", "beta", "fingerprint"}
+    assert state["iteration"] == 4 and set(state) == {"iteration", "start", "model", "gain", "beta", "fingerprint"}
     # A finished run re-invoked: same result, nothing appended.
     again = _run(data, config=dict(iterations=4), log_path=log, checkpoint_path=ckpt)
     np.testing.assert_array_equal(again.intensity, full.intensity)
@@ -197,6 +205,8 @@ def test_bad_inputs_raise(data):
         dict(config=dataclasses.replace(cfg, iterations=0)),
         dict(config=dataclasses.replace(cfg, dtype="float16")),
         dict(config=dataclasses.replace(cfg, orientation_min_radius_voxels=-1)),
+        dict(config=dataclasses.replace(cfg, n_starts=0)),
+        dict(config=dataclasses.replace(cfg, start_frames=0)),
         dict(config=dataclasses.replace(cfg, orientation_min_radius_voxels=100)),  # no pixel left
     ]
     for kw in bad:
@@ -221,3 +231,17 @@ def test_central_pixels_are_merged_but_do_not_vote(data):
     res = _run(data, config=dict(orientation_min_radius_voxels=5, iterations=2))
     near = grid.q_norm() < 5 * grid.dq
     assert (res.weight[near] > 0).sum() > 0.5 * near.sum()
+
+
+def test_random_starts_resume_from_the_chosen_start(data, tmp_path):
+    cfg = dict(n_starts=2, start_iterations=2, start_frames=100, start_num_div=1)
+    full = _run(data, config=dict(cfg, iterations=4), log_path=tmp_path / "a.csv", checkpoint_path=tmp_path / "a.pt")
+    log, ckpt = tmp_path / "b.csv", tmp_path / "b.pt"
+    _run(data, config=dict(cfg, iterations=3), log_path=log, checkpoint_path=ckpt)  # "interrupted" after 3
+    resumed = _run(data, config=dict(cfg, iterations=4), log_path=log, checkpoint_path=ckpt)
+    np.testing.assert_array_equal(resumed.intensity, full.intensity)
+    np.testing.assert_array_equal(resumed.quaternion, full.quaternion)
+    pd.testing.assert_frame_equal(resumed.log.drop(columns="seconds"), full.log.drop(columns="seconds"))
+    assert list(full.log.iteration) == [1, 2, 1, 2, 3, 4]
+    assert EMCConfig(n_starts=4, start_iterations=15, iterations=5).trial_iterations == 4
+    assert EMCConfig(n_starts=1).trial_iterations == 0

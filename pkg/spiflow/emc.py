@@ -35,6 +35,7 @@ block as ``photons[i0:i1]`` so a Zarr array larger than memory streams from disk
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -53,7 +54,7 @@ from .io import atomic_path, resolve_device
 from .rotation import quaternion_to_matrix
 from .sampling import so3_sampling
 
-LOG_COLUMNS = ["iteration", "beta", "log_likelihood", "rms_change", "mutual_info",
+LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mutual_info",
                "mean_max_probability", "gain_std", "seconds"]
 
 
@@ -65,11 +66,21 @@ class EMCConfig:
     iterations: total number of iterations (a resumed run continues up to it).
     beta_start, beta_factor, beta_every, beta_max: deterministic annealing; iteration t
     (1-based) uses ``β_t = min(beta_max, beta_start · beta_factor ** ((t − 1) // beta_every))``.
+    n_starts, start_iterations, start_frames, start_num_div: random restarts. With
+    ``n_starts > 1`` the first ``start_iterations`` iterations of the schedule are run
+    ``n_starts`` times (at most ``iterations − 1``: :attr:`trial_iterations`) from initial
+    models seeded ``seed, seed + 1, …``, on the first
+    ``start_frames`` frames at the coarser ``min(start_num_div, num_div)``; the start with the highest
+    log-likelihood (same frames, sampling and β for all, so comparable) seeds the run on
+    all frames, which continues the schedule at iteration ``trial_iterations + 1``. From a
+    featureless start EMC can settle in a self-consistent but wrong model (a symmetric
+    mixture of orientations) whose likelihood is clearly lower; restarts make that rare.
     update_gain: fit per-frame gains φ (else φ ≡ 1). seed: seeds the initial model's noise.
     orientation_min_radius_voxels: valid pixels with ``|q| < this · grid.dq`` are merged but
     left out of the E-step (0 uses every valid pixel; see the module docstring). The
-    default 3 voxels covers the central speckle of a particle sampled at the usual linear
-    oversampling of 2–3 voxels per speckle.
+    default 4 voxels covers the central speckle of a compact particle (its first minimum at
+    |q| ≈ 1.43 / D, i.e. 1.43 σ voxels at a linear oversampling of σ = 1 / (D dq) voxels per
+    speckle, σ ≈ 2.5–3 in a usual experiment).
     device: "auto", "cpu", "cuda", … (:func:`spiflow.io.resolve_device`).
     orientation_chunk: orientations sliced / merged at once (work arrays of chunk × valid
     pixels). memory_budget_gb: frame block size B is the largest with
@@ -86,7 +97,11 @@ class EMCConfig:
     beta_every: int = 5
     beta_max: float = 1.0
     update_gain: bool = True
-    orientation_min_radius_voxels: float = 3.0
+    orientation_min_radius_voxels: float = 4.0
+    n_starts: int = 4
+    start_iterations: int = 21
+    start_frames: int = 500
+    start_num_div: int = 6
     seed: int = 0
     device: str = "auto"
     orientation_chunk: int = 1024
@@ -103,6 +118,12 @@ class EMCConfig:
             (int(self.beta_every) == self.beta_every and self.beta_every >= 1, "beta_every must be an integer >= 1"),
             (self.beta_max > 0, "beta_max must be > 0"),
             (self.orientation_min_radius_voxels >= 0, "orientation_min_radius_voxels must be >= 0"),
+            (int(self.n_starts) == self.n_starts and self.n_starts >= 1, "n_starts must be an integer >= 1"),
+            (int(self.start_iterations) == self.start_iterations and self.start_iterations >= 1,
+             "start_iterations must be an integer >= 1"),
+            (int(self.start_frames) == self.start_frames and self.start_frames >= 1, "start_frames must be an integer >= 1"),
+            (int(self.start_num_div) == self.start_num_div and self.start_num_div >= 1,
+             "start_num_div must be an integer >= 1"),
             (self.orientation_chunk >= 1, "orientation_chunk must be >= 1"),
             (self.memory_budget_gb > 0, "memory_budget_gb must be > 0"),
             (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
@@ -110,6 +131,12 @@ class EMCConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"EMCConfig: {msg}")
+
+    @property
+    def trial_iterations(self) -> int:
+        """Iterations run by each random start: ``min(start_iterations, iterations − 1)``, 0
+        with ``n_starts = 1`` (then the run is plain EMC from one start)."""
+        return 0 if self.n_starts == 1 else min(self.start_iterations, self.iterations - 1)
 
     def beta(self, iteration: int) -> float:
         """β of 1-based ``iteration``."""
@@ -333,7 +360,7 @@ def _validate_inputs(photons, valid, q, pixel_factor, grid: Grid):
 
 def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int) -> str:
     keys = ["num_div", "seed", "beta_start", "beta_factor", "beta_every", "beta_max", "update_gain",
-            "orientation_min_radius_voxels", "dtype"]
+            "orientation_min_radius_voxels", "n_starts", "trial_iterations", "start_frames", "start_num_div", "dtype"]
     fp = {k: getattr(config, k) for k in keys}
     fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid))
     return json.dumps(fp, sort_keys=True)
@@ -391,39 +418,37 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
         n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
-    engine = _Engine(data, qv, sv, int((~central).sum()), grid, config, device, dtype)
+    n_orient = int((~central).sum())
+    engine = _Engine(data, qv, sv, n_orient, grid, config, device, dtype)
     fp = _fingerprint(config, grid, photons.shape, len(qv))
 
     start, ckpt = 0, _load_checkpoint(checkpoint_path, fp)
+    rows = _prepare_log(log_path, None if ckpt is None else int(ckpt["iteration"]))
+    g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
+    gain = torch.as_tensor(g0).to(device, dtype)
+    best_start = 0
     if ckpt is not None:
-        start = int(ckpt["iteration"])
+        start, best_start = int(ckpt["iteration"]), int(ckpt["start"])
         W, gain = ckpt["model"].to(device, dtype), ckpt["gain"].to(device, dtype)
+    elif config.trial_iterations > 0:
+        W, best_start = _random_starts(photons, pixels, qv, sv, n_orient, grid, config, device, dtype,
+                                       rows, log_path, progress)
+        start = config.trial_iterations
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, {"iteration": start, "start": best_start, "model": W.cpu(),
+                                               "gain": gain.cpu(), "beta": config.beta(start), "fingerprint": fp})
     else:
-        g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
-        gain = torch.as_tensor(g0).to(device, dtype)
         W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed)).to(device, dtype)
-    rows = _prepare_log(log_path, start if ckpt is not None else None)
 
     bar = tqdm(total=config.iterations, initial=min(start, config.iterations), disable=not progress, desc="EMC")
     for it in range(start + 1, config.iterations + 1):
-        t0, beta = time.perf_counter(), config.beta(it)
-        W_new, gain, stats, _, _, _ = engine.iterate(W, gain, beta, config.update_gain)
-        change = (torch.linalg.norm(W_new - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
-        W = W_new
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        row = {"iteration": it, "beta": beta, **stats, "rms_change": change,
-               "gain_std": gain.double().std().item() if frames > 1 else 0.0,
-               "seconds": time.perf_counter() - t0}
-        row = {k: row[k] for k in LOG_COLUMNS}
-        rows.append(row)
-        if log_path is not None:
-            pd.DataFrame([row]).to_csv(log_path, mode="a", header=False, index=False)
+        W, gain = _step(engine, W, gain, it, best_start, config, rows, log_path)
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, {"iteration": it, "model": W.cpu(), "gain": gain.cpu(),
-                                               "beta": beta, "fingerprint": fp})
+            _save_checkpoint(checkpoint_path, {"iteration": it, "start": best_start, "model": W.cpu(),
+                                               "gain": gain.cpu(), "beta": config.beta(it), "fingerprint": fp})
         bar.update(1)
-        bar.set_postfix(beta=f"{beta:.3g}", loglik=f"{stats['log_likelihood']:.4g}", change=f"{change:.2e}")
+        bar.set_postfix(beta=f"{config.beta(it):.3g}", loglik=f"{rows[-1]['log_likelihood']:.4g}",
+                        change=f"{rows[-1]['rms_change']:.2e}")
     bar.close()
 
     last_beta = config.beta(max(start, config.iterations))
@@ -434,6 +459,54 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
                      quaternion=engine.quats[best.cpu().numpy()],
                      gain=gain.double().cpu().numpy(),
                      probability_max=pmax.double().cpu().numpy(), log=log)
+
+
+def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig, rows: list, log_path):
+    """Iteration ``it`` (1-based) of the schedule: one :meth:`_Engine.iterate` pass, logged.
+    Returns the new (W, gain)."""
+    t0, beta = time.perf_counter(), config.beta(it)
+    W_new, gain, stats, _, _, _ = engine.iterate(W, gain, beta, config.update_gain)
+    change = (torch.linalg.norm(W_new - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
+    if W.device.type == "cuda":
+        torch.cuda.synchronize(W.device)
+    row = {"iteration": it, "start": start_index, "beta": beta, **stats, "rms_change": change,
+           "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
+           "seconds": time.perf_counter() - t0}
+    rows.append({k: row[k] for k in LOG_COLUMNS})
+    if log_path is not None:
+        pd.DataFrame([rows[-1]]).to_csv(log_path, mode="a", header=False, index=False)
+    return W_new, gain
+
+
+def _random_starts(photons, pixels, qv, sv, n_orient, grid, config: EMCConfig, device, dtype, rows, log_path,
+                   progress) -> tuple[torch.Tensor, int]:
+    """The first ``start_iterations`` of the schedule from ``n_starts`` seeded initial models
+    on the first ``start_frames`` frames at ``start_num_div`` (see :class:`EMCConfig`).
+
+    Returns the model of the start with the highest final log-likelihood and its index;
+    every start's iterations are logged (``start`` column)."""
+    n = min(config.start_frames, photons.shape[0])
+    sub = np.asarray(photons[:n])
+    trial = dataclasses.replace(config, num_div=min(config.start_num_div, config.num_div))
+    M = 10 * (5 * trial.num_div ** 3 + trial.num_div)
+    item = torch.finfo(dtype).bits // 8
+    block = int(max(1, min(n, config.memory_budget_gb * 1e9 // (item * (2 * M + len(qv))))))
+    data = _Data(sub, pixels, block, True, device, dtype)
+    engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype)
+    K = torch.cat([k for _, _, k in data]).double().cpu().numpy()
+    g0 = K.sum(1) / K.sum(1).mean() if config.update_gain else np.ones(n)
+    best = (-np.inf, None, 0)
+    bar = tqdm(total=config.n_starts * config.trial_iterations, disable=not progress, desc="EMC starts")
+    for k in range(config.n_starts):
+        W = torch.as_tensor(_initial_model(K.sum(0), qv, sv, g0.sum(), grid, config.seed + k)).to(device, dtype)
+        gain = torch.as_tensor(g0).to(device, dtype)
+        for it in range(1, config.trial_iterations + 1):
+            W, gain = _step(engine, W, gain, it, k, trial, rows, log_path)
+            bar.update(1)
+        if rows[-1]["log_likelihood"] > best[0]:
+            best = (rows[-1]["log_likelihood"], W, k)
+    bar.close()
+    return best[1], best[2]
 
 
 def _load_checkpoint(path, fingerprint: str) -> dict | None:

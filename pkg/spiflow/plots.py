@@ -209,22 +209,27 @@ EMC_COLUMNS = ("iteration", "beta", "log_likelihood", "rms_change", "mutual_info
 
 def plot_emc_log(log_df: pd.DataFrame, path) -> None:
     """EMC convergence: log-likelihood, rms model change (log scale), mutual information
-    and β against iteration. ``log_df`` needs the columns iteration, beta, log_likelihood,
-    rms_change, mutual_info (``seconds`` is optional); raises ValueError otherwise.
+    and β against iteration, one line per random start (column ``start``, optional).
+    ``log_df`` needs the columns iteration, beta, log_likelihood, rms_change, mutual_info
+    (``seconds`` is optional); raises ValueError otherwise.
     """
     missing = [c for c in EMC_COLUMNS if c not in log_df.columns]
     if missing:
         raise ValueError(f"plot_emc_log: missing columns {missing}")
     fig, axes = _figure("emc_log", 2, 2, sharex=True)
-    it = log_df["iteration"].to_numpy()
+    starts = log_df["start"] if "start" in log_df.columns else pd.Series(0, index=log_df.index)
     panels = [("log_likelihood", "log-likelihood"), ("rms_change", "rms model change"),
               ("mutual_info", "mutual information"), ("beta", "β (deterministic annealing)")]
     for ax, (col, label) in zip(axes.flat, panels):
-        y = log_df[col].to_numpy(dtype=float)
-        ax.plot(it, y, marker=".")
+        for k, rows in log_df.groupby(starts):  # one line per random start
+            y = rows[col].to_numpy(dtype=float)
+            ax.plot(rows["iteration"].to_numpy(), y, marker=".", label=f"start {k}")
         ax.set_ylabel(label, fontsize=8)
+        y = log_df[col].to_numpy(dtype=float)
         if col == "rms_change" and np.all(y[np.isfinite(y)] > 0) and np.isfinite(y).any():
             ax.set_yscale("log")
+    if starts.nunique() > 1:
+        axes.flat[0].legend(fontsize=6)
     for ax in axes[1]:
         ax.set_xlabel("iteration")
     _save(fig, path)
