@@ -2,7 +2,7 @@
 PYTHON ?= python3
 CORES ?= 2
 
-.PHONY: install run test
+.PHONY: install run test slurm
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -12,3 +12,8 @@ run: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# A single-node SLURM on this machine (root, Debian), for tests/test_slurm.py and
+# `snakemake --profile profiles/slurm --profile profiles/slurm-local`.
+slurm:
+	bash workflow/slurm/start-local-slurm.sh
