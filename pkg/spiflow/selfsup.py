@@ -1,0 +1,508 @@
+"""Self-supervised reconstruction (method ``selfsup``): an orientation encoder and an
+intensity decoder trained together to reproduce the measured patterns.
+
+After Z. Chen et al., "Augmenting x-ray single particle imaging reconstruction with
+self-supervised machine learning", arXiv 2311.16652, and its code (github.com/zhantaochen/
+neurorient; facts read from it: ResNet-18 encoder ending in the 6D rotation representation,
+SIREN of 5 × 256 with ω₀ = 30 made Friedel symmetric as f(q) + f(−q), MSE on
+``log(1 + photons)``, AdamW lr 3e-4 / wd 1e-4, cosine schedule with linear warm-up,
+random zeroed patches on the input, a separate per-frame scale predictor). Differences:
+the networks start from random weights (the reference starts from ImageNet ResNet-18);
+the model is written in photons (below), so the same code offers a Poisson loss; the
+decoder adds a fixed radial log-profile measured from the data (``radial_baseline``); the
+pixels' q is scaled by the grid's q_max to [−1, 1] (the reference scales the largest pixel
+q to π).
+
+Model. Frame i, valid pixel p: ``μ_ip = g_i s_p exp(D(R_iᵀ q_p / q_max))`` photons, with
+``s_p`` the pixel factor, ``R_i`` from the encoder (spiflow convention, SPEC.md: frame i
+records ``I(R_iᵀ q)``), ``g_i`` the gain, ``D = b(|q|) + decoder`` the log-intensity: ``b``
+the log radial profile ``Σ_i K_ip / (frames · s_p)`` in bins of width dq (or its mean when
+``radial_baseline`` is off) and ``decoder`` a :class:`~spiflow.nets.FriedelSiren` or a
+:class:`~spiflow.nets.VoxelVolume`. The encoder sees ``log(1 + K)`` on the valid pixels
+(0 elsewhere); ``log g_i = log(N_i / N̄) + head_i`` (N_i the photons it sees, N̄ the data
+set's mean per frame; ``head`` is a zero-initialised linear layer on the encoder features).
+Loss over valid pixels only: ``mse`` ``(log(1 + μ) − log(1 + K))²`` (the reference's) or
+``poisson`` ``μ − K log μ``. Augmentation (training only, encoder input only): ``patch_count``
+zeroed rectangles, and the counts the encoder sees scaled by a log-normal fluence factor
+``f`` (mean 1, coefficient of variation ``fluence_jitter``) whose effect the gain undoes
+(``g = g_pred / f``), so the loss is always against the measured counts.
+
+Output (:func:`run_selfsup`): ``intensity = exp(D)`` on the grid × mean(g) in photons per
+unit pixel factor of a gain-1 frame (the scale of EMC's W), gains divided by their mean,
+quaternions of the encoder's R_i on the unaugmented patterns (eval mode). The learnt frame
+is arbitrary up to one global rotation (and the intensity's symmetries); evaluation aligns it.
+
+Data: photons are read as ``photons[i0:i1]`` in chunks of ``chunk_frames`` (a Zarr array
+streams from disk) and kept in memory only when frames × valid pixels fits in
+``memory_budget_gb``. Each epoch visits the frames in an order drawn from (seed, epoch):
+groups of 4 chunks in random order, frames shuffled within a group.
+
+Distributed: launched by ``torchrun --nproc_per_node=N`` (environment ``WORLD_SIZE`` > 1),
+the model is wrapped in DistributedDataParallel (NCCL on CUDA, else gloo, one GPU per
+``LOCAL_RANK``); rank r trains on batches r, r + N, … (the last ``nb mod N`` batches of an
+epoch are skipped); only rank 0 writes the log and checkpoint; every rank returns the result.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import IterableDataset
+from tqdm import tqdm
+
+from .emc import _load_checkpoint, _save_checkpoint, _validate_inputs
+from .grid import Grid
+from .io import atomic_path, resolve_device
+from .nets import FriedelSiren, ResNetEncoder, VoxelVolume, rotation_6d_to_matrix
+from .rotation import matrix_to_quaternion
+
+LOG_COLUMNS = ["epoch", "loss", "lr", "patterns_per_second", "seconds"]
+GROUP_CHUNKS = 4  # chunks shuffled together
+
+
+@dataclass
+class SelfSupConfig:
+    """Settings of :func:`run_selfsup` (reference values of Chen et al. in brackets).
+
+    epochs: total epochs [1000]; a resumed run continues up to it (raising it stretches the
+    cosine schedule of the remaining steps). batch_size: frames per
+    step [80; 40 per GPU × 4 in their configs]. lr, weight_decay: AdamW [3e-4, 1e-4].
+    warmup_epochs: linear warm-up [5], then cosine decay per step to min_lr [1e-7] at the end.
+    loss: "poisson" or "mse" [mse]. decoder: "siren" or "voxel".
+    siren_layers, siren_width, siren_omega0: sine layers, their width, ω₀ of the first [5, 256, 30].
+    encoder_width, encoder_stages, encoder_blocks: ResNet channels of the first stage,
+    stages, BasicBlocks per stage [64, 4, 2 = ResNet-18].
+    fit_gain: learn per-frame gains (else 1). radial_baseline: add the data's radial
+    log-profile to the decoder (else its mean).
+    patch_count, patch_size_min, patch_size_max: zeroed rectangles per training input, side
+    lengths as fractions of the detector side [100 of 4–8 px on 128 px]. fluence_jitter:
+    coefficient of variation of the input scale factor (0: off).
+    seed: network initialisation, data order and augmentation. device: "auto", "cpu",
+    "cuda", … amp: bfloat16 autocast of the encoder on CUDA (ignored on CPU).
+    chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all photons in
+    memory when frames × valid pixels × 4 bytes fits.
+    """
+
+    epochs: int = 100
+    batch_size: int = 80
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 5
+    min_lr: float = 1e-7
+    loss: str = "mse"
+    decoder: str = "siren"
+    siren_layers: int = 5
+    siren_width: int = 256
+    siren_omega0: float = 30.0
+    encoder_width: int = 64
+    encoder_stages: int = 4
+    encoder_blocks: int = 2
+    fit_gain: bool = True
+    radial_baseline: bool = True
+    patch_count: int = 100
+    patch_size_min: float = 0.03
+    patch_size_max: float = 0.06
+    fluence_jitter: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    chunk_frames: int = 1024
+    memory_budget_gb: float = 2.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        def is_int(v, lo):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+        checks = [
+            ("epochs", is_int(self.epochs, 1), "an integer >= 1"),
+            ("batch_size", is_int(self.batch_size, 1), "an integer >= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", is_int(self.warmup_epochs, 0), "an integer >= 0"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, lr]"),
+            ("loss", self.loss in ("poisson", "mse"), "'poisson' or 'mse'"),
+            ("decoder", self.decoder in ("siren", "voxel"), "'siren' or 'voxel'"),
+            ("siren_layers", is_int(self.siren_layers, 1), "an integer >= 1"),
+            ("siren_width", is_int(self.siren_width, 1), "an integer >= 1"),
+            ("siren_omega0", self.siren_omega0 > 0, "> 0"),
+            ("encoder_width", is_int(self.encoder_width, 1), "an integer >= 1"),
+            ("encoder_stages", is_int(self.encoder_stages, 1), "an integer >= 1"),
+            ("encoder_blocks", is_int(self.encoder_blocks, 1), "an integer >= 1"),
+            ("patch_count", is_int(self.patch_count, 0), "an integer >= 0"),
+            ("patch_size_min", 0 < self.patch_size_min <= 1, "in (0, 1]"),
+            ("patch_size_max", self.patch_size_min <= self.patch_size_max <= 1, "in [patch_size_min, 1]"),
+            ("fluence_jitter", self.fluence_jitter >= 0, ">= 0"),
+            ("chunk_frames", is_int(self.chunk_frames, 1), "an integer >= 1"),
+            ("memory_budget_gb", self.memory_budget_gb > 0, "> 0"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"SelfSupConfig.{name} must be {want}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class SelfSupResult:
+    """Output of :func:`run_selfsup`.
+
+    intensity: (n, n, n) float32, exp(log-intensity) on the grid in photons per unit pixel
+    factor of a gain-1 frame. quaternion: (frames, 4) float64 ``[w, x, y, z]``, w >= 0, the
+    encoder's R_i. gain: (frames,) float64, mean 1. log: one row per epoch (:data:`LOG_COLUMNS`).
+    """
+
+    intensity: np.ndarray
+    quaternion: np.ndarray
+    gain: np.ndarray
+    log: pd.DataFrame
+
+
+class FrameStream(IterableDataset):
+    """Batches ``(index (B,) int64, counts (B, P) float32)`` of the valid pixels of
+    ``photons[i]``, read chunk-wise as ``photons[i0:i1]`` (validated: finite, >= 0).
+
+    Training order (:meth:`set_epoch`): a permutation drawn from ``(seed, epoch)`` that keeps
+    groups of :data:`GROUP_CHUNKS` chunks together; ``max(1, frames // batch)`` batches, the
+    last taking the remainder; with ``world`` ranks, rank r gets batches r, r + world, …
+    (``batches // world`` each). :meth:`sequential` yields all frames in order.
+    """
+
+    def __init__(self, photons, valid: np.ndarray, chunk: int, batch: int, seed: int, cache: bool,
+                 rank: int = 0, world: int = 1):
+        self.photons, self.flat = photons, np.asarray(valid).reshape(-1)
+        self.frames, self.chunk, self.batch, self.seed = photons.shape[0], chunk, batch, seed
+        self.rank, self.world, self.cache = rank, world, cache
+        self.batches = max(1, self.frames // batch)
+        self._chunks: dict[int, np.ndarray] = {}
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        n_chunks = -(-self.frames // self.chunk)
+        starts = rng.permutation(-(-n_chunks // GROUP_CHUNKS)) * GROUP_CHUNKS * self.chunk
+        return np.concatenate([rng.permutation(np.arange(s, min(s + GROUP_CHUNKS * self.chunk, self.frames)))
+                               for s in starts])
+
+    def _read(self, c: int) -> np.ndarray:
+        if c not in self._chunks:
+            if not self.cache and len(self._chunks) >= 2 * GROUP_CHUNKS:
+                self._chunks.pop(next(iter(self._chunks)))
+            i0, i1 = c * self.chunk, min(self.frames, (c + 1) * self.chunk)
+            k = np.asarray(self.photons[i0:i1]).reshape(i1 - i0, -1)[:, self.flat]
+            if not np.isfinite(k).all() or (k < 0).any():
+                raise ValueError(f"photons[{i0}:{i1}]: negative or non-finite counts in valid pixels")
+            self._chunks[c] = k.astype(np.float32)
+        return self._chunks[c]
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        """Counts (len(idx), P) of frames ``idx``."""
+        out = np.empty((len(idx), int(self.flat.sum())), np.float32)
+        for c in np.unique(idx // self.chunk):
+            sel = idx // self.chunk == c
+            out[sel] = self._read(int(c))[idx[sel] - c * self.chunk]
+        return torch.from_numpy(out)
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        for b in range(self.rank, self.batches // self.world * self.world, self.world):
+            idx = order[b * self.batch:(b + 1) * self.batch if b < self.batches - 1 else None]
+            yield torch.from_numpy(idx), self.take(idx)
+
+    def sequential(self, batch: int):
+        for i0 in range(0, self.frames, batch):
+            idx = np.arange(i0, min(self.frames, i0 + batch))
+            yield torch.from_numpy(idx), self.take(idx)
+
+
+class SelfSupModel(nn.Module):
+    """Encoder (pattern → R_i, log g_i) and log-intensity D(u) (see the module docstring).
+
+    image_shape: detector (ny, nx); profile: (n_r,) the log radial baseline b at
+    ``|u| · grid.center = 0, 1, …`` (u = q / q_max), read by linear interpolation.
+    """
+
+    def __init__(self, config: SelfSupConfig, image_shape: tuple[int, int], grid: Grid, profile: torch.Tensor):
+        super().__init__()
+        c = config
+        self.trunk = ResNetEncoder(min(image_shape), c.encoder_width, c.encoder_stages, c.encoder_blocks)
+        self.rot_head = nn.Linear(self.trunk.features, 6)
+        self.gain_head = nn.Linear(self.trunk.features, 1)
+        nn.init.zeros_(self.gain_head.weight)
+        nn.init.zeros_(self.gain_head.bias)
+        self.decoder = (FriedelSiren(c.siren_width, c.siren_layers, c.siren_omega0) if c.decoder == "siren"
+                        else VoxelVolume(grid.n))
+        self.register_buffer("profile", profile.float())
+        self.center, self.fit_gain = grid.center, c.fit_gain
+
+    def encode(self, image: torch.Tensor, log_n: torch.Tensor, amp: bool = False):
+        """image (B, 1, ny, nx) encoder input, log_n (B,) ``log(N_i / N̄)`` of that input.
+        Returns R (B, 3, 3) and log g (B,), float32."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            h = self.trunk(image)
+            d6, g = self.rot_head(h), self.gain_head(h)
+        log_g = log_n + g.float().squeeze(-1) if self.fit_gain else torch.zeros_like(log_n)
+        return rotation_6d_to_matrix(d6.float()), log_g
+
+    def log_intensity(self, u: torch.Tensor) -> torch.Tensor:
+        """D(u) = b(|u|) + decoder(u): u (..., 3) = q / q_max → (...) log photons per unit pixel factor."""
+        r = (u.norm(dim=-1) * self.center).clamp(max=len(self.profile) - 1)
+        i0 = r.floor().long().clamp(max=len(self.profile) - 2)
+        w = r - i0
+        base = (1 - w) * self.profile[i0] + w * self.profile[i0 + 1]
+        return base + self.decoder(u)
+
+    def forward(self, image, log_n, q_unit, log_s, amp: bool = False):
+        """log μ (B, P) for valid pixels at q_unit (P, 3) = q / q_max, pixel factors log_s (P,);
+        also R (B, 3, 3) and log g (B,)."""
+        R, log_g = self.encode(image, log_n, amp)
+        log_mu = self.log_intensity(torch.matmul(q_unit, R)) + log_g[:, None] + log_s[None, :]
+        return log_mu, R, log_g
+
+
+def pattern_loss(log_mu: torch.Tensor, counts: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean over the given (valid) pixels: ``poisson`` ``μ − K log μ`` or ``mse``
+    ``(log(1 + μ) − log(1 + K))²`` (log(1 + μ) = softplus(log μ)). log_mu, counts (B, P)."""
+    if kind == "poisson":
+        return (torch.exp(log_mu) - counts * log_mu).mean()
+    return (F.softplus(log_mu) - torch.log1p(counts)).square().mean()
+
+
+class _Inputs:
+    """Encoder inputs from valid-pixel counts: images, ``log(N_i/N̄)``, and augmentation."""
+
+    def __init__(self, valid: np.ndarray, mean_photons: float, config: SelfSupConfig, device):
+        self.shape, self.device = valid.shape, device
+        self.flat = torch.as_tensor(np.flatnonzero(valid)).to(device)
+        self.log_mean = math.log(mean_photons)
+        self.cfg = config
+
+    def __call__(self, K: torch.Tensor, gen: torch.Generator | None = None):
+        """K (B, P) on device → (image (B, 1, ny, nx), log_n (B,), log f (B,)); augmented with ``gen``."""
+        B, (ny, nx), c = K.shape[0], self.shape, self.cfg
+        log_f = torch.zeros(B, device=self.device)
+        visible = torch.ones_like(K, dtype=torch.bool)
+        if gen is not None and c.fluence_jitter > 0:
+            sigma = math.sqrt(math.log1p(c.fluence_jitter ** 2))
+            log_f = (sigma * torch.randn(B, generator=gen) - sigma ** 2 / 2).to(self.device)
+        if gen is not None and c.patch_count > 0:
+            def spans(n):
+                lo = max(1, round(c.patch_size_min * n))
+                hi = max(lo, round(c.patch_size_max * n))
+                start = torch.randint(0, n, (B, c.patch_count), generator=gen)[..., None].to(self.device)
+                size = torch.randint(lo, hi + 1, (B, c.patch_count), generator=gen)[..., None].to(self.device)
+                ax = torch.arange(n, device=self.device)
+                return ((ax >= start) & (ax < start + size)).float()  # (B, patches, n)
+            covered = torch.bmm(spans(ny).transpose(1, 2), spans(nx)) > 0  # (B, ny, nx)
+            visible = ~covered.view(B, -1)[:, self.flat]
+        x = K * torch.exp(log_f)[:, None] * visible
+        image = torch.zeros((B, ny * nx), device=self.device)
+        image[:, self.flat] = torch.log1p(x)
+        frac = visible.float().mean(1).clamp_min(1e-6)
+        log_n = torch.log((x.sum(1) / frac).clamp_min(1e-3)) - self.log_mean
+        return image.view(B, 1, ny, nx), log_n, log_f
+
+
+def _radial_profile(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndarray, frames: int,
+                    grid: Grid, radial: bool) -> torch.Tensor:
+    """Log of ``Σ_i K_ip / (frames Σ s_p)`` per |q| bin (width dq) at bins 0 … ⌈c√3⌉ + 1, filled
+    by linear interpolation (constant beyond the measured ends), floored at 1e-6 × its
+    maximum; a constant (the mean) when not ``radial``."""
+    n_r = int(math.ceil(grid.center * math.sqrt(3))) + 2
+    if not radial:
+        return torch.full((n_r,), math.log(sum_counts.sum() / (frames * s_valid.sum())), dtype=torch.float64)
+    k = np.rint(np.linalg.norm(q_valid, axis=1) / grid.dq).astype(np.int64)
+    top, bottom = np.bincount(k, sum_counts, n_r), np.bincount(k, s_valid * frames, n_r)
+    ok = bottom > 0
+    prof = np.interp(np.arange(n_r), np.flatnonzero(ok), top[ok] / bottom[ok])
+    return torch.as_tensor(np.log(np.maximum(prof, 1e-6 * prof.max())))
+
+
+def _seed(*keys: int) -> int:
+    """A 32-bit seed derived from integers (NumPy SeedSequence)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def _lr_factor(step: int, warm: int, total: int, floor: float) -> float:
+    """Linear warm-up over ``warm`` steps, then cosine from 1 to ``floor`` at ``total``."""
+    if step < warm:
+        return (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _fingerprint(config: SelfSupConfig, grid: Grid, shape, n_valid: int, world: int) -> str:
+    fp = {k: v for k, v in asdict(config).items() if k not in ("epochs", "device", "amp", "memory_budget_gb")}
+    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), world=world)
+    return json.dumps(fp, sort_keys=True)
+
+
+def _setup_distributed(device: torch.device):
+    """(rank, world, device, initialised_here) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device, False
+    here = not dist.is_initialized()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, here
+
+
+def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConfig | None = None,
+                log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
+                progress: bool = True) -> SelfSupResult:
+    """Train the encoder and decoder on the patterns and return intensity, orientations, gains.
+
+    photons: (frames, ny, nx) counts, any array-like sliced as ``photons[i0:i1]`` (numpy,
+    Zarr). valid: (ny, nx) bool; q: (ny, nx, 3) Å⁻¹ (valid pixels beyond ``grid.q_max``
+    are dropped with a warning); pixel_factor: (ny, nx) > 0. grid: the output grid (also
+    the voxel decoder's and the q scale). config: :class:`SelfSupConfig`.
+    log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`), appended per epoch.
+    checkpoint_path: written atomically after every epoch with ``{epoch, model, optimizer,
+    scheduler, rng, fingerprint}`` and read with ``torch.load(weights_only=True)``; an
+    existing one with the same fingerprint (every field but epochs, device, amp,
+    memory_budget_gb; grid; data shape; valid pixels; ranks) is resumed (the CSV cut back to
+    its epoch), and gives the same result as an uninterrupted run; another fingerprint
+    restarts (UserWarning). progress: tqdm bar (rank 0).
+    Raises ValueError for mismatched shapes, an empty mask, pixel_factor <= 0, negative or
+    non-finite counts in valid pixels, no photon at all, and invalid config values.
+    """
+    config = config or SelfSupConfig()
+    config.validate()
+    frames, valid, qv, sv = _validate_inputs(photons, valid, q, pixel_factor, grid)
+    rank, world, device, own_group = _setup_distributed(resolve_device(config.device))
+    amp = config.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cache = frames * len(qv) * 4 <= config.memory_budget_gb * 1e9
+    stream = FrameStream(photons, valid, config.chunk_frames, config.batch_size, config.seed, cache, rank, world)
+    if stream.batches < world:
+        raise ValueError(f"{frames} frames give {stream.batches} batches of batch_size {config.batch_size}, "
+                         f"fewer than the {world} ranks")
+    sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
+    for idx, K in stream.sequential(config.chunk_frames):  # validates all counts
+        sum_counts += K.double().sum(0).numpy()
+        n_frame[idx.numpy()] = K.double().sum(1).numpy()
+    if n_frame.sum() <= 0:
+        raise ValueError("photons: no photon in any valid pixel")
+
+    profile = _radial_profile(sum_counts, qv, sv, frames, grid, config.radial_baseline)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = SelfSupModel(config, valid.shape, grid, profile).to(device)
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not config.fit_gain) if world > 1 else model
+    inputs = _Inputs(valid, n_frame.mean(), config, device)
+    q_unit = torch.as_tensor(qv / grid.q_max, dtype=torch.float32, device=device)
+    log_s = torch.as_tensor(np.log(sv), dtype=torch.float32, device=device)
+    steps = stream.batches // world
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(
+        s, config.warmup_epochs * steps, config.epochs * steps, config.min_lr / config.lr))
+
+    fp = _fingerprint(config, grid, photons.shape, len(qv), world)
+    start, ckpt = 0, _load_checkpoint(checkpoint_path, fp)
+    if ckpt is not None:
+        start = int(ckpt["epoch"])
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+    rows = _prepare_log(log_path if rank == 0 else None, start if ckpt is not None else None)
+
+    bar = tqdm(total=config.epochs * steps, initial=min(start, config.epochs) * steps,
+               disable=not progress or rank != 0, desc="selfsup")
+    for epoch in range(start + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        stream.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(_seed(config.seed, epoch, rank))
+        acc, lr = _train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, config.loss, gen, amp, bar)
+        if world > 1:
+            dist.all_reduce(acc)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "loss": (acc[0] / acc[1]).item(), "lr": lr,
+               "patterns_per_second": acc[1].item() / seconds, "seconds": seconds}
+        rows.append(row)
+        if rank == 0 and log_path is not None:
+            pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
+        if rank == 0 and checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "fingerprint": fp})
+        bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4g}")
+    bar.close()
+
+    if world > 1:  # BatchNorm statistics differ between ranks: use rank 0's
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    result = _infer(model, stream, inputs, grid, config, device, amp)
+    log = pd.read_csv(log_path) if (rank == 0 and log_path is not None) else pd.DataFrame(rows, columns=LOG_COLUMNS)
+    if own_group:
+        dist.destroy_process_group()
+    return SelfSupResult(log=log, **result)
+
+
+def _train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str, gen, amp: bool, bar):
+    """One pass over this rank's batches; returns (Σ loss × frames, frames) and the last step's lr."""
+    net.train()
+    acc = torch.zeros(2, dtype=torch.float64, device=q_unit.device)
+    for _, K in stream:
+        K = K.to(q_unit.device)
+        image, log_n, log_f = inputs(K, gen)
+        log_mu, _, _ = net(image, log_n, q_unit, log_s, amp)
+        loss = pattern_loss(log_mu - log_f[:, None], K, loss_kind)  # gain of the measured frame: g / f
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        acc[0] += loss.detach().double() * len(K)
+        acc[1] += len(K)
+        bar.update(1)
+    return acc, lr
+
+
+@torch.no_grad()
+def _infer(model: SelfSupModel, stream: FrameStream, inputs: _Inputs, grid: Grid, config: SelfSupConfig,
+           device, amp: bool) -> dict:
+    """Encoder outputs on all unaugmented frames (eval mode) and the log-intensity on the grid."""
+    model.eval()
+    quat, log_g = np.zeros((stream.frames, 4)), np.zeros(stream.frames)
+    for idx, K in stream.sequential(max(config.batch_size, 256)):
+        image, log_n, _ = inputs(K.to(device))
+        R, lg = model.encode(image, log_n, amp)
+        quat[idx.numpy()] = matrix_to_quaternion(R.double()).cpu().numpy()
+        log_g[idx.numpy()] = lg.double().cpu().numpy()
+    gain = np.exp(log_g)
+    scale = gain.mean()
+    u = torch.as_tensor(grid.q_points().reshape(-1, 3) / grid.q_max, dtype=torch.float32)
+    log_i = torch.cat([model.log_intensity(c.to(device)).cpu() for c in u.split(32768)])
+    intensity = torch.exp(log_i.double()).numpy().reshape((grid.n,) * 3) * scale
+    return {"intensity": intensity.astype(np.float32), "quaternion": quat, "gain": gain / scale}
+
+
+def _prepare_log(log_path, keep_until: int | None) -> list:
+    """Start the CSV (header only) or cut an existing one back to epochs <= ``keep_until``;
+    returns the rows kept."""
+    if log_path is None:
+        return []
+    old = None
+    if keep_until is not None and Path(log_path).exists():
+        old = pd.read_csv(log_path)
+        old = old[old["epoch"] <= keep_until]
+    old = pd.DataFrame(old if old is not None else [], columns=LOG_COLUMNS)
+    with atomic_path(log_path) as tmp:
+        old.to_csv(tmp, index=False)
+    return old.to_dict("records")

@@ -1,0 +1,171 @@
+"""Tests of the self-supervised reconstruction (spiflow.selfsup, spiflow.nets) on tiny data."""
+import dataclasses
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spiflow import selfsup
+from spiflow.grid import Grid
+from spiflow.nets import FriedelSiren, VoxelVolume, matrix_to_rotation_6d, rotation_6d_to_matrix
+from spiflow.rotation import quaternion_to_matrix, random_quaternions
+from spiflow.selfsup import LOG_COLUMNS, SelfSupConfig, pattern_loss, run_selfsup
+
+torch.set_num_threads(2)
+TINY = dict(batch_size=16, warmup_epochs=1, siren_width=16, siren_layers=2, encoder_width=4,
+            encoder_stages=2, encoder_blocks=1, patch_count=3, patch_size_min=0.1, patch_size_max=0.2,
+            device="cpu", chunk_frames=24)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """64 frames of 16 × 16 pixels of point atoms, ≈ 2000 photons each, gains ~ Gamma(4)."""
+    rng = np.random.default_rng(0)
+    grid = Grid(15, 0.0125)
+    atoms = rng.uniform(-12, 12, (6, 3))
+    k, npix = 0.15, 16
+    ax = np.linspace(-1, 1, npix) * np.tan(2 * np.arcsin(0.95 * grid.q_max / (2 * k))) / np.sqrt(2)
+    d = np.stack([*np.meshgrid(ax, ax, indexing="ij"), np.ones((npix, npix))], -1)
+    r = np.linalg.norm(d, axis=-1)
+    q = k * (d / r[..., None] - np.array([0.0, 0.0, 1.0]))  # Ewald sphere, Å⁻¹
+    valid = np.ones((npix, npix), bool)
+    valid[7:9, 7:9] = False
+    frames = 64
+    rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(frames, rng))).numpy()
+    qr = np.einsum("yxk,fkl->fyxl", q, rot)  # R_iᵀ q
+    intensity = np.abs(np.exp(2j * np.pi * qr @ atoms.T).sum(-1)) ** 2
+    gain = rng.gamma(4.0, 0.25, frames)
+    mu = gain[:, None, None] * r ** -3.0 * intensity
+    photons = rng.poisson(mu * 2000 / mu[:, valid].sum(1).mean()).astype(np.int32)
+    return dict(photons=photons, valid=valid, q=q, pf=r ** -3.0, grid=grid)
+
+
+def _run(d, photons=None, **kw):
+    cfg = SelfSupConfig(**{**TINY, **kw.pop("config", {})})
+    return run_selfsup(d["photons"] if photons is None else photons, d["valid"], d["q"], d["pf"], d["grid"],
+                       cfg, progress=False, **kw)
+
+
+def test_6d_representation_gives_rotations_and_inverts():
+    g = torch.Generator().manual_seed(0)
+    R = rotation_6d_to_matrix(torch.randn(100, 6, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(R @ R.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(100, 3, 3))
+    torch.testing.assert_close(torch.linalg.det(R), torch.ones(100, dtype=torch.float64))
+    torch.testing.assert_close(rotation_6d_to_matrix(matrix_to_rotation_6d(R)), R)
+
+
+@pytest.mark.parametrize("decoder", [FriedelSiren(width=16, layers=3), VoxelVolume(7)])
+def test_decoders_are_friedel_symmetric(decoder):
+    if isinstance(decoder, VoxelVolume):
+        torch.nn.init.normal_(decoder.volume)  # not symmetric itself
+    u = torch.rand(200, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = decoder(u)
+    assert out.shape == (200,) and out.std() > 0
+    torch.testing.assert_close(decoder(-u), out, rtol=0, atol=1e-5)
+
+
+def test_model_reads_the_intensity_at_r_transpose_q():
+    """Frame i records I(R_iᵀ q) (SPEC.md): with a voxel decoder holding a smooth log-intensity
+    V(q) on the grid, the model's log μ for rotation R is V(Rᵀ q) (axes qx, qy, qz)."""
+    grid = Grid(21, 0.01)
+    A = np.diag([3.0, 1.0, -2.0]) + np.array([[0, 1.5, 0], [1.5, 0, 0.5], [0, 0.5, 0]])
+    V = lambda q: np.einsum("...i,ij,...j->...", q / grid.q_max, A, q / grid.q_max)  # noqa: E731
+    model = selfsup.SelfSupModel(SelfSupConfig(decoder="voxel", encoder_width=2, encoder_stages=1,
+                                               encoder_blocks=1), (4, 4), grid, torch.zeros(40))
+    model.decoder.volume.data = torch.as_tensor(V(grid.q_points()), dtype=torch.float32)
+    R = quaternion_to_matrix(torch.as_tensor(random_quaternions(3, np.random.default_rng(2)))).float()
+    model.encode = lambda image, log_n, amp=False: (R, torch.zeros(3))
+    q = np.random.default_rng(3).uniform(-0.5, 0.5, (50, 3)) * grid.q_max
+    log_mu, _, _ = model(None, None, torch.as_tensor(q / grid.q_max, dtype=torch.float32), torch.zeros(50))
+    expect = V(np.einsum("pk,fkl->fpl", q, R.double().numpy()))  # (R_fᵀ q_p)ᵀ = q_pᵀ R_f
+    np.testing.assert_allclose(log_mu.detach().numpy(), expect, atol=0.05)
+    assert np.abs(V(np.einsum("pk,flk->fpl", q, R.double().numpy())) - expect).max() > 0.5  # R q differs
+
+
+def test_loss_ignores_invalid_pixels(data):
+    """The encoder input and the loss see valid pixels only: other counts change nothing."""
+    photons = data["photons"].copy()
+    photons[:, ~data["valid"]] = 10 ** 6
+    cfg = dict(epochs=1, fluence_jitter=0.3)
+    a, b = _run(data, config=cfg), _run(data, photons=photons, config=cfg)
+    assert a.log["loss"].iloc[0] == b.log["loss"].iloc[0]
+    np.testing.assert_array_equal(a.quaternion, b.quaternion)
+    np.testing.assert_array_equal(a.intensity, b.intensity)
+
+
+def test_zarr_streaming_equals_in_memory(data, tmp_path):
+    """Photons read chunk-wise from Zarr without the in-memory cache give the same run."""
+    import zarr
+    z = zarr.create_array(tmp_path / "p.zarr", shape=data["photons"].shape, chunks=(4, 16, 16), dtype="int32")
+    z[:] = data["photons"]
+    cfg = dict(epochs=1, memory_budget_gb=1e-6, chunk_frames=4)  # 16 chunks, at most 8 held
+    a, b = _run(data, photons=z, config=cfg), _run(data, config=cfg)
+    assert a.log["loss"].iloc[0] == b.log["loss"].iloc[0]
+    np.testing.assert_array_equal(a.quaternion, b.quaternion)
+
+
+@pytest.mark.parametrize("kind", ["poisson", "mse"])
+def test_pattern_loss_is_least_at_the_counts(kind):
+    counts = torch.tensor([[0.0, 1.0, 5.0, 20.0]])
+    best = pattern_loss(torch.log(counts.clamp_min(1e-3)), counts, kind)
+    for shift in (-0.2, 0.2):
+        assert pattern_loss(torch.log(counts.clamp_min(1e-3)) + shift, counts, kind) > best
+
+
+def test_resume_equals_uninterrupted_run(data, tmp_path):
+    cfg = dict(epochs=2, loss="poisson", decoder="voxel")
+    full = _run(data, config=cfg, checkpoint_path=tmp_path / "full.pt", log_path=tmp_path / "full.csv")
+    save = selfsup._save_checkpoint
+
+    def stop_after_first(path, state):
+        save(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with mock.patch.object(selfsup, "_save_checkpoint", stop_after_first), pytest.raises(KeyboardInterrupt):
+        _run(data, config=cfg, checkpoint_path=tmp_path / "cut.pt", log_path=tmp_path / "cut.csv")
+    assert torch.load(tmp_path / "cut.pt", weights_only=True)["epoch"] == 1
+    saved = []
+    with mock.patch.object(selfsup, "_save_checkpoint", lambda p, s: saved.append(s["epoch"]) or save(p, s)):
+        resumed = _run(data, config=cfg, checkpoint_path=tmp_path / "cut.pt", log_path=tmp_path / "cut.csv")
+    assert saved == [2]  # resumed after epoch 1, not restarted
+    a = torch.load(tmp_path / "full.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut.pt", weights_only=True)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+    np.testing.assert_array_equal(resumed.quaternion, full.quaternion)
+    np.testing.assert_array_equal(resumed.gain, full.gain)
+    pd.testing.assert_frame_equal(resumed.log.drop(columns=["patterns_per_second", "seconds"]),
+                                  full.log.drop(columns=["patterns_per_second", "seconds"]))
+
+
+def test_training_lowers_the_loss_and_returns_the_contract(data):
+    res = _run(data, config=dict(epochs=6, lr=3e-3))
+    loss = res.log["loss"].to_numpy()
+    assert list(res.log.columns) == LOG_COLUMNS and list(res.log["epoch"]) == list(range(1, 7))
+    assert loss[-1] < 0.8 * loss[0]
+    assert res.intensity.shape == (15, 15, 15) and res.intensity.dtype == np.float32
+    assert (res.intensity > 0).all()
+    np.testing.assert_allclose(res.intensity, np.flip(res.intensity), rtol=1e-4)  # Friedel
+    assert res.quaternion.shape == (64, 4) and (res.quaternion[:, 0] >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(res.quaternion, axis=1), 1, atol=1e-9)
+    assert res.gain.shape == (64,) and res.gain.mean() == pytest.approx(1)
+    # The gain starts from the photon count and stays close to it.
+    n = data["photons"][:, data["valid"]].sum(1)
+    assert np.corrcoef(res.gain, n)[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("loss", "l1"), ("decoder", "mlp"), ("lr", -1.0),
+                                          ("patch_size_max", 0.01), ("batch_size", 2.5)])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(SelfSupConfig(), **{field: value}).validate()
+
+
+def test_bad_counts_raise(data):
+    photons = data["photons"].astype(np.float32)
+    photons[3, 0, 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        _run(data, photons=photons, config=dict(epochs=1))
