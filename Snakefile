@@ -1,4 +1,4 @@
-# spiflow: simulate → orient (EMC) → phase → evaluate, one rule file per stage.
+# spiflow: simulate → orient (EMC, M-TIP) / train (selfsup) → phase → evaluate, one rule file per stage.
 # Paths come from spiflow.pipeline.layout (SPEC.md); every rule calls a thin script
 # in workflow/scripts/ that calls a stage function of the spiflow package.
 from pathlib import Path
@@ -33,6 +33,7 @@ wildcard_constraints:
 
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/orient.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/phase.smk"
 include: "workflow/rules/evaluate.smk"
 

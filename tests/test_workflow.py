@@ -21,7 +21,11 @@ TINY = {
     "beam": {"mean_photons_per_pattern": 2000.0},
     "detector": {"n_pixels": 12, "pixel_size_m": 2.6e-3, "beam_stop_radius_m": 2.0e-3},
     "simulate": {"pilot_orientations": 16},
+    "reconstruction": {"methods": ["truth", "emc", "mtip", "selfsup", "mtip_selfsup"]},
     "emc": {"num_div": 2, "iterations": 3},
+    "mtip": {"num_div": 2, "iterations": 2},
+    "selfsup": {"epochs": 2, "batch_size": 40, "siren_width": 32, "siren_layers": 3, "encoder_width": 8,
+                "encoder_stages": 2},
     "phase": {"n_restarts": 2, "n_average": 2, "n_cycles": 1, "schedule": "RAAR:30,ER:10", "final_er": 10},
     "evaluate": {"align_num_div": 1, "montage_frames": 4},
 }
@@ -49,11 +53,11 @@ def test_tiny_workflow_end_to_end(tiny_run):
     r = tiny_run / "results" / "tiny"
     summary = pd.read_csv(r / "evaluate" / "summary.csv")
     assert list(summary.columns) == SUMMARY_COLUMNS
-    assert sorted(summary.method) == ["emc", "truth"]
+    assert sorted(summary.method) == sorted(TINY["reconstruction"]["methods"])
     truth_row = summary.set_index("method").loc["truth"]
     assert truth_row.orientation_error_median_deg < 1e-6 and truth_row.gain_pearson == pytest.approx(1.0)
     assert np.all(np.isfinite(summary.resolution_fsc05_angstrom)) and np.all(summary.wall_seconds > 0)
-    for method in ("truth", "emc"):
+    for method in TINY["reconstruction"]["methods"]:
         fsc = pd.read_csv(r / "evaluate" / method / "fsc.csv")
         assert list(fsc.columns)[:3] == ["q_inv_angstrom", "resolution_angstrom", "fsc"]
         rec = xr.open_zarr(r / "recon" / method / "intensity.zarr")

@@ -1,7 +1,8 @@
 """``spiflow`` command line: run any stage alone, outside Snakemake.
 
     spiflow simulate  [--configfile FILE ...] [--results DIR]
-    spiflow recon-truth | emc [--configfile ...]
+    spiflow recon-truth | emc | selfsup [--configfile ...]
+    spiflow mtip [--seeded]            # --seeded: start from recon/selfsup (method mtip_selfsup)
     spiflow phase    --method METHOD
     spiflow evaluate --method METHOD
     spiflow summary
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in [("simulate", "simulate patterns and ground truth"),
                         ("recon-truth", "write the truth oracle as a reconstruction"),
                         ("emc", "orient with EMC and merge the 3D intensity"),
+                        ("mtip", "orient with M-TIP (merging and phasing in the loop)"),
+                        ("selfsup", "train the self-supervised encoders and intensity decoder"),
                         ("phase", "phase one method's intensity"),
                         ("evaluate", "evaluate one method against the truth"),
                         ("summary", "write evaluate/summary.csv and overview plots"),
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in ("phase", "evaluate"):
             s.add_argument("--method", required=True, help="truth, emc, ...")
+        if name == "mtip":
+            s.add_argument("--seeded", action="store_true", help="start from the selfsup orientations")
     _format_parsers(sub)
     return p
 
@@ -130,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.stage_emc(config, f["patterns"], P["intensity"].format(method="emc"),
                                P["orientations"].format(method="emc"), f["emc_log"], f["emc_checkpoint"],
                                progress=progress)
+        elif args.stage == "mtip":
+            m = "mtip_selfsup" if args.seeded else "mtip"
+            pipeline.stage_mtip(config, f["patterns"], P["intensity"].format(method=m),
+                                P["orientations"].format(method=m), P["recon_log"].format(method=m),
+                                P["recon_checkpoint"].format(method=m),
+                                prior=P["orientations"].format(method="selfsup") if args.seeded else None,
+                                progress=progress)
+        elif args.stage == "selfsup":
+            pipeline.stage_selfsup(config, f["patterns"], P["intensity"].format(method="selfsup"),
+                                   P["orientations"].format(method="selfsup"), P["recon_log"].format(method="selfsup"),
+                                   P["recon_checkpoint"].format(method="selfsup"), progress=progress)
         elif args.stage == "phase":
             pipeline.stage_phase(config, f["intensity"], f["density"], f["density_mrc"], f["phase_log"])
         elif args.stage == "evaluate":

@@ -22,13 +22,15 @@ import zarr
 from . import metrics, plots
 from .align import align_density, align_intensity_rotation, rotate_volume
 from .emc import EMCConfig, run_emc
+from .mtip import MTIPConfig, run_mtip
 from .grid import Grid
 from .io import atomic_path, intensity_dataset, open_dataset, orientations_dataset, write_dataset
 from .phasing import PhasingConfig, phase
+from .selfsup import SelfSupConfig, run_selfsup
 from .simulate import grid_of, simulate
 
 log = logging.getLogger(__name__)
-RECON_METHODS = ("truth", "emc")
+RECON_METHODS = ("truth", "emc", "mtip", "mtip_selfsup", "selfsup")
 
 
 def layout(results: str | Path, run: str) -> dict[str, str]:
@@ -41,6 +43,8 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "orientations": "recon/{method}/orientations.zarr",
         "emc_log": "recon/emc/emc_log.csv",
         "emc_checkpoint": "recon/emc/checkpoint.pt",
+        "recon_log": "recon/{method}/log.csv",  # mtip, mtip_selfsup, selfsup
+        "recon_checkpoint": "recon/{method}/checkpoint.pt",
         "density": "phase/{method}/density.zarr",
         "density_mrc": "phase/{method}/density.mrc",
         "phase_log": "phase/{method}/phase_log.csv",
@@ -75,6 +79,25 @@ def stage_recon_truth(config: dict, truth: str, patterns: str, intensity: str, o
     write_dataset(orientations_dataset(tr.quaternion.values, tr.gain.values, attrs), orientations)
 
 
+def _patterns(patterns: str):
+    """(dataset, grid, lazily read Zarr photons, valid, q, pixel_factor, scale J r_e²)."""
+    pat = xr.open_zarr(patterns)
+    photons = zarr.open_group(patterns, mode="r")["photons"]
+    scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+    return (pat, grid_of(pat), photons, pat.valid.values, pat.q.values.astype(np.float64),
+            pat.pixel_factor.values.astype(np.float64), scale)
+
+
+def _write_recon(W, measured, quaternion, gain, grid: Grid, scale: float, attrs: dict, intensity: str,
+                 orientations: str, **per_frame) -> None:
+    """Write a method's intensity (``W / scale`` in electrons²) and orientations stores."""
+    write_dataset(intensity_dataset(W / scale, grid.q_axis, measured, attrs), intensity)
+    ds = orientations_dataset(quaternion, gain, attrs)
+    for name, values in per_frame.items():
+        ds[name] = ("frame", values)
+    write_dataset(ds, orientations)
+
+
 def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str,
               checkpoint: str, progress: bool = True) -> None:
     """orient with EMC: streams photons from the Zarr chunks; never reads the truth.
@@ -83,19 +106,46 @@ def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, lo
     fluence J of the patterns' metadata: ``I = W / (J r_e²)``.
     """
     t0 = time.perf_counter()
-    pat = xr.open_zarr(patterns)
-    grid = grid_of(pat)
-    photons = zarr.open_group(patterns, mode="r")["photons"]
-    emc_cfg = EMCConfig(**config["emc"], seed=config["dataset"]["seed"], device=config["device"])
-    res = run_emc(photons, pat.valid.values, pat.q.values.astype(np.float64), pat.pixel_factor.values.astype(np.float64),
-                  grid, emc_cfg, log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
-    scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
-    attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": emc_cfg.num_div,
-             "iterations": emc_cfg.iterations}
-    write_dataset(intensity_dataset(res.intensity / scale, grid.q_axis, res.weight > 0, attrs), intensity)
-    ds = orientations_dataset(res.quaternion, res.gain, attrs)
-    ds["probability_max"] = ("frame", res.probability_max)
-    write_dataset(ds, orientations)
+    pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
+    cfg = EMCConfig(**config["emc"], seed=config["dataset"]["seed"], device=config["device"])
+    res = run_emc(photons, valid, q, pf, grid, cfg, log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
+             "iterations": cfg.iterations}
+    _write_recon(res.intensity, res.weight > 0, res.quaternion, res.gain, grid, scale, attrs, intensity,
+                 orientations, probability_max=res.probability_max)
+
+
+def stage_mtip(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str, checkpoint: str,
+               prior: str | None = None, progress: bool = True) -> None:
+    """orient with M-TIP (:mod:`spiflow.mtip`), from random orientations or, with ``prior``
+    (an orientations store, e.g. ``recon/selfsup``), seeded with its quaternions: the
+    method ``mtip_selfsup``. Never reads the truth."""
+    t0 = time.perf_counter()
+    pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
+    cfg = MTIPConfig(**config["mtip"], seed=config["dataset"]["seed"], device=config["device"])
+    init = open_dataset(prior, "prior orientations store").quaternion.values if prior else None
+    res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init, log_path=log_csv,
+                   checkpoint_path=checkpoint, progress=progress)
+    method = "mtip_selfsup" if prior else "mtip"
+    attrs = {"method": method, "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
+             "iterations": len(res.log), "seeded_from": str(prior or "")}
+    _write_recon(res.intensity, res.weight > 0, res.quaternion, res.gain, grid, scale, attrs, intensity,
+                 orientations)
+
+
+def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str, checkpoint: str,
+                  progress: bool = True) -> None:
+    """train the self-supervised encoders + implicit decoder (:mod:`spiflow.selfsup`); its
+    ``measured`` voxels are the detector's q range (the decoder is defined everywhere)."""
+    t0 = time.perf_counter()
+    pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
+    cfg = SelfSupConfig(**config["selfsup"], seed=config["dataset"]["seed"], device=config["device"])
+    res = run_selfsup(photons, valid, q, pf, grid, cfg, log_path=log_csv, checkpoint_path=checkpoint,
+                      progress=progress)
+    qn = np.linalg.norm(q[valid], axis=-1)
+    measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
+    attrs = {"method": "selfsup", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs}
+    _write_recon(res.intensity, measured, res.quaternion, res.gain, grid, scale, attrs, intensity, orientations)
 
 
 def stage_phase(config: dict, intensity: str, density: str, density_mrc: str, log_csv: str) -> None:

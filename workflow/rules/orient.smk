@@ -41,3 +41,31 @@ rule orient_emc:
         gpu=GPU,
     script:
         "../scripts/orient_emc.py"
+
+
+rule orient_mtip:
+    """M-TIP: orientation matching, merging and phasing in one loop; ``mtip_selfsup`` starts
+    from the selfsup orientations (the paper's synergy), ``mtip`` from random ones."""
+    input:
+        patterns=P["patterns"],
+        prior=lambda wc: P["orientations"].format(method="selfsup") if wc.method == "mtip_selfsup" else [],
+    output:
+        intensity=directory(P["intensity"]),
+        orientations=directory(P["orientations"]),
+        log_csv=P["recon_log"],
+    wildcard_constraints:
+        method="mtip|mtip_selfsup",
+    log:
+        f"{LOGS}/orient_{{method}}.log",
+    benchmark:
+        f"{BENCH}/orient_{{method}}.tsv"
+    params:
+        checkpoint=P["recon_checkpoint"],
+    conda:
+        "../envs/spiflow.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=lambda wc: int(config["mtip"]["memory_budget_gb"] * 1024 * 2 + 2000),
+        gpu=GPU,
+    script:
+        "../scripts/orient_mtip.py"
