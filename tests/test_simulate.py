@@ -260,3 +260,9 @@ def test_config_defaults_file_matches_schema():
     import yaml
     with open(ROOT / "config" / "config.yaml") as fh:
         assert yaml.safe_load(fh) == cfg.defaults()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    full = cfg.load_config(path)
+    assert full["run"] and full["reconstruction"]["methods"]
