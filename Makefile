@@ -17,3 +17,10 @@ test: install
 # `snakemake --profile profiles/slurm --profile profiles/slurm-local`.
 slurm:
 	bash workflow/slurm/start-local-slurm.sh
+
+# Speed benchmarks, side by side with Dragonfly where it is installed (benchmarks/README.md):
+#   make bench                       the default run (about 10 minutes on 2 cores)
+#   make bench BENCH_ARGS=--quick    a one-minute smoke run; also --device cuda, --no-dragonfly
+.PHONY: bench
+bench: install
+	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-# spiflow: simulate → orient (EMC, M-TIP) / train (selfsup) → phase → evaluate, one rule file per stage.
+# spiflow: simulate → orient (EMC, M-TIP) / train (selfsup, vae) → phase → evaluate, one rule file per stage.
 # Paths come from spiflow.pipeline.layout (SPEC.md); every rule calls a thin script
 # in workflow/scripts/ that calls a stage function of the spiflow package.
 from pathlib import Path
@@ -7,7 +7,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 import spiflow.config
-from spiflow.pipeline import layout
+from spiflow.pipeline import layout, vae_orientations_source
+from spiflow.simulate import check_sample, sample_files
 
 min_version("8.0")
 
@@ -16,8 +17,10 @@ configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
 validate(config, str(spiflow.config.SCHEMA_PATH))
-if not Path(config["sample"]["path"]).is_file():
-    raise WorkflowError(f"sample.path: structure file not found: {config['sample']['path']}")
+try:  # a bad sample stops the workflow at once, naming its config key
+    check_sample(config)
+except (FileNotFoundError, ValueError) as exc:
+    raise WorkflowError(str(exc))
 
 RUN = config["run"]
 P = layout("results", RUN)
@@ -25,6 +28,8 @@ LOGS = f"results/{RUN}/logs"
 BENCH = f"results/{RUN}/benchmarks"
 METHODS = config["reconstruction"]["methods"]
 GPU = 1 if config["device"].startswith("cuda") else 0
+# method vae is evaluated by its own rule (latent analysis); every other method by rule evaluate
+PLAIN_METHODS = "|".join(m for m in METHODS if m != "vae") or "(?!x)x"
 
 
 wildcard_constraints:

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spiflow.emc import EMCConfig, LOG_COLUMNS, _coordinates, _merge, _slice, compress, run_emc
+from spiflow.emc import (EMCConfig, LOG_COLUMNS, _coordinates, _merge, _slice, choose_photon_format, compress,
+                         run_emc)
 from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
 from spiflow.sampling import angular_step_deg
@@ -245,3 +246,31 @@ def test_random_starts_resume_from_the_chosen_start(data, tmp_path):
     assert list(full.log.iteration) == [1, 2, 1, 2, 3, 4]
     assert EMCConfig(n_starts=4, start_iterations=15, iterations=5).trial_iterations == 4
     assert EMCConfig(n_starts=1).trial_iterations == 0
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-9), ("float32", 2e-4)])
+def test_sparse_photons_equal_dense(data, dtype, rtol):
+    """photon_format "sparse" (per-frame lists of pixels with counts, as Dragonfly stores
+    them) computes the same E-step, gains and merge as the dense matmuls, also with several
+    frame blocks, random starts and central (merge-only) pixels."""
+    photons = data["photons"][:120] // 20  # ≈ 150 photons per frame: mostly zeros, some multi-photon pixels
+    assert 0 < (photons > 0).mean() < 0.5 and (photons > 1).any()
+    # 200 kB budget: 23-frame blocks, 100 orientations per chunk
+    cfg = dict(dtype=dtype, iterations=2, orientation_min_radius_voxels=2, memory_budget_gb=2e-4,
+               orientation_chunk=100, n_starts=2, start_iterations=1, start_frames=50)
+    dense = _run(data, photons=photons, config=dict(cfg, photon_format="dense"))
+    sparse = _run(data, photons=photons, config=dict(cfg, photon_format="sparse"))
+    for name in ("intensity", "weight", "gain", "probability_max"):
+        np.testing.assert_allclose(getattr(sparse, name), getattr(dense, name), rtol=rtol,
+                                   atol=rtol * np.abs(getattr(dense, name)).max(), err_msg=name)
+    same = (sparse.quaternion == dense.quaternion).all(1)
+    assert same.all() if dtype == "float64" else same.mean() > 0.97  # float32: near-ties may flip
+    for col in ("log_likelihood", "mutual_info", "rms_change"):
+        np.testing.assert_allclose(sparse.log[col], dense.log[col], rtol=rtol * 10, err_msg=col)
+    pixels = np.flatnonzero(data["valid"])
+    few = np.zeros_like(photons)
+    few[:, 3, 4] = 2  # one pixel of 224 lit: 0.4 % non-zero
+    assert choose_photon_format(few, pixels) == "sparse"
+    assert choose_photon_format(data["photons"], pixels) == "dense"
+    with pytest.raises(ValueError, match="photon_format"):
+        _run(data, config=dict(photon_format="csr"))

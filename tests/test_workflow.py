@@ -11,7 +11,7 @@ import xarray as xr
 import yaml
 
 from spiflow import cli
-from spiflow.pipeline import SUMMARY_COLUMNS
+from spiflow.pipeline import SUMMARY_COLUMNS, SUMMARY_EXTRA
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -31,9 +31,9 @@ TINY = {
 }
 
 
-def snakemake(workdir, *args, check=True):
+def snakemake(workdir, *args, check=True, configfile="tiny.yaml"):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", str(workdir / "tiny.yaml"), *args]
+           "--cores", "2", "--configfile", str(workdir / configfile), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
@@ -117,3 +117,60 @@ def test_cli_runs_stages_without_snakemake(tmp_path):
     r = tmp_path / "results" / "tiny"
     assert xr.open_zarr(r / "simulate" / "patterns.zarr").photons.shape[0] == 20
     assert xr.open_zarr(r / "recon" / "truth" / "intensity.zarr").intensity.ndim == 3
+
+
+# A heterogeneous sample (ADK, closed 1AKE ↔ open 4AKE) through simulate → emc → vae → phase →
+# evaluate; EMC runs because vae.orientations is emc, though it is not a listed method.
+TINY_HETERO = {
+    **TINY,
+    "run": "tiny_hetero",
+    "sample": {"kind": "interpolation", "path": str(ROOT / "data" / "1ake.pdb"),
+               "interpolation": {"end_path": str(ROOT / "data" / "4ake.pdb"), "chain": "A"}, "reference_states": 3},
+    "dataset": {"n_patterns": 96, "seed": 3, "chunk_frames": 50},
+    "simulate": {"pilot_orientations": 8},
+    "reconstruction": {"methods": ["truth", "vae"]},
+    "vae": {"orientations": "emc", "epochs": 2, "batch_size": 32, "encoder_channels": 4, "encoder_layers": 2,
+            "hidden": 16, "decoder_channels": 4, "decoder_layers": 2, "volume_n": 9, "clusters": 2,
+            "traversal_steps": 3},
+}
+
+
+@pytest.mark.slow
+def test_tiny_heterogeneous_workflow_with_vae(tmp_path):
+    (tmp_path / "hetero.yaml").write_text(yaml.safe_dump(TINY_HETERO))
+    snakemake(tmp_path, configfile="hetero.yaml")
+    r = tmp_path / "results" / "tiny_hetero"
+    truth = xr.open_zarr(r / "simulate" / "truth.zarr")
+    assert truth.conformation.dims == ("frame", "parameter") and truth.conformation.shape == (96, 1)
+    assert truth.state_density.sizes["state"] == 3
+    lat = xr.open_zarr(r / "recon" / "vae" / "latent.zarr")
+    assert lat.z_mu.dims == lat.z_logvar.dims == ("frame", "latent") and lat.z_mu.shape == (96, 2)
+    assert (r / "recon" / "emc" / "orientations.zarr").exists() and (r / "recon" / "vae" / "decoder.pt").exists()
+    np.testing.assert_array_equal(xr.open_zarr(r / "recon" / "vae" / "orientations.zarr").quaternion.values,
+                                  xr.open_zarr(r / "recon" / "emc" / "orientations.zarr").quaternion.values)
+    assert xr.open_zarr(r / "recon" / "vae" / "intensity.zarr").intensity.shape == truth.intensity.shape
+    summary = pd.read_csv(r / "evaluate" / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS + SUMMARY_EXTRA
+    assert sorted(summary.method) == ["truth", "vae"]
+    row = summary.set_index("method").loc["vae"]
+    assert 0 <= row.latent_spearman <= 1 and np.isfinite(row.state_resolution_fsc05_angstrom_mean)
+    states = pd.read_csv(r / "evaluate" / "vae" / "states.csv")
+    assert len(states) == 2 and {"frame", "true_t", "matched_t", "resolution_fsc05_angstrom"} <= set(states.columns)
+    for k in range(2):
+        with mrcfile.open(r / "evaluate" / "vae" / "states" / f"state_{k}.mrc") as mrc:
+            assert mrc.data.shape == truth.density.shape
+    for png in ("latent_pca", "latent_traversal", "intensity_sections"):
+        assert (r / "evaluate" / "vae" / f"{png}.png").stat().st_size > 1000
+    assert (r / "logs" / "train_vae.log").exists() and (r / "benchmarks" / "train_vae.tsv").exists()
+
+
+def test_bad_heterogeneous_config_stops_at_once_naming_the_key(tmp_path):
+    bad = {**TINY_HETERO, "sample": {"kind": "interpolation", "path": str(ROOT / "data" / "1ake.pdb")}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
+    res = snakemake(tmp_path, "-n", check=False)
+    assert res.returncode != 0 and "sample.interpolation.end_path" in res.stdout + res.stderr
+    bad = {**TINY_HETERO, "vae": {"orientations": "magic"}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
+    res = snakemake(tmp_path, "-n", check=False)
+    assert res.returncode != 0 and "magic" in res.stdout + res.stderr
+    assert not (tmp_path / "results").exists()

@@ -1,7 +1,7 @@
 """``spiflow`` command line: run any stage alone, outside Snakemake.
 
     spiflow simulate  [--configfile FILE ...] [--results DIR]
-    spiflow recon-truth | emc | selfsup [--configfile ...]
+    spiflow recon-truth | emc | selfsup | vae [--configfile ...]   # vae: after vae.orientations' stage
     spiflow mtip [--seeded]            # --seeded: start from recon/selfsup (method mtip_selfsup)
     spiflow phase    --method METHOD
     spiflow evaluate --method METHOD
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                         ("emc", "orient with EMC and merge the 3D intensity"),
                         ("mtip", "orient with M-TIP (merging and phasing in the loop)"),
                         ("selfsup", "train the self-supervised encoders and intensity decoder"),
+                        ("vae", "train the heterogeneity VAE at the orientations of vae.orientations"),
                         ("phase", "phase one method's intensity"),
                         ("evaluate", "evaluate one method against the truth"),
                         ("summary", "write evaluate/summary.csv and overview plots"),
@@ -146,11 +147,18 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.stage_selfsup(config, f["patterns"], P["intensity"].format(method="selfsup"),
                                    P["orientations"].format(method="selfsup"), P["recon_log"].format(method="selfsup"),
                                    P["recon_checkpoint"].format(method="selfsup"), progress=progress)
+        elif args.stage == "vae":
+            pipeline.stage_vae(config, f["patterns"], pipeline.vae_orientations_source(config, P),
+                               P["intensity"].format(method="vae"), P["orientations"].format(method="vae"),
+                               f["latent"], P["recon_log"].format(method="vae"),
+                               P["recon_checkpoint"].format(method="vae"), f["vae_decoder"], progress=progress)
         elif args.stage == "phase":
             pipeline.stage_phase(config, f["intensity"], f["density"], f["density_mrc"], f["phase_log"])
         elif args.stage == "evaluate":
+            vae = method == "vae"
             pipeline.stage_evaluate(config, method, f["truth"], f["patterns"], f["intensity"],
-                                    f["orientations"], f["density"], f["eval_dir"])
+                                    f["orientations"], f["density"], f["eval_dir"],
+                                    latent=f["latent"] if vae else None, decoder=f["vae_decoder"] if vae else None)
         elif args.stage == "summary":
             methods = config["reconstruction"]["methods"]
             pipeline.stage_summary(config, [P["metrics"].format(method=m) for m in methods],

@@ -32,6 +32,14 @@ The frames × orientations matrices are built one frame block at a time (block s
 ``memory_budget_gb``) and one orientation chunk at a time inside (slices of ``chunk ×
 valid pixels``); frames × orientations × pixels is never formed. Photons are read block by
 block as ``photons[i0:i1]`` so a Zarr array larger than memory streams from disk.
+
+Photon formats (``EMCConfig.photon_format``). *dense*: a block is a (frames × valid pixels)
+matrix K and the E-step and merge are dense matmuls, ``log S_o @ K_oᵀ`` and ``P @ K``
+(cost ∝ frames × orientations × pixels). *sparse*: like Dragonfly's photons files, each
+frame keeps only its pixels with K_ip > 0 (compressed sparse rows), and
+``Σ_{p∈O: K_ip>0} K_ip log W_rp`` and ``Σ_i P_ri K_ip`` are sparse × dense products (cost ∝
+orientations × non-zero pixels), far cheaper at low photon counts. Both give the same
+result to floating-point rounding (the same sums in a different order).
 """
 from __future__ import annotations
 
@@ -56,6 +64,10 @@ from .sampling import so3_sampling
 
 LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mutual_info",
                "mean_max_probability", "gain_std", "seconds"]
+PHOTON_FORMATS = ("dense", "sparse", "auto")
+#: photon_format "auto" uses sparse blocks when at most this fraction of (frame, orientation
+#: pixel) entries is non-zero (benchmarks/README.md: the measured crossover on CPU).
+AUTO_SPARSE_DENSITY = 0.05
 
 
 @dataclass
@@ -88,6 +100,10 @@ class EMCConfig:
     and probability matrices plus the photon block); the photons (frames × P) are kept in
     memory between passes when they fit in the budget too, else re-read every pass.
     dtype: "float32" (fast) or "float64".
+    photon_format: "dense", "sparse" or "auto" (module docstring: same result, different
+    cost). "auto" picks sparse when at most :data:`AUTO_SPARSE_DENSITY` of the orientation
+    pixels hold photons (measured over the first frames), where sparse was measured faster.
+    Not part of the checkpoint fingerprint: a run may resume in the other format.
     """
 
     num_div: int = 6
@@ -107,6 +123,7 @@ class EMCConfig:
     orientation_chunk: int = 1024
     memory_budget_gb: float = 2.0
     dtype: str = "float32"
+    photon_format: str = "dense"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -127,6 +144,7 @@ class EMCConfig:
             (self.orientation_chunk >= 1, "orientation_chunk must be >= 1"),
             (self.memory_budget_gb > 0, "memory_budget_gb must be > 0"),
             (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
+            (self.photon_format in PHOTON_FORMATS, "photon_format must be 'dense', 'sparse' or 'auto'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -172,23 +190,66 @@ def _coordinates(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> 
     return rotated_points(q_valid, rotations[..., [2, 1, 0]] / grid.q_max)
 
 
+def _coordinates_t(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """:func:`_coordinates` in the transposed layout (P, R, 3), as one matmul (slices and
+    merge values of the sparse path are then (P, R), the layout its products use)."""
+    R = rotations.shape[0]
+    r = (rotations[..., [2, 1, 0]] / grid.q_max).permute(1, 0, 2).reshape(3, 3 * R)
+    return (q_valid.to(rotations.dtype) @ r).view(-1, R, 3)
+
+
+#: cap on the per-thread copies of the model that :func:`_merge` accumulates into on CPU.
+MERGE_COPIES_BYTES = 256e6
+
+
+def _pieces(coords: torch.Tensor, bytes_per_piece: float = 0.0) -> int:
+    """Batch entries to split C orientations into. torch's CPU 3D grid sampler (forward and
+    backward) runs in parallel over the batch only, so on CPU the orientations are split
+    into one batch entry per thread (at most ``MERGE_COPIES_BYTES / bytes_per_piece``);
+    on CUDA the kernels are parallel over points already: 1."""
+    if coords.device.type != "cpu":
+        return 1
+    cap = int(MERGE_COPIES_BYTES // bytes_per_piece) if bytes_per_piece > 0 else coords.shape[0]
+    return max(1, min(torch.get_num_threads(), coords.shape[0], cap))
+
+
+def _batched(coords: torch.Tensor, pieces: int) -> torch.Tensor:
+    """(C, P, 3) → (pieces, ⌈C / pieces⌉, P, 1, 3), padded with points outside the grid
+    (they read 0 and merge nothing)."""
+    C, P = coords.shape[:2]
+    per = -(-C // pieces)
+    if per * pieces > C:
+        coords = torch.cat([coords, coords.new_full((per * pieces - C, P, 3), 2.0)])
+    return coords.reshape(pieces, per, P, 1, 3)
+
+
 def _slice(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Trilinear slices (C, P) of ``volume`` (n, n, n) at ``coords`` (C, P, 3) of
     :func:`_coordinates`; equal to :func:`spiflow.grid.slice_volume` at ``R_rᵀ q_p`` (the
-    same trilinear weights, corners outside the grid read 0), as one fused kernel."""
-    out = F.grid_sample(volume[None, None], coords[None, :, :, None, :], mode="bilinear",
+    same trilinear weights, corners outside the grid read 0), as one fused kernel (on CPU one
+    batch entry per thread: :func:`_pieces`)."""
+    C, P = coords.shape[:2]
+    B = _pieces(coords)
+    out = F.grid_sample(volume.expand(B, 1, *volume.shape), _batched(coords, B), mode="bilinear",
                         padding_mode="zeros", align_corners=True)
-    return out.view(coords.shape[:2])
+    return out.reshape(-1, P)[:C]
 
 
 def _merge(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
     """``accum[c] += merge(values[c])`` for channels c: accum (ch, n, n, n), values (ch, C, P).
 
     The adjoint of :func:`_slice` (grid_sample's input gradient), equal to
-    :func:`spiflow.grid.merge_into` at ``R_rᵀ q_p`` but one fused pass for all channels."""
+    :func:`spiflow.grid.merge_into` at ``R_rᵀ q_p`` but one fused pass for all channels (on
+    CPU into one copy of accum per thread, then summed: :func:`_pieces`)."""
+    ch, C, P = values.shape
+    B = _pieces(coords, accum.numel() * accum.element_size())
+    per = -(-C // B)
+    if per * B > C:
+        values = torch.cat([values, values.new_zeros((ch, per * B - C, P))], 1)
+    values = values.reshape(ch, B, per, P).transpose(0, 1).contiguous()[..., None]
     grad = torch.ops.aten.grid_sampler_3d_backward(
-        values.contiguous()[None, ..., None], accum[None], coords[None, :, :, None, :], 0, 0, True, [True, False])[0]
-    accum += grad[0]
+        values, accum.expand(B, *accum.shape), _batched(coords, B), 0, 0, True, [True, False])[0]
+    accum += grad[0] if B == 1 else grad.sum(0)
 
 
 def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
@@ -211,16 +272,69 @@ def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
 
 
-class _Data:
-    """Valid-pixel photon blocks ``(i0, i1, K (i1 − i0, P))`` read from ``photons[i0:i1]``;
-    column p of K is flat pixel ``pixels[p]`` of a frame (``pixels`` may also be a bool mask)."""
+@dataclass
+class _SparseBlock:
+    """One frame block's photons as compressed sparse rows (photon_format "sparse").
 
-    def __init__(self, photons, pixels: np.ndarray, block: int, cache: bool, device, dtype):
+    ko: CSR (b, n_orient), the counts at orientation pixels (E-step); kt: CSR (P, b), all
+    valid pixels, transposed (merge); frame_sums (b,) over all valid pixels, frame_sums_o
+    (b,) over the orientation pixels; pixel_sums (P,). nbytes: memory held."""
+
+    ko: torch.Tensor
+    kt: torch.Tensor
+    frame_sums: torch.Tensor
+    frame_sums_o: torch.Tensor
+    pixel_sums: torch.Tensor
+    nbytes: int
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, device) -> torch.Tensor:
+    """CSR tensor from COO triplets sorted by row (int32 indices, as MKL and cuSPARSE take)."""
+    crow = np.zeros(shape[0] + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.as_tensor(crow), torch.as_tensor(cols.astype(np.int32)),
+                                       torch.as_tensor(vals), size=shape, check_invariants=False).to(device)
+
+
+def _sparse_block(k: np.ndarray, n_orient: int, device) -> _SparseBlock:
+    """:class:`_SparseBlock` of a dense block k (b, P) whose first n_orient columns are the
+    orientation pixels."""
+    b, P = k.shape
+    rows, cols = np.nonzero(k)  # row-major: sorted by frame, then pixel
+    vals = k[rows, cols]
+    o = cols < n_orient
+    order = np.argsort(cols, kind="stable")
+    ko = _csr(rows[o], cols[o], vals[o], (b, n_orient), device)
+    kt = _csr(cols[order], rows[order], vals[order], (P, b), device)
+    sums = [torch.as_tensor(x).to(device) for x in (k.sum(1), k[:, :n_orient].sum(1), k.sum(0))]
+    nbytes = (int(o.sum()) + len(vals)) * (4 + vals.itemsize) + (b + P + 2) * 4 + (2 * b + P) * vals.itemsize
+    return _SparseBlock(ko, kt, *sums, nbytes)
+
+
+def _sums(K) -> tuple[torch.Tensor, torch.Tensor]:
+    """(photons per pixel (P,), photons per frame (b,)) of a dense or sparse block."""
+    if isinstance(K, _SparseBlock):
+        return K.pixel_sums, K.frame_sums
+    return K.sum(0), K.sum(1)
+
+
+class _Data:
+    """Valid-pixel photon blocks ``(i0, i1, K)`` read from ``photons[i0:i1]``: K is a dense
+    (i1 − i0, P) tensor, or with ``sparse_orient`` (the number of orientation pixels, which
+    come first) a :class:`_SparseBlock`. Column p of K is flat pixel ``pixels[p]`` of a frame
+    (``pixels`` may also be a bool mask). With ``cache`` the blocks are kept after the first
+    pass; sparse blocks only while their total size stays within ``cache_bytes``."""
+
+    def __init__(self, photons, pixels: np.ndarray, block: int, cache: bool, device, dtype,
+                 sparse_orient: int | None = None, cache_bytes: float = float("inf")):
         pixels = np.asarray(pixels)
         self.photons = photons
         self.pixels = np.flatnonzero(pixels.reshape(-1)) if pixels.dtype == bool else pixels
         self.frames = photons.shape[0]
         self.block, self.device, self.dtype = block, device, dtype
+        self.sparse_orient, self.cache_bytes = sparse_orient, cache_bytes
         self._cache: list | None = [] if cache else None
         self._complete = False
 
@@ -228,6 +342,7 @@ class _Data:
         if self._complete:
             yield from self._cache
             return
+        held = 0
         for i0 in range(0, self.frames, self.block):
             i1 = min(self.frames, i0 + self.block)
             raw = np.asarray(self.photons[i0:i1])
@@ -235,7 +350,13 @@ class _Data:
             if not np.isfinite(k).all() or (k < 0).any():
                 raise ValueError(f"photons[{i0}:{i1}]: negative or non-finite counts in valid pixels")
             k = k.astype(np.float32 if self.dtype == torch.float32 else np.float64, copy=False)
-            item = (i0, i1, torch.as_tensor(k).to(self.device))
+            if self.sparse_orient is None:
+                item = (i0, i1, torch.as_tensor(k).to(self.device))
+            else:
+                item = (i0, i1, _sparse_block(k, self.sparse_orient, self.device))
+                held += item[2].nbytes
+                if held > self.cache_bytes:
+                    self._cache = None
             if self._cache is not None:
                 self._cache.append(item)
             yield item
@@ -276,16 +397,30 @@ class _Engine:
         s_dot = torch.empty(M, dtype=dt, device=dev)  # Σ_p s_p W_rp, all valid pixels (gain)
         s_dot_o = torch.empty(M, dtype=dt, device=dev)  # the same over orientation pixels (E-step)
         for i0, i1, K in self.data:
-            b, g, Ko = i1 - i0, gain[i0:i1], K[:, :po]
+            b, g = i1 - i0, gain[i0:i1]
+            sparse = isinstance(K, _SparseBlock)
+            if sparse:  # photons per frame (all valid, orientation pixels), Σ_p∈O K_ip log s_p
+                n_all, n_o = K.frame_sums, K.frame_sums_o
+                klogs = torch.sparse.mm(K.ko, self.logs[:po, None])[:, 0]
+            else:
+                Ko = K[:, :po]
+                n_all, n_o, klogs = K.sum(1), Ko.sum(1), Ko @ self.logs[:po]
             L = self._buf[:M * b].view(M, b)
             P = self._buf[M * b:2 * M * b].view(M, b)
             for r0 in range(0, M, C):  # expand: L_ri without the r-independent terms
                 r1 = min(M, r0 + C)
-                S = _slice(W, _coordinates(self.q, self.rot[r0:r1], self.grid))
-                torch.mv(S, self.s, out=s_dot[r0:r1])
-                So = S[:, :po]
-                torch.mv(So, so, out=s_dot_o[r0:r1])
-                torch.mm(So.clamp_min_(self.tiny).log_(), Ko.T, out=L[r0:r1])
+                if sparse:  # slices as (P, C); Σ_{p: K_ip > 0} K_ip log W_rp = (K_o log S_o)ᵀ
+                    S = _slice(W, _coordinates_t(self.q, self.rot[r0:r1], self.grid))
+                    torch.mv(S.T, self.s, out=s_dot[r0:r1])
+                    So = S[:po]
+                    torch.mv(So.T, so, out=s_dot_o[r0:r1])
+                    L[r0:r1] = torch.sparse.mm(K.ko, So.clamp_min_(self.tiny).log_()).T
+                else:
+                    S = _slice(W, _coordinates(self.q, self.rot[r0:r1], self.grid))
+                    torch.mv(S, self.s, out=s_dot[r0:r1])
+                    So = S[:, :po]
+                    torch.mv(So, so, out=s_dot_o[r0:r1])
+                    torch.mm(So.clamp_min_(self.tiny).log_(), Ko.T, out=L[r0:r1])
                 L[r0:r1].addr_(s_dot_o[r0:r1], g, alpha=-1)
             L.mul_(beta).add_(self.logw[:, None])
             lse = torch.logsumexp(L, 0)
@@ -294,17 +429,23 @@ class _Engine:
             pw = self.logw @ P
             pmax[i0:i1], best[i0:i1] = P.max(0)
             plogp = L.mul_(P).sum(0)
-            const = Ko @ self.logs[:po] + torch.xlogy(Ko.sum(1), g)  # Σ_p K log s + N log φ over O
+            const = klogs + torch.xlogy(n_o, g)  # Σ_p K log s + N log φ over O
             ll[i0:i1] = ((plogp - pw + lse) / beta + const).double()  # Σ_r P_ri L_ri
             mi[i0:i1] = (plogp - pw).double()  # Σ_r P_ri log(P_ri / w_r)
             if update_gain:
-                new_gain[i0:i1] = K.sum(1) / (s_dot @ P)
+                new_gain[i0:i1] = n_all / (s_dot @ P)
             for r0 in range(0, M, C):  # maximise: merge this block's photons
                 r1 = min(M, r0 + C)
-                vals = self._vals[:, :r1 - r0]
-                torch.mm(P[r0:r1], K, out=vals[0])
-                torch.mul((P[r0:r1] @ new_gain[i0:i1])[:, None], self.s[None, :], out=vals[1])
-                _merge(accum, _coordinates(self.q, self.rot[r0:r1], self.grid), vals)
+                if sparse:  # values and points as (P, C): Σ_i K_ip P_ri = Kᵀ Pᵀ
+                    vals = self._vals.view(-1)[:2 * (r1 - r0) * len(self.s)].view(2, len(self.s), r1 - r0)
+                    torch.addmm(vals[0], K.kt, P[r0:r1].T.contiguous(), beta=0, out=vals[0])
+                    torch.mul(self.s[:, None], (P[r0:r1] @ new_gain[i0:i1])[None, :], out=vals[1])
+                    _merge(accum, _coordinates_t(self.q, self.rot[r0:r1], self.grid), vals)
+                else:
+                    vals = self._vals[:, :r1 - r0]
+                    torch.mm(P[r0:r1], K, out=vals[0])
+                    torch.mul((P[r0:r1] @ new_gain[i0:i1])[:, None], self.s[None, :], out=vals[1])
+                    _merge(accum, _coordinates(self.q, self.rot[r0:r1], self.grid), vals)
         scale = new_gain.mean() if update_gain else torch.ones((), dtype=dt, device=dev)
         W_new = _divide(accum[0], accum[1]) * scale
         stats = {"log_likelihood": ll.mean().item(), "mutual_info": mi.mean().item(),
@@ -366,6 +507,15 @@ def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int) -> str:
     return json.dumps(fp, sort_keys=True)
 
 
+def choose_photon_format(photons, pixels: np.ndarray, frames: int = 256) -> str:
+    """photon_format "auto": "sparse" when at most :data:`AUTO_SPARSE_DENSITY` of the
+    entries (frame, pixel) of ``photons[:frames]`` at flat pixel indices ``pixels`` (the
+    orientation pixels) are non-zero, else "dense"."""
+    head = np.asarray(photons[:min(frames, photons.shape[0])])
+    k = head.reshape(len(head), -1)[:, pixels]
+    return "sparse" if np.count_nonzero(k) <= AUTO_SPARSE_DENSITY * k.size else "dense"
+
+
 def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | None = None,
             log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
             progress: bool = True) -> EMCResult:
@@ -410,15 +560,21 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     order = np.argsort(central, kind="stable")
     qv, sv = qv[order], sv[order]
     pixels = np.flatnonzero(valid.reshape(-1))[order]
-    data = _Data(photons, pixels, block, frames * len(qv) * item <= budget, device, dtype)
+    n_orient = int((~central).sum())
+    if config.photon_format == "auto":
+        config = dataclasses.replace(config, photon_format=choose_photon_format(photons, pixels[:n_orient]))
+    if config.photon_format == "sparse":
+        data = _Data(photons, pixels, block, True, device, dtype, sparse_orient=n_orient, cache_bytes=budget)
+    else:
+        data = _Data(photons, pixels, block, frames * len(qv) * item <= budget, device, dtype)
 
     sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
     for i0, i1, K in data:  # validates every block, fills the cache when enabled
-        sum_counts += K.sum(0).double().cpu().numpy()
-        n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
+        pixel_sums, frame_sums = _sums(K)
+        sum_counts += pixel_sums.double().cpu().numpy()
+        n_frame[i0:i1] = frame_sums.double().cpu().numpy()
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
-    n_orient = int((~central).sum())
     engine = _Engine(data, qv, sv, n_orient, grid, config, device, dtype)
     fp = _fingerprint(config, grid, photons.shape, len(qv))
 
@@ -491,14 +647,19 @@ def _random_starts(photons, pixels, qv, sv, n_orient, grid, config: EMCConfig, d
     M = 10 * (5 * trial.num_div ** 3 + trial.num_div)
     item = torch.finfo(dtype).bits // 8
     block = int(max(1, min(n, config.memory_budget_gb * 1e9 // (item * (2 * M + len(qv))))))
-    data = _Data(sub, pixels, block, True, device, dtype)
+    data = _Data(sub, pixels, block, True, device, dtype,
+                 sparse_orient=n_orient if config.photon_format == "sparse" else None)
     engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype)
-    K = torch.cat([k for _, _, k in data]).double().cpu().numpy()
-    g0 = K.sum(1) / K.sum(1).mean() if config.update_gain else np.ones(n)
+    sum_counts, n_frame = np.zeros(len(qv)), np.zeros(n)
+    for i0, i1, K in data:
+        pixel_sums, frame_sums = _sums(K)
+        sum_counts += pixel_sums.double().cpu().numpy()
+        n_frame[i0:i1] = frame_sums.double().cpu().numpy()
+    g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(n)
     best = (-np.inf, None, 0)
     bar = tqdm(total=config.n_starts * config.trial_iterations, disable=not progress, desc="EMC starts")
     for k in range(config.n_starts):
-        W = torch.as_tensor(_initial_model(K.sum(0), qv, sv, g0.sum(), grid, config.seed + k)).to(device, dtype)
+        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed + k)).to(device, dtype)
         gain = torch.as_tensor(g0).to(device, dtype)
         for it in range(1, config.trial_iterations + 1):
             W, gain = _step(engine, W, gain, it, k, trial, rows, log_path)

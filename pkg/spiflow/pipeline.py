@@ -28,9 +28,11 @@ from .io import atomic_path, intensity_dataset, open_dataset, orientations_datas
 from .phasing import PhasingConfig, phase
 from .selfsup import SelfSupConfig, run_selfsup
 from .simulate import grid_of, simulate
+from .vae import VAEConfig, decode, latent_dataset, run_vae
+from . import latent as latent_eval
 
 log = logging.getLogger(__name__)
-RECON_METHODS = ("truth", "emc", "mtip", "mtip_selfsup", "selfsup")
+RECON_METHODS = ("truth", "emc", "mtip", "mtip_selfsup", "selfsup", "vae")
 
 
 def layout(results: str | Path, run: str) -> dict[str, str]:
@@ -43,8 +45,10 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "orientations": "recon/{method}/orientations.zarr",
         "emc_log": "recon/emc/emc_log.csv",
         "emc_checkpoint": "recon/emc/checkpoint.pt",
-        "recon_log": "recon/{method}/log.csv",  # mtip, mtip_selfsup, selfsup
+        "recon_log": "recon/{method}/log.csv",  # mtip, mtip_selfsup, selfsup, vae
         "recon_checkpoint": "recon/{method}/checkpoint.pt",
+        "latent": "recon/vae/latent.zarr",
+        "vae_decoder": "recon/vae/decoder.pt",
         "density": "phase/{method}/density.zarr",
         "density_mrc": "phase/{method}/density.mrc",
         "phase_log": "phase/{method}/phase_log.csv",
@@ -52,6 +56,7 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "metrics": "evaluate/{method}/metrics.json",
         "eval_dir": "evaluate/{method}",
         "eval_plot": "evaluate/{method}/{plot}.png",
+        "vae_states": "evaluate/vae/states",
         "summary_plot": "evaluate/{plot}.png",
         "summary": "evaluate/summary.csv",
     }.items()}
@@ -148,6 +153,51 @@ def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str
     _write_recon(res.intensity, measured, res.quaternion, res.gain, grid, scale, attrs, intensity, orientations)
 
 
+def vae_config(config: dict) -> VAEConfig:
+    """:class:`VAEConfig` from the ``vae`` section (its VAEConfig fields), dataset.seed, device."""
+    fields = set(VAEConfig.__dataclass_fields__) - {"seed", "device"}
+    return VAEConfig(**{k: v for k, v in config["vae"].items() if k in fields},
+                     seed=config["dataset"]["seed"], device=config["device"])
+
+
+def vae_orientations_source(config: dict, P: dict) -> str:
+    """The store whose quaternions and gains condition the VAE (``vae.orientations``):
+    ``recon/<method>/orientations.zarr``, or the truth store for the ``truth`` ablation."""
+    src = config["vae"]["orientations"]
+    return P["truth"] if src == "truth" else P["orientations"].format(method=src)
+
+
+def stage_vae(config: dict, patterns: str, source: str, intensity: str, orientations: str, latent: str,
+              log_csv: str, checkpoint: str, decoder: str, progress: bool = True) -> None:
+    """train the heterogeneity VAE (:mod:`spiflow.vae`) at the orientations and gains of
+    ``source`` (see :func:`vae_orientations_source`).
+
+    Writes ``latent`` (``z_mu``, ``z_logvar`` (frame, latent)), ``decoder`` (the trained
+    decoder, :func:`spiflow.latent.save_decoder`), ``orientations`` (the source's, copied so
+    ``evaluate`` works alike for every method) and ``intensity``: the volume decoded at the
+    latent of :func:`spiflow.latent.representative_frame` (``vae.representative``),
+    resampled onto the reconstruction grid, ``W / (J r_e²)`` in electrons²; ``measured`` is
+    the detector's q range. Reads the truth only for ``vae.orientations: truth`` (ablation).
+    """
+    t0 = time.perf_counter()
+    pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
+    src = open_dataset(source, "orientations store (vae.orientations)")
+    cfg = vae_config(config)
+    res = run_vae(photons, valid, q, pf, grid, src.quaternion.values, src.gain.values, cfg, log_path=log_csv,
+                  checkpoint_path=checkpoint, progress=progress)
+    v = config["vae"]
+    rep = latent_eval.representative_frame(res.z_mu, v["representative"], v["clusters"], cfg.seed)
+    W = decode(res.decoder, res.z_mu[rep], grid=grid, decoder_grid=res.grid)[0]
+    qn = np.linalg.norm(q[valid], axis=-1)
+    measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
+    attrs = {"method": "vae", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs,
+             "orientations_from": v["orientations"], "representative": v["representative"],
+             "representative_frame": rep, "decoder_grid_n": res.grid.n}
+    latent_eval.save_decoder(decoder, res.decoder, res.grid, cfg)
+    write_dataset(latent_dataset(res.z_mu, res.z_logvar, attrs), latent)
+    _write_recon(W, measured, src.quaternion.values, src.gain.values, grid, scale, attrs, intensity, orientations)
+
+
 def stage_phase(config: dict, intensity: str, density: str, density_mrc: str, log_csv: str) -> None:
     """phase: iterative phasing of a reconstruction's intensity (never reads the truth)."""
     t0 = time.perf_counter()
@@ -180,12 +230,17 @@ def write_mrc(path, density: np.ndarray, voxel_size: float) -> None:
 
 
 def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensity: str,
-                   orientations: str, density: str, out_dir: str) -> dict:
+                   orientations: str, density: str, out_dir: str, latent: str | None = None,
+                   decoder: str | None = None) -> dict:
     """evaluate one method: align to the truth, FSC, intensity CC, orientation and gain errors.
 
     Rotation: EMC's frame is arbitrary; ``A`` with ``I_rec(q) ≈ I_true(A q)`` is found from
     the intensities and undone on intensity and density (``ρ_rec(r) = ρ_true(A r)``). The
     density is then registered by translation and inversion. The oracle needs no rotation.
+    For a heterogeneous sample the truth's ``intensity``/``density`` are those of its
+    reference conformation. With ``latent`` and ``decoder`` (method ``vae``) the latent
+    analysis of :func:`spiflow.latent.evaluate_latent` is added (files in ``out_dir``, its
+    numbers in metrics.json: ``latent_spearman``, per-state FSC resolutions, …).
     """
     tr = open_dataset(truth, "truth store")
     rec = open_dataset(intensity, "intensity store")
@@ -223,6 +278,11 @@ def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensi
                                   f"{method}: true (top) vs reconstructed (bottom) intensity")
     plots.plot_density_slices(tr.density.values, rho_al, grid, out / "density_slices.png")
     plots.plot_orientation_errors(errors, out / "orientation_errors.png")
+    if latent is not None and decoder is not None:
+        pat = xr.open_zarr(patterns)
+        scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+        result.update(latent_eval.evaluate_latent(config, tr, open_dataset(latent, "latent store"), decoder,
+                                                  measured, A, scale, out))
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     return result
@@ -230,13 +290,19 @@ def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensi
 
 SUMMARY_COLUMNS = ["method", "resolution_fsc05_angstrom", "resolution_fsc0143_angstrom", "intensity_cc",
                    "orientation_error_median_deg", "gain_pearson", "wall_seconds"]
+# after the SPEC.md columns, when a method reports them (vae): |Spearman ρ| of latent PC1
+# with the first true conformation parameter, PC1's share of the latent variance, and the
+# mean FSC-0.5 resolution of the recovered states against their matching true states
+SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resolution_fsc05_angstrom_mean"]
 
 
 def stage_summary(config: dict, metric_files: list[str], fsc_files: list[str], patterns: str,
                   summary_csv: str, emc_log: str | None = None) -> pd.DataFrame:
-    """One table comparing every method (SPEC.md columns) plus the run's overview plots."""
+    """One table comparing every method (SPEC.md columns, then those of :data:`SUMMARY_EXTRA`
+    that some method reports) plus the run's overview plots."""
     rows = [json.loads(Path(f).read_text()) for f in metric_files]
-    df = pd.DataFrame(rows)[SUMMARY_COLUMNS]
+    df = pd.DataFrame(rows)
+    df = df[SUMMARY_COLUMNS + [c for c in SUMMARY_EXTRA if c in df]]
     out = Path(summary_csv).parent
     plots.plot_fsc({r["method"]: pd.read_csv(f) for r, f in zip(rows, fsc_files)}, out / "fsc.png")
     pat = xr.open_zarr(patterns)

@@ -15,6 +15,21 @@ Patterns are written chunk by chunk into ``patterns.zarr``; ground truth (quater
 gains, intensity volume on the reconstruction grid, electron density) into ``truth.zarr``.
 Every random stream derives from ``dataset.seed``; frame i's noise from (seed, i) alone,
 so results do not depend on chunking.
+
+Heterogeneous samples (``sample.kind`` interpolation, mixture, nanoparticles; built by
+:func:`build_sample` with :mod:`spiflow.hetero`): frame i has its own conformation
+parameters c_i (drawn for all frames from one seeded stream) and F is that of
+``sample.atoms(c_i)``. The truth store then also holds
+
+* ``conformation (frame, parameter)``: c_i, with the parameter names as coordinates;
+* ``intensity``, ``density``: those of the *reference conformation* (attribute
+  ``reference_conformation``): the centre of the parameter ranges (t = mid-range for an
+  interpolation; mid size and mid truncation for nanoparticles) or, for a mixture, the
+  state of largest fraction. They are what a single-structure method is compared with;
+* ``state_conformation (state, parameter)``, ``state_intensity (state, qx, qy, qz)``,
+  ``state_density (state, x, y, z)``: reference states that ``evaluate`` matches recovered
+  states against: every state of a mixture; for continuous parameters
+  ``sample.reference_states`` bin centres per parameter (their grid for two parameters).
 """
 from __future__ import annotations
 
@@ -35,7 +50,7 @@ from .detector import CLASSICAL_ELECTRON_RADIUS_ANGSTROM, Detector, reconstructi
 from .grid import Grid, structure_factor_to_density
 from .io import atomic_path, intensity_dataset, orientations_dataset, resolve_device, write_dataset
 from .rotation import quaternion_to_matrix, random_quaternions
-from .scattering import structure_factor, structure_factor_grid
+from .scattering import form_factor, structure_factor, structure_factor_grid
 from .structure import Atoms, read_structure
 
 log = logging.getLogger(__name__)
@@ -76,6 +91,116 @@ def draw_gains(n: int, distribution: str, spread: float, rng: np.random.Generato
     return g / g.mean()
 
 
+def sample_files(config: dict) -> list[str]:
+    """Structure files the configured sample reads (the simulate rule's inputs)."""
+    s = config["sample"]
+    if s["kind"] == "structure":
+        return [s["path"]]
+    if s["kind"] == "interpolation":
+        return [s["path"]] + [p for p in [s["interpolation"]["end_path"]] if p]
+    if s["kind"] == "mixture":
+        return list(s["mixture"]["paths"])
+    return []
+
+
+def build_sample(config: dict):
+    """The configured sample: ``(None, Atoms)`` for ``sample.kind: structure``, else
+    ``(hetero sample, None)`` (:mod:`spiflow.hetero`: draw(n, rng), atoms(params), radius).
+
+    Raises FileNotFoundError / ValueError whose message starts with the config key at fault
+    (e.g. ``sample.interpolation.end_path``).
+    """
+    from . import hetero  # hetero imports this module
+
+    s = config["sample"]
+    kind = s["kind"]
+    read_kw = dict(hydrogens=s["hydrogens"], hetatm=s["hetatm"], waters=s["waters"])
+    if kind == "structure":
+        if not Path(s["path"]).is_file():
+            raise FileNotFoundError(f"sample.path: structure file not found: {s['path']}")
+        return None, read_structure(s["path"], **read_kw)
+
+    def key_error(key, exc):
+        return type(exc)(f"sample.{key}: {exc}")
+
+    if kind == "interpolation":
+        o = s["interpolation"]
+        lo, hi = o["t_range"]
+        if not lo <= hi:
+            raise ValueError(f"sample.interpolation.t_range: low must be <= high, got {o['t_range']}")
+        for key, path in (("path", s["path"]), ("interpolation.end_path", o["end_path"])):
+            if not path:
+                raise ValueError(f"sample.{key}: required for sample.kind interpolation")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"sample.{key}: structure file not found: {path}")
+        try:
+            return hetero.matched_interpolation(s["path"], o["end_path"], o["chain"], (lo, hi)), None
+        except ValueError as exc:
+            raise key_error("interpolation.chain", exc) from None
+    if kind == "mixture":
+        o = s["mixture"]
+        if len(o["paths"]) < 2:
+            raise ValueError(f"sample.mixture.paths: a mixture needs at least 2 structure files, got {o['paths']}")
+        fractions = o["fractions"] or [1.0] * len(o["paths"])
+        if len(fractions) != len(o["paths"]) or sum(fractions) <= 0:
+            raise ValueError(f"sample.mixture.fractions: need one weight >= 0 per path ({len(o['paths'])}), "
+                             f"not all 0, got {o['fractions']}")
+        for p in o["paths"]:
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"sample.mixture.paths: structure file not found: {p}")
+        try:
+            return hetero.Mixture.from_files(o["paths"], fractions, **read_kw), None
+        except (ValueError, FileNotFoundError) as exc:
+            raise key_error("mixture.paths", exc) from None
+    if kind == "nanoparticles":
+        o = s["nanoparticles"]
+        for key in ("size_range_angstrom", "truncation_range"):
+            if not o[key][0] <= o[key][1]:
+                raise ValueError(f"sample.nanoparticles.{key}: low must be <= high, got {o[key]}")
+        try:
+            return hetero.GoldNanoparticles(tuple(o["size_range_angstrom"]), tuple(o["truncation_range"]),
+                                            o["lattice_angstrom"], o["element"]), None
+        except ValueError as exc:
+            raise key_error("nanoparticles", exc) from None
+    raise ValueError(f"sample.kind must be structure, interpolation, mixture or nanoparticles, got {kind!r}")
+
+
+def check_sample(config: dict) -> None:
+    """Fail fast (at workflow start) on a sample that cannot be built: for a single
+    structure only that the file exists, else :func:`build_sample` (reads the files)."""
+    if config["sample"]["kind"] == "structure":
+        if not Path(config["sample"]["path"]).is_file():
+            raise FileNotFoundError(f"sample.path: structure file not found: {config['sample']['path']}")
+    else:
+        build_sample(config)
+
+
+def reference_states(sample, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(reference conformation (P,), reference states (S, P)) of a heterogeneous sample.
+
+    Continuous parameters: the centre of each range, and ``sample.reference_states`` bin
+    centres per range (their Cartesian grid for P > 1). Mixture: the state of largest
+    fraction (the first on a tie), and every state.
+    """
+    from . import hetero
+
+    if isinstance(sample, hetero.Mixture):
+        return (np.array([float(np.argmax(sample.fractions))]),
+                np.arange(len(sample.states), dtype=float)[:, None])
+    ranges = ([sample.t_range] if isinstance(sample, hetero.Interpolation)
+              else [sample.size_range, sample.truncation_range])
+    k = config["sample"]["reference_states"]
+    axes = [lo + (np.arange(k) + 0.5) * (hi - lo) / k for lo, hi in ranges]
+    states = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(ranges))
+    return np.array([(lo + hi) / 2 for lo, hi in ranges]), states
+
+
+def volumes(atoms: Atoms, grid: Grid, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(|F|² (n, n, n) electrons², density (n, n, n) e/Å³ float32) of ``atoms`` on ``grid``."""
+    F = torch.as_tensor(structure_factor_grid(atoms, grid, eps=eps))
+    return np.abs(F.numpy()) ** 2, structure_factor_to_density(F, grid).real.numpy().astype(np.float32)
+
+
 def expected_counts(atoms: Atoms, q: np.ndarray, pixel_factor: np.ndarray, quats: np.ndarray,
                     scale: float, method: str, device: torch.device, eps: float) -> np.ndarray:
     """Noise-free ``scale · Ω P · |F(R_iᵀ q)|²`` for frames with quaternions (B, 4).
@@ -89,6 +214,38 @@ def expected_counts(atoms: Atoms, q: np.ndarray, pixel_factor: np.ndarray, quats
     return scale * pixel_factor * np.abs(F) ** 2
 
 
+def expected_counts_per_frame(atoms: list[Atoms], q: np.ndarray, pixel_factor: np.ndarray, quats: np.ndarray,
+                              scale: float, device: torch.device, budget: int = 1 << 23) -> np.ndarray:
+    """:func:`expected_counts` of frames with their own atoms (``atoms[b]`` for frame b): the
+    exact sum ``F_b(q) = Σ_e f_e(|q|) Σ_j occ_bj [el_bj = e] exp(2πi (R_bᵀ q)·r_bj)``, batched
+    over frames as real matrix products in float64 (atom lists padded with occupancy 0), at
+    most ``budget`` (pixel, atom) pairs per batch. For heterogeneous samples this is several
+    times faster than one NUFFT per frame. Returns (B, ny, nx) float64 photons at gain 1.
+    """
+    valid_q = q.reshape(-1, 3)
+    elements = sorted({e for a in atoms for e in a.elements.tolist()})
+    ff = torch.as_tensor(np.stack([form_factor(e, np.linalg.norm(valid_q, axis=1)) for e in elements], 1),
+                         device=device)  # (P, E)
+    rot = quaternion_to_matrix(torch.as_tensor(quats, dtype=torch.float64)).to(device)
+    qt = torch.as_tensor(valid_q, dtype=torch.float64, device=device)
+    m = max(len(a) for a in atoms)
+    step = max(1, budget // (len(valid_q) * m))
+    out = np.empty((len(atoms), len(valid_q)))
+    for b0 in range(0, len(atoms), step):
+        batch = atoms[b0:b0 + step]
+        pos = torch.zeros((len(batch), m, 3), dtype=torch.float64)
+        w = torch.zeros((len(batch), m, len(elements)), dtype=torch.float64)  # occupancy per element
+        for i, a in enumerate(batch):
+            pos[i, :len(a)] = torch.as_tensor(a.positions)
+            for e, name in enumerate(elements):
+                w[i, :len(a), e] = torch.as_tensor(a.occupancy * (a.elements == name))
+        phase = 2 * math.pi * (qt @ rot[b0:b0 + step]) @ pos.to(device).transpose(1, 2)  # (B, P, M)
+        w = w.to(device)
+        re, im = (torch.cos(phase) @ w * ff).sum(-1), (torch.sin(phase) @ w * ff).sum(-1)
+        out[b0:b0 + len(batch)] = (re ** 2 + im ** 2).cpu().numpy()
+    return scale * pixel_factor * out.reshape((len(atoms),) + pixel_factor.shape)
+
+
 def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, progress: bool = True) -> dict:
     """Run the simulate stage for a validated ``config``; write both stores atomically.
 
@@ -98,26 +255,40 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
     t0 = time.perf_counter()
     cfg_s, cfg_d, cfg_b, cfg_sim = config["sample"], config["dataset"], config["beam"], config["simulate"]
     device = resolve_device(config["device"])
-    atoms = read_structure(cfg_s["path"], hydrogens=cfg_s["hydrogens"], hetatm=cfg_s["hetatm"], waters=cfg_s["waters"])
+    sample, atoms = build_sample(config)
+    radius = atoms.radius if sample is None else sample.radius
     det = detector_from_config(config)
     seed = cfg_d["seed"]
-    s_orient, s_gain, s_dead, s_pilot = np.random.SeedSequence(seed).spawn(4)
+    s_orient, s_gain, s_dead, s_pilot, s_conf, s_pilot_conf = np.random.SeedSequence(seed).spawn(6)
     q, pixel_factor = det.q(), det.pixel_factor()
     valid = det.valid(config["detector"]["dead_pixel_fraction"], np.random.default_rng(s_dead))
     grid = reconstruction_grid(q, valid, config["reconstruction"]["grid_oversampling"])
-    if 1.0 / grid.dq < 4 * atoms.radius:
+    if 1.0 / grid.dq < 4 * radius:
         log.warning("real-space box %.1f Å is less than twice the particle diameter %.1f Å: phasing is "
                     "under-determined; increase detector.distance_m or decrease detector.pixel_size_m",
-                    1.0 / grid.dq, 2 * atoms.radius)
+                    1.0 / grid.dq, 2 * radius)
 
     n = cfg_d["n_patterns"]
     quats = random_quaternions(n, np.random.default_rng(s_orient))
     gains = draw_gains(n, cfg_b["gain_distribution"], cfg_b["gain_spread"], np.random.default_rng(s_gain))
     kw = dict(method=cfg_sim["transform"], device=device, eps=cfg_sim["nufft_eps"])
+    params = None if sample is None else sample.draw(n, np.random.default_rng(s_conf))
+
+    def expected(quats_, params_, scale):  # (B, ny, nx) expected photons at gain 1
+        if sample is None:
+            return expected_counts(atoms, q, pixel_factor, quats_, scale, **kw)
+        if cfg_sim["transform"] == "nufft":  # one NUFFT per distinct conformation
+            from .hetero import expected_counts as hetero_counts
+            return hetero_counts(sample, params_, q, pixel_factor, quats_, scale, **kw)
+        return expected_counts_per_frame([sample.atoms(c) for c in params_], q, pixel_factor, quats_, scale,
+                                         device)
+
     r_e2 = CLASSICAL_ELECTRON_RADIUS_ANGSTROM ** 2
     if cfg_b["mean_photons_per_pattern"] is not None:
-        pilot = random_quaternions(cfg_sim["pilot_orientations"], np.random.default_rng(s_pilot))
-        per_unit = expected_counts(atoms, q, pixel_factor, pilot, 1.0, **kw)[:, valid].sum(1).mean()
+        m = cfg_sim["pilot_orientations"]
+        pilot = random_quaternions(m, np.random.default_rng(s_pilot))
+        pilot_params = None if sample is None else sample.draw(m, np.random.default_rng(s_pilot_conf))
+        per_unit = expected(pilot, pilot_params, 1.0)[:, valid].sum(1).mean()
         fluence = cfg_b["mean_photons_per_pattern"] / (r_e2 * per_unit)
     else:
         fluence = cfg_b["photons_per_pulse"] / (math.pi * (cfg_b["focus_radius_m"] * 1e10) ** 2)
@@ -130,7 +301,8 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
         "nominal_fluence_photons_per_angstrom2": fluence,
         "classical_electron_radius_angstrom": CLASSICAL_ELECTRON_RADIUS_ANGSTROM,
         "recon_grid_n": grid.n, "recon_grid_dq": grid.dq,
-        "sample_path": str(cfg_s["path"]), "seed": seed, "spiflow_version": __version__,
+        "sample_path": ", ".join(sample_files(config)), "sample_kind": cfg_s["kind"], "seed": seed,
+        "spiflow_version": __version__,
         "config": yaml.safe_dump(config, sort_keys=False),
     }
     chunk = cfg_d["chunk_frames"]
@@ -153,7 +325,8 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
         sigma = config["detector"]["readout_noise"]
         for i0 in tqdm(range(0, n, chunk), desc="simulate", unit="chunk", disable=not progress):
             i1 = min(i0 + chunk, n)
-            mu = expected_counts(atoms, q, pixel_factor, quats[i0:i1], r_e2 * fluence, **kw) * gains[i0:i1, None, None]
+            mu = expected(quats[i0:i1], None if params is None else params[i0:i1], r_e2 * fluence)
+            mu *= gains[i0:i1, None, None]
             counts = np.empty(mu.shape, dtype=np.int32)
             for b, i in enumerate(range(i0, i1)):
                 rng = np.random.default_rng([seed, 7, i])
@@ -165,12 +338,26 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
             totals[i0:i1] = counts.sum((1, 2))
         zarr.consolidate_metadata(tmp)
 
-    F = torch.as_tensor(structure_factor_grid(atoms, grid, eps=cfg_sim["nufft_eps"]))
-    density = structure_factor_to_density(F, grid).real.numpy()
+    eps = cfg_sim["nufft_eps"]
+    parts, extra = [orientations_dataset(quats, gains)], {}
+    if sample is not None:
+        from .hetero import conformation_dataset
+        ref, states = reference_states(sample, config)
+        atoms = sample.atoms(ref)
+        names = list(sample.parameter_names)
+        vols = [volumes(sample.atoms(c), grid, eps) for c in states]
+        parts.append(conformation_dataset(params, names))
+        parts.append(xr.Dataset(
+            {"state_conformation": (("state", "parameter"), states),
+             "state_intensity": (("state", "qx", "qy", "qz"), np.stack([v[0] for v in vols]).astype(np.float32)),
+             "state_density": (("state", "x", "y", "z"), np.stack([v[1] for v in vols]))},
+            coords={"state": np.arange(len(states)), "parameter": names}))
+        extra = {"reference_conformation": ref.tolist(), "conformation_parameters": names}
+    intensity, density = volumes(atoms, grid, eps)
     truth = xr.merge([
-        orientations_dataset(quats, gains),
-        intensity_dataset(np.abs(F.numpy()) ** 2, grid.q_axis),
-        xr.Dataset({"density": (("x", "y", "z"), density.astype(np.float32))},
+        *parts,
+        intensity_dataset(intensity, grid.q_axis),
+        xr.Dataset({"density": (("x", "y", "z"), density)},
                    coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis}),
     ])
     truth["intensity"].attrs["units"] = "electrons^2"
@@ -178,8 +365,9 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
     for ax in ("x", "y", "z"):
         truth[ax].attrs["units"] = "angstrom"
     truth.attrs.update({"recon_grid_n": grid.n, "recon_grid_dq": grid.dq, "n_atoms": len(atoms),
-                        "electrons": atoms.electrons(), "particle_radius_angstrom": atoms.radius,
-                        "sample_path": str(cfg_s["path"]), "wall_seconds": time.perf_counter() - t0})
+                        "electrons": atoms.electrons(), "particle_radius_angstrom": radius,
+                        "sample_path": ", ".join(sample_files(config)), "sample_kind": cfg_s["kind"],
+                        "wall_seconds": time.perf_counter() - t0, **extra})
     write_dataset(truth, truth_path)
     return {"mean_photons": float(totals.mean()), "fluence_photons_per_angstrom2": fluence,
             "grid_n": grid.n, "grid_dq": grid.dq, "n_atoms": len(atoms),

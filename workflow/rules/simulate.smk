@@ -1,7 +1,8 @@
 rule simulate:
-    """Noisy diffraction patterns of config['sample']['path'] plus the ground truth."""
+    """Noisy diffraction patterns of config['sample'] (one structure or a heterogeneous
+    sample, sample.kind) plus the ground truth."""
     input:
-        sample=config["sample"]["path"],
+        sample=sample_files(config),
     output:
         patterns=directory(P["patterns"]),
         truth=directory(P["truth"]),

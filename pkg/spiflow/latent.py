@@ -1,0 +1,213 @@
+"""Method ``vae`` in the workflow: the trained decoder on disk, and evaluate's latent analysis.
+
+:func:`save_decoder` / :func:`load_decoder` keep the trained
+:class:`~spiflow.vae.IntensityDecoder` with its :class:`~spiflow.vae.VAEConfig` and grid
+(``recon/vae/decoder.pt``), so ``evaluate`` can decode any latent point.
+:func:`representative_frame` picks the frame decoded into ``recon/vae/intensity.zarr``.
+
+:func:`evaluate_latent` (``evaluate/vae/``):
+
+* PCA of the latent means ``z_mu`` (:func:`spiflow.vae.pca`); ``latent_pca.png`` shows PC1
+  against PC2 coloured by the true conformation, and PC1 against each true parameter;
+* ``latent_spearman`` = |Spearman ρ| between PC1 and the first conformation parameter (the
+  sign of PC1 is arbitrary), ``latent_spearman_<name>`` for every parameter;
+* ``vae.clusters`` k-means centres snapped to real frames
+  (:func:`spiflow.vae.kmeans_representatives`), each decoded onto the reconstruction grid,
+  phased with the ``phase`` settings, rotated into the truth's frame by the rotation that
+  ``evaluate`` found for the representative intensity (all decoded volumes share the frame
+  of the orientations), registered (translation, inversion) and compared by FSC with the
+  *matching true state*: the reference state of ``truth.zarr`` (``state_conformation``)
+  nearest the snapped frame's true conformation, parameters scaled by their range over
+  the frames (a homogeneous truth has one state: its ``density``). Written to
+  ``states/state_K.mrc`` (aligned to the truth, e/Å³), ``states/fsc_state_K.csv`` and
+  ``states.csv``;
+* ``latent_traversal.png``: central sections of the volumes decoded along PC1
+  (:func:`spiflow.vae.traversal`, ±2 σ).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from . import metrics
+from .align import align_density, rotate_volume
+from .grid import Grid
+from .io import atomic_path
+from .phasing import PhasingConfig, phase
+from .plots import DPI, _save
+from .vae import IntensityDecoder, VAEConfig, decode, kmeans_representatives, pca, traversal
+
+
+def _figure(size: tuple[float, float], nrows: int, ncols: int):
+    """A fresh Agg figure (inches × :data:`spiflow.plots.DPI`) with a grid of axes."""
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=8)
+    return fig, axes
+
+
+def save_decoder(path, decoder: IntensityDecoder, grid: Grid, cfg: VAEConfig) -> None:
+    """Write ``{config, grid_n, grid_dq, decoder}`` (readable with ``weights_only=True``)."""
+    with atomic_path(path) as tmp:
+        torch.save({"config": asdict(cfg), "grid_n": grid.n, "grid_dq": grid.dq,
+                    "decoder": decoder.state_dict()}, tmp)
+
+
+def load_decoder(path) -> tuple[IntensityDecoder, Grid]:
+    """The decoder written by :func:`save_decoder` (CPU, eval mode) and its grid.
+
+    Raises FileNotFoundError naming ``path`` when it is missing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"VAE decoder not found: {path}")
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = VAEConfig(**d["config"])
+    dec = IntensityDecoder(cfg, int(d["grid_n"]))
+    dec.load_state_dict(d["decoder"])
+    return dec.eval(), Grid(int(d["grid_n"]), float(d["grid_dq"]))
+
+
+def representative_frame(z_mu: np.ndarray, how: str, clusters: int, seed: int) -> int:
+    """Frame whose latent is decoded as the method's single intensity.
+
+    ``mean``: nearest (Euclidean) to the mean of z_mu; ``largest_cluster``: the snapped
+    centre of the most populated k-means cluster. Raises ValueError for another ``how``."""
+    z = np.asarray(z_mu, dtype=np.float64)
+    if how == "mean":
+        return int(np.argmin(((z - z.mean(0)) ** 2).sum(1)))
+    if how == "largest_cluster":
+        frames, _, labels = kmeans_representatives(z, min(clusters, len(z)), seed)
+        return int(frames[np.argmax(np.bincount(labels, minlength=len(frames)))])
+    raise ValueError(f"vae.representative must be mean or largest_cluster, got {how!r}")
+
+
+def match_states(conformations: np.ndarray, states: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Index of the nearest row of ``states`` (S, P) for each row of ``conformations`` (k, P),
+    each parameter divided by ``scale`` (P,) (its range; 1 where the range is 0)."""
+    s = np.where(np.asarray(scale) > 0, scale, 1.0)
+    d = (((conformations[:, None, :] - states[None, :, :]) / s) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(abs(spearmanr(a, b).statistic))
+
+
+def plot_latent(scores: np.ndarray, conformation: np.ndarray | None, names: list[str], rep_frames, path) -> None:
+    """PC1 vs PC2 coloured by the first true parameter, and PC1 vs each true parameter."""
+    k = 1 + (len(names) if conformation is not None else 0)
+    fig, axes = _figure((4.0 * k, 3.6), 1, k)
+    pc2 = scores[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
+    ax = axes[0, 0]
+    c = conformation[:, 0] if conformation is not None else None
+    sc = ax.scatter(scores[:, 0], pc2, c=c, s=4, cmap="viridis")
+    ax.scatter(scores[rep_frames, 0], pc2[rep_frames], marker="x", c="red", s=40, label="k-means states")
+    if c is not None:
+        fig.colorbar(sc, ax=ax, label=f"true {names[0]}")
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    ax.legend(fontsize=7)
+    for j in range(k - 1):
+        ax = axes[0, j + 1]
+        ax.scatter(conformation[:, j], scores[:, 0], s=4, c="k", alpha=0.5)
+        ax.set_xlabel(f"true {names[j]}")
+        ax.set_ylabel("PC1")
+        ax.set_title(f"|Spearman ρ| = {_spearman(scores[:, 0], conformation[:, j]):.3f}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_traversal(volumes: np.ndarray, grid: Grid, steps_sd: np.ndarray, path) -> None:
+    """Central sections qz = 0 (top) and qx = 0 (bottom) of volumes (m, n, n, n) along PC1,
+    log colour scale (five decades below the overall maximum), axes in Å⁻¹."""
+    m, c = len(volumes), grid.center
+    fig, axes = _figure((2.2 * m, 4.6), 2, m)
+    vmax = float(volumes.max())
+    norm = LogNorm(vmin=vmax * 1e-5, vmax=vmax)
+    q = grid.q_axis
+    ext = [q[0] - grid.dq / 2, q[-1] + grid.dq / 2] * 2
+    for i, v in enumerate(volumes):
+        for row, (sec, lab) in enumerate(((v[:, :, c], "qz = 0"), (v[c], "qx = 0"))):
+            ax = axes[row, i]
+            ax.imshow(np.where(sec > 0, sec, np.nan).T, origin="lower", extent=ext, norm=norm, cmap="viridis",
+                      interpolation="nearest")
+            ax.set_title(f"PC1 {steps_sd[i]:+.1f} σ, {lab}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    _save(fig, path)
+
+
+def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder_path, measured: np.ndarray,
+                    rotation: np.ndarray, scale: float, out_dir) -> dict:
+    """The latent analysis of the module docstring; returns the numbers for metrics.json.
+
+    truth: the loaded truth store; latent: ``recon/vae/latent.zarr``; measured: (n, n, n)
+    voxels of the reconstruction grid the data cover (phasing leaves the others free);
+    rotation: A with ``I_rec(q) ≈ I_true(A q)``; scale: J r_e² that turns the decoder's
+    photons per unit pixel factor into electrons². Files go to ``out_dir``.
+    """
+    from .pipeline import write_mrc  # pipeline imports this module
+
+    out = Path(out_dir)
+    (out / "states").mkdir(parents=True, exist_ok=True)
+    v, seed = config["vae"], config["dataset"]["seed"]
+    z = latent.z_mu.values
+    grid = Grid(truth.sizes["qx"], float(truth.qx.values[1] - truth.qx.values[0]))
+    decoder, dgrid = load_decoder(decoder_path)
+    p = pca(z, 2)
+    hetero = "conformation" in truth
+    conf = truth.conformation.values if hetero else None
+    names = [str(n) for n in truth.parameter.values] if hetero else []
+    result = {"latent_pc1_variance_ratio": float(p.explained_variance_ratio[0])}
+    for j, name in enumerate(names):
+        result[f"latent_spearman_{name}"] = _spearman(p.scores[:, 0], conf[:, j])
+    result["latent_spearman"] = result[f"latent_spearman_{names[0]}"] if names else float("nan")
+
+    frames, zk, _ = kmeans_representatives(z, min(v["clusters"], len(z)), seed)
+    if hetero:
+        states = truth.state_conformation.values
+        matched = match_states(conf[frames], states, np.ptp(conf, axis=0))
+        true_density = truth.state_density.values
+    else:
+        matched, true_density = np.zeros(len(frames), int), truth.density.values[None]
+    vols = decode(decoder, zk, grid=grid, decoder_grid=dgrid) / scale
+    pcfg = PhasingConfig(**config["phase"])
+    rows = []
+    for k, (f, s, vol) in enumerate(zip(frames, matched, vols)):
+        res = phase(vol, grid, pcfg, measured=measured, seed=seed, device=config["device"])
+        rho, reg = align_density(np.asarray(rotate_volume(res.density, rotation)), true_density[s])
+        rho = np.asarray(rho)
+        table = metrics.fsc(rho, true_density[s], grid)
+        with atomic_path(out / "states" / f"fsc_state_{k}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with atomic_path(out / "states" / f"state_{k}.mrc") as tmp:
+            write_mrc(tmp, rho, grid.voxel_size)
+        row = {"state": k, "frame": int(f), **{f"z{d}": float(x) for d, x in enumerate(zk[k])},
+               **{f"true_{n}": float(conf[f, j]) for j, n in enumerate(names)}, "matched_state": int(s),
+               **{f"matched_{n}": float(truth.state_conformation.values[s, j]) for j, n in enumerate(names)},
+               "resolution_fsc05_angstrom": metrics.resolution_at(table, 0.5),
+               "resolution_fsc0143_angstrom": metrics.resolution_at(table, 0.143), "density_cc": float(reg["cc"])}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    with atomic_path(out / "states.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    result["states"] = rows
+    result["state_resolution_fsc05_angstrom_mean"] = float(df.resolution_fsc05_angstrom.mean())
+
+    plot_latent(p.scores, conf, names, frames, out / "latent_pca.png")
+    steps = v["traversal_steps"]
+    _, path_vols = traversal(decoder, z, steps=steps, span=2.0)
+    plot_traversal(path_vols, dgrid, np.linspace(-2, 2, steps), out / "latent_traversal.png")
+    return result
