@@ -82,7 +82,8 @@ SIZES = {
 }
 SECTIONS = ("simulate", "emc", "formats", "phase", "selfsup")
 CSV_COLUMNS = ["section", "problem", "tool", "variant", "device", "threads", "M", "N", "P", "P_orient",
-               "photons", "nonzero_fraction", "value", "unit", "seconds", "iterations", "notes"]
+               "photons", "nonzero_fraction", "value", "unit", "seconds", "iterations", "load_start", "load_end",
+               "notes"]
 BETA = 0.05  # spiflow's constant β (its cost does not depend on β; Dragonfly's does: run at several)
 MIN_RADIUS = 4.0  # EMCConfig.orientation_min_radius_voxels (the default)
 
@@ -372,13 +373,27 @@ def selfsup_bench(photons, valid, q, pf, grid, patterns: int, epochs: int, batch
 # ----------------------------------------------------------------------------- the run
 
 class Recorder:
-    def __init__(self, device: str, threads: int):
+    """Rows of the CSV. :meth:`start` before each timed measurement waits, with ``max_load``,
+    until the 1-minute load average is below it (at most ``max_wait`` s; a shared machine),
+    and each row records the load at the start of its measurement and at its end."""
+
+    def __init__(self, device: str, threads: int, max_load: float | None = None, max_wait: float = 1800):
         self.rows: list[dict] = []
         self.device, self.threads = device, threads
+        self.max_load, self.max_wait = max_load, max_wait
+        self.load0 = load_average()
+
+    def start(self) -> None:
+        if self.max_load:
+            t0 = time.monotonic()
+            while load_average() >= self.max_load and time.monotonic() - t0 < self.max_wait:
+                time.sleep(5)
+        self.load0 = load_average()
 
     def add(self, **row):
         full = {c: "" for c in CSV_COLUMNS}
-        full.update(device=self.device, threads=self.threads)
+        full.update(device=self.device, threads=self.threads, load_start=round(self.load0, 2),
+                    load_end=round(load_average(), 2))
         full.update(row)
         self.rows.append(full)
         shown = {k: v for k, v in full.items() if v != "" and k not in ("device", "threads")}
@@ -415,13 +430,14 @@ def run(args) -> dict:
     info.update(mode=mode, load_start=load_average(), dragonfly_used=use_df)
     print(f"spiflow benchmarks ({mode}) on {info['device_name']}, {threads} threads, torch {info['torch']}; "
           f"load {info['load_start']:.2f}; Dragonfly {'yes' if use_df else 'no'}; work in {work}", flush=True)
-    rec = Recorder(device, threads)
+    rec = Recorder(device, threads, args.max_load, args.max_wait)
     t_start = time.perf_counter()
     sims: dict[tuple, dict] = {}
 
     def simulated(patterns, pixels, photons):
         key = (patterns, pixels, photons)
         if key not in sims:
+            rec.start()
             sims[key] = simulate_spiflow(patterns, pixels, photons, device, work / f"sim_{patterns}_{pixels}_{photons:g}")
         return sims[key]
 
@@ -436,6 +452,7 @@ def run(args) -> dict:
                 notes="NUFFT of 2CEX per pattern + noise + Zarr, incl. truth volume")
         if use_df:
             try:
+                rec.start()
                 df = simulate_dragonfly(s["patterns"], s["pixels"], s["photons"], sim["config"], threads,
                                         work / "dragonfly_sim", args.dragonfly_timeout)
                 rec.add(section="simulate", problem=problem, tool="dragonfly", variant="make_data",
@@ -462,9 +479,12 @@ def run(args) -> dict:
             common = dict(section="emc", problem=problem, M=shape["M"], N=shape["N"], P=shape["P"],
                           P_orient=shape["P_orient"], photons=shape["photons"],
                           nonzero_fraction=shape["nonzero_fraction"])
+            rec.start()
             gf = matmul_gflops(shape, device)
             flops = 2.0 * shape["M"] * shape["N"] * (shape["P_orient"] + shape["P"])  # E-step + merge matmuls
             for fmt in ("dense", "sparse"):
+                if fmt == "sparse":
+                    rec.start()
                 r = emc_spiflow(photons, valid, q, pf, grid, p["num_div"], p["iterations"], device, fmt)
                 note = (f"dense matmuls {flops / 1e9:.3g} GFLOP/iteration, E-step GEMM alone {gf:.4g} GFLOP/s, "
                         f"effective {flops / r['seconds_per_iteration'] / 1e9:.4g} GFLOP/s") if fmt == "dense" else ""
@@ -478,6 +498,7 @@ def run(args) -> dict:
                     dfw = work / f"dragonfly_emc_{p['patterns']}_{p['pixels']}_{p['photons']:g}_{p['num_div']}"
                     ph, det = export_for_dragonfly(sim["patterns"], dfw)
                     for beta, iterations in p.get("dragonfly", [(BETA, p["iterations"])]):
+                        rec.start()
                         r = emc_dragonfly(ph, det, p["num_div"], iterations, threads, dfw / f"beta_{beta:g}",
                                           args.dragonfly_timeout, beta)
                         rec.add(**common, tool="dragonfly", variant=f"EMC β={beta:g}", value=r["seconds_per_iteration"],
@@ -498,6 +519,7 @@ def run(args) -> dict:
             shape = problem_shape(k, valid, q, grid, f["num_div"])
             problem = f"num_div {f['num_div']}, {f['patterns']} × {f['pixels']}² px, {shape['photons']:.0f} photons"
             for fmt in ("dense", "sparse"):
+                rec.start()
                 r = emc_spiflow(k, valid, q, pf, grid, f["num_div"], 2, device, fmt)
                 rec.add(section="formats", problem=problem, tool="spiflow", variant=f"EMC {fmt}", M=shape["M"],
                         N=shape["N"], P=shape["P"], P_orient=shape["P_orient"], photons=shape["photons"],
@@ -512,6 +534,7 @@ def run(args) -> dict:
     if "phase" in sections:
         ph = sizes["phase"]
         print(f"phase: {ph}", flush=True)
+        rec.start()
         r = phase_bench(first_sim["truth"], first_sim["patterns"], ph["restarts"], ph["iterations"], device)
         rec.add(section="phase", problem=f"{r['grid_n']}³ grid, {r['restarts']} restarts batched", tool="spiflow",
                 variant="RAAR/ER + shrinkwrap", value=r["iterations_per_second"], unit="iterations/s",
@@ -523,6 +546,7 @@ def run(args) -> dict:
         ss = sizes["selfsup"]
         print(f"selfsup: {ss}", flush=True)
         photons, valid, q, pf, grid = load_patterns(first_sim["patterns"])
+        rec.start()
         r = selfsup_bench(photons, valid, q, pf, grid, ss["patterns"], ss["epochs"], ss["batch_size"],
                           ss.get("small", False), device)
         if r is None:
@@ -580,15 +604,18 @@ def markdown(rows: list[dict], info: dict) -> str:
              f"device {info['device']} ({info['device_name']}); Python {info['python']}, torch {info['torch']}, "
              f"spiflow {info['spiflow']}, Dragonfly (dragonfly-spi) {info['dragonfly'] or 'not installed'}"
              f"{'' if info['dragonfly_used'] else ' (not run)'}; 1-minute load average {info['load_start']:.2f} "
-             f"at start, {info['load_end']:.2f} at end; {info['total_seconds']:.0f} s in all.", ""]
-    lines += ["| section | problem | tool | variant | M | N | P (orient.) | photons | non-zero | value | unit |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"at start, {info['load_end']:.2f} at end; {info['total_seconds']:.0f} s in all. "
+             f"Column load: the 1-minute load average when each measurement started → ended "
+             f"(its own threads included at the end).", ""]
+    lines += ["| section | problem | tool | variant | M | N | P (orient.) | photons | non-zero | value | unit | load |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         pix = f"{r['P']} ({r['P_orient']})" if r["P_orient"] != "" else str(r["P"])
         nz = f"{float(r['nonzero_fraction']):.3f}" if r["nonzero_fraction"] != "" else ""
         ph = f"{float(r['photons']):.0f}" if r["photons"] != "" else ""
         lines.append(f"| {r['section']} | {r['problem']} | {r['tool']} | {r['variant']} | {r['M']} | {r['N']} | "
-                     f"{pix} | {ph} | {nz} | {float(r['value']):.4g} | {r['unit']} |")
+                     f"{pix} | {ph} | {nz} | {float(r['value']):.4g} | {r['unit']} | "
+                     f"{float(r['load_start']):.2f} → {float(r['load_end']):.2f} |")
     notes = [r for r in rows if r["notes"]]
     if notes:
         lines += ["", "Notes:", ""]
@@ -618,6 +645,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
     ap.add_argument("--no-dragonfly", action="store_true", help="do not run Dragonfly even where installed")
     ap.add_argument("--dragonfly-timeout", type=float, default=900, help="seconds per Dragonfly command")
+    ap.add_argument("--max-load", type=float, default=None,
+                    help="before each measurement wait until the 1-minute load average is below this (shared machines)")
+    ap.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for --max-load at most")
     ap.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
     run(args)
