@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from spiflow.emc import (EMCConfig, LOG_COLUMNS, _coordinates, _merge, _slice, choose_photon_format, compress,
-                         run_emc)
+from spiflow.emc import EMCConfig, LOG_COLUMNS, choose_photon_format, compress, run_emc
 from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
 from spiflow.sampling import angular_step_deg
+from spiflow.slicing import grid_coordinates, merge_model, slice_model
 
 torch.set_num_threads(2)
 
@@ -108,11 +108,11 @@ def test_fused_kernels_equal_grid_slice_and_merge():
     vol = torch.rand((9, 9, 9), generator=g, dtype=torch.float64)
     q = (torch.rand(30, 3, generator=g, dtype=torch.float64) - 0.5) * 1.2  # some beyond the grid
     rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(5, np.random.default_rng(1))))
-    points, coords = rotated_points(q, rot), _coordinates(q, rot, grid)
-    torch.testing.assert_close(_slice(vol, coords), slice_volume(vol, points, grid))
+    points, coords = rotated_points(q, rot), grid_coordinates(q, rot, grid)
+    torch.testing.assert_close(slice_model(vol, coords), slice_volume(vol, points, grid))
     values = torch.rand((2, 5, 30), generator=g, dtype=torch.float64)
     accum = torch.zeros((2, 9, 9, 9), dtype=torch.float64)
-    _merge(accum, coords, values)
+    merge_model(accum, coords, values)
     for c in range(2):
         ref = torch.zeros((9, 9, 9), dtype=torch.float64)
         merge_into(ref, points, values[c], grid)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spiflow.align import align_density
-from spiflow.emc import _coordinates, _slice
+from spiflow.slicing import grid_coordinates, slice_model
 from spiflow.grid import Grid, structure_factor_to_density
 from spiflow.metrics import orientation_errors
 from spiflow.mtip import LOG_COLUMNS, MTIPConfig, match_orientations, merge_frames, run_mtip
@@ -81,7 +81,7 @@ def _noiseless(d, quat, gain, model=None):
     rot = quaternion_to_matrix(torch.as_tensor(quat))
     q = torch.as_tensor(d["q"].reshape(-1, 3))
     W = torch.as_tensor(d["model"] if model is None else model)
-    S = _slice(W, _coordinates(q, rot, d["grid"])).numpy()
+    S = slice_model(W, grid_coordinates(q, rot, d["grid"])).numpy()
     return gain[:, None, None] * d["pf"] * S.reshape(len(quat), *d["pf"].shape)
 
 

@@ -117,18 +117,18 @@ def test_pattern_loss_is_least_at_the_counts(kind):
 def test_resume_equals_uninterrupted_run(data, tmp_path):
     cfg = dict(epochs=2, loss="poisson", decoder="voxel")
     full = _run(data, config=cfg, checkpoint_path=tmp_path / "full.pt", log_path=tmp_path / "full.csv")
-    save = selfsup._save_checkpoint
+    save = selfsup.save_checkpoint
 
     def stop_after_first(path, state):
         save(path, state)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    with mock.patch.object(selfsup, "_save_checkpoint", stop_after_first), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(selfsup, "save_checkpoint", stop_after_first), pytest.raises(KeyboardInterrupt):
         _run(data, config=cfg, checkpoint_path=tmp_path / "cut.pt", log_path=tmp_path / "cut.csv")
     assert torch.load(tmp_path / "cut.pt", weights_only=True)["epoch"] == 1
     saved = []
-    with mock.patch.object(selfsup, "_save_checkpoint", lambda p, s: saved.append(s["epoch"]) or save(p, s)):
+    with mock.patch.object(selfsup, "save_checkpoint", lambda p, s: saved.append(s["epoch"]) or save(p, s)):
         resumed = _run(data, config=cfg, checkpoint_path=tmp_path / "cut.pt", log_path=tmp_path / "cut.csv")
     assert saved == [2]  # resumed after epoch 1, not restarted
     a = torch.load(tmp_path / "full.pt", weights_only=True)

@@ -10,7 +10,7 @@ import zarr
 from scipy.stats import spearmanr
 
 from spiflow import hetero, vae
-from spiflow.emc import _coordinates
+from spiflow.slicing import grid_coordinates
 from spiflow.grid import Grid, slice_volume
 from spiflow.rotation import quaternion_to_matrix, random_quaternions
 from spiflow.scattering import structure_factor
@@ -130,7 +130,7 @@ def test_slicing_reads_the_volume_at_r_transpose_q():
     vols = torch.rand(3, 9, 9, 9, generator=g, dtype=torch.float64)
     q = (torch.rand(20, 3, generator=g, dtype=torch.float64) - 0.5) * 0.6
     rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(3, np.random.default_rng(1))))
-    out = vae.slice_volumes(vols, _coordinates(q, rot, grid))
+    out = vae.slice_volumes(vols, grid_coordinates(q, rot, grid))
     for b in range(3):
         torch.testing.assert_close(out[b], slice_volume(vols[b], q @ rot[b], grid))  # (Rᵀ q)ᵀ = qᵀ R
 
@@ -176,18 +176,18 @@ def test_resume_equals_uninterrupted_run_streaming_from_zarr(data, tmp_path):
     cfg = dict(epochs=2, memory_budget_gb=1e-6, encoder="lstm", sequence_length=2)
     full = _run(data, n=96, photons=store, config=cfg, checkpoint_path=tmp_path / "full.pt",
                 log_path=tmp_path / "full.csv")
-    save = vae._save_checkpoint
+    save = vae.save_checkpoint
 
     def stop_after_first(path, state):
         save(path, state)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    with mock.patch.object(vae, "_save_checkpoint", stop_after_first), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(vae, "save_checkpoint", stop_after_first), pytest.raises(KeyboardInterrupt):
         _run(data, n=96, photons=store, config=cfg, checkpoint_path=tmp_path / "cut.pt", log_path=tmp_path / "cut.csv")
     assert torch.load(tmp_path / "cut.pt", weights_only=True)["epoch"] == 1
     saved = []
-    with mock.patch.object(vae, "_save_checkpoint", lambda p, s: saved.append(s["epoch"]) or save(p, s)):
+    with mock.patch.object(vae, "save_checkpoint", lambda p, s: saved.append(s["epoch"]) or save(p, s)):
         resumed = _run(data, n=96, photons=store, config=cfg, checkpoint_path=tmp_path / "cut.pt",
                        log_path=tmp_path / "cut.csv")
     assert saved == [2]

@@ -54,13 +54,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from .grid import Grid, friedel_symmetrize, rotated_points
-from .io import atomic_path, resolve_device
+from .grid import Grid, friedel_symmetrize
+from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .rotation import quaternion_to_matrix
 from .sampling import so3_sampling
+from .slicing import grid_coordinates, grid_coordinates_t, merge_model, merge_ratio, slice_model
 
 LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mutual_info",
                "mean_max_probability", "gain_std", "seconds"]
@@ -182,76 +182,6 @@ class EMCResult:
     log: pd.DataFrame
 
 
-def _coordinates(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """``R_rᵀ q_p`` as :func:`torch.nn.functional.grid_sample` coordinates, (R, P, 3).
-
-    grid_sample with ``align_corners=True`` maps −1 … 1 onto voxel 0 … n−1, i.e. onto
-    q = −q_max … q_max, and orders the last axis (z, y, x) (fastest volume axis first)."""
-    return rotated_points(q_valid, rotations[..., [2, 1, 0]] / grid.q_max)
-
-
-def _coordinates_t(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """:func:`_coordinates` in the transposed layout (P, R, 3), as one matmul (slices and
-    merge values of the sparse path are then (P, R), the layout its products use)."""
-    R = rotations.shape[0]
-    r = (rotations[..., [2, 1, 0]] / grid.q_max).permute(1, 0, 2).reshape(3, 3 * R)
-    return (q_valid.to(rotations.dtype) @ r).view(-1, R, 3)
-
-
-#: cap on the per-thread copies of the model that :func:`_merge` accumulates into on CPU.
-MERGE_COPIES_BYTES = 256e6
-
-
-def _pieces(coords: torch.Tensor, bytes_per_piece: float = 0.0) -> int:
-    """Batch entries to split C orientations into. torch's CPU 3D grid sampler (forward and
-    backward) runs in parallel over the batch only, so on CPU the orientations are split
-    into one batch entry per thread (at most ``MERGE_COPIES_BYTES / bytes_per_piece``);
-    on CUDA the kernels are parallel over points already: 1."""
-    if coords.device.type != "cpu":
-        return 1
-    cap = int(MERGE_COPIES_BYTES // bytes_per_piece) if bytes_per_piece > 0 else coords.shape[0]
-    return max(1, min(torch.get_num_threads(), coords.shape[0], cap))
-
-
-def _batched(coords: torch.Tensor, pieces: int) -> torch.Tensor:
-    """(C, P, 3) → (pieces, ⌈C / pieces⌉, P, 1, 3), padded with points outside the grid
-    (they read 0 and merge nothing)."""
-    C, P = coords.shape[:2]
-    per = -(-C // pieces)
-    if per * pieces > C:
-        coords = torch.cat([coords, coords.new_full((per * pieces - C, P, 3), 2.0)])
-    return coords.reshape(pieces, per, P, 1, 3)
-
-
-def _slice(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Trilinear slices (C, P) of ``volume`` (n, n, n) at ``coords`` (C, P, 3) of
-    :func:`_coordinates`; equal to :func:`spiflow.grid.slice_volume` at ``R_rᵀ q_p`` (the
-    same trilinear weights, corners outside the grid read 0), as one fused kernel (on CPU one
-    batch entry per thread: :func:`_pieces`)."""
-    C, P = coords.shape[:2]
-    B = _pieces(coords)
-    out = F.grid_sample(volume.expand(B, 1, *volume.shape), _batched(coords, B), mode="bilinear",
-                        padding_mode="zeros", align_corners=True)
-    return out.reshape(-1, P)[:C]
-
-
-def _merge(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
-    """``accum[c] += merge(values[c])`` for channels c: accum (ch, n, n, n), values (ch, C, P).
-
-    The adjoint of :func:`_slice` (grid_sample's input gradient), equal to
-    :func:`spiflow.grid.merge_into` at ``R_rᵀ q_p`` but one fused pass for all channels (on
-    CPU into one copy of accum per thread, then summed: :func:`_pieces`)."""
-    ch, C, P = values.shape
-    B = _pieces(coords, accum.numel() * accum.element_size())
-    per = -(-C // B)
-    if per * B > C:
-        values = torch.cat([values, values.new_zeros((ch, per * B - C, P))], 1)
-    values = values.reshape(ch, B, per, P).transpose(0, 1).contiguous()[..., None]
-    grad = torch.ops.aten.grid_sampler_3d_backward(
-        values, accum.expand(B, *accum.shape), _batched(coords, B), 0, 0, True, [True, False])[0]
-    accum += grad[0] if B == 1 else grad.sum(0)
-
-
 def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
              s_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """The maximise + compress step for given probabilities (all tensors on one device/dtype).
@@ -263,13 +193,8 @@ def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_val
     """
     accum = torch.zeros((2,) + (grid.n,) * 3, dtype=counts.dtype, device=counts.device)
     values = torch.stack([prob @ counts, (prob @ gain)[:, None] * s_valid[None, :]])
-    _merge(accum, _coordinates(q_valid, rotations, grid), values)
-    return _divide(accum[0], accum[1]), friedel_symmetrize(accum[1])
-
-
-def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    num, den = friedel_symmetrize(num), friedel_symmetrize(den)
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
+    merge_model(accum, grid_coordinates(q_valid, rotations, grid), values)
+    return merge_ratio(accum[0], accum[1]), friedel_symmetrize(accum[1])
 
 
 @dataclass
@@ -410,13 +335,13 @@ class _Engine:
             for r0 in range(0, M, C):  # expand: L_ri without the r-independent terms
                 r1 = min(M, r0 + C)
                 if sparse:  # slices as (P, C); Σ_{p: K_ip > 0} K_ip log W_rp = (K_o log S_o)ᵀ
-                    S = _slice(W, _coordinates_t(self.q, self.rot[r0:r1], self.grid))
+                    S = slice_model(W, grid_coordinates_t(self.q, self.rot[r0:r1], self.grid))
                     torch.mv(S.T, self.s, out=s_dot[r0:r1])
                     So = S[:po]
                     torch.mv(So.T, so, out=s_dot_o[r0:r1])
                     L[r0:r1] = torch.sparse.mm(K.ko, So.clamp_min_(self.tiny).log_()).T
                 else:
-                    S = _slice(W, _coordinates(self.q, self.rot[r0:r1], self.grid))
+                    S = slice_model(W, grid_coordinates(self.q, self.rot[r0:r1], self.grid))
                     torch.mv(S, self.s, out=s_dot[r0:r1])
                     So = S[:, :po]
                     torch.mv(So, so, out=s_dot_o[r0:r1])
@@ -440,14 +365,14 @@ class _Engine:
                     vals = self._vals.view(-1)[:2 * (r1 - r0) * len(self.s)].view(2, len(self.s), r1 - r0)
                     torch.addmm(vals[0], K.kt, P[r0:r1].T.contiguous(), beta=0, out=vals[0])
                     torch.mul(self.s[:, None], (P[r0:r1] @ new_gain[i0:i1])[None, :], out=vals[1])
-                    _merge(accum, _coordinates_t(self.q, self.rot[r0:r1], self.grid), vals)
+                    merge_model(accum, grid_coordinates_t(self.q, self.rot[r0:r1], self.grid), vals)
                 else:
                     vals = self._vals[:, :r1 - r0]
                     torch.mm(P[r0:r1], K, out=vals[0])
                     torch.mul((P[r0:r1] @ new_gain[i0:i1])[:, None], self.s[None, :], out=vals[1])
-                    _merge(accum, _coordinates(self.q, self.rot[r0:r1], self.grid), vals)
+                    merge_model(accum, grid_coordinates(self.q, self.rot[r0:r1], self.grid), vals)
         scale = new_gain.mean() if update_gain else torch.ones((), dtype=dt, device=dev)
-        W_new = _divide(accum[0], accum[1]) * scale
+        W_new = merge_ratio(accum[0], accum[1]) * scale
         stats = {"log_likelihood": ll.mean().item(), "mutual_info": mi.mean().item(),
                  "mean_max_probability": pmax.double().mean().item()}
         return W_new, new_gain / scale, stats, best, pmax, friedel_symmetrize(accum[1])
@@ -465,38 +390,6 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
     radii = np.flatnonzero(filled)
     profile = np.interp(grid.q_norm() / grid.dq, radii, top[filled] / bottom[filled])
     return profile * (1 + 0.1 * np.random.default_rng(seed).random(profile.shape))
-
-
-def _validate_inputs(photons, valid, q, pixel_factor, grid: Grid):
-    if not hasattr(photons, "shape") or len(photons.shape) != 3:
-        raise ValueError(f"photons must be an array (frames, ny, nx), got shape {getattr(photons, 'shape', None)}")
-    frames, ny, nx = photons.shape
-    valid = np.asarray(valid)
-    q, pixel_factor = np.asarray(q, dtype=np.float64), np.asarray(pixel_factor, dtype=np.float64)
-    if frames < 1:
-        raise ValueError("photons: no frames")
-    if valid.shape != (ny, nx) or valid.dtype != bool:
-        raise ValueError(f"valid must be a bool array of shape {(ny, nx)}, got {valid.dtype} {valid.shape}")
-    if q.shape != (ny, nx, 3):
-        raise ValueError(f"q must have shape {(ny, nx, 3)}, got {q.shape}")
-    if pixel_factor.shape != (ny, nx):
-        raise ValueError(f"pixel_factor must have shape {(ny, nx)}, got {pixel_factor.shape}")
-    if not valid.any():
-        raise ValueError("valid: the pixel mask selects no pixels")
-    qv, sv = q[valid], pixel_factor[valid]
-    if not np.isfinite(qv).all():
-        raise ValueError("q: non-finite values in valid pixels")
-    if not (np.isfinite(sv).all() and (sv > 0).all()):
-        raise ValueError("pixel_factor must be finite and > 0 in valid pixels")
-    outside = np.linalg.norm(qv, axis=1) > grid.q_max
-    if outside.all():
-        raise ValueError(f"all valid pixels have |q| > grid.q_max = {grid.q_max:g} 1/Å")
-    if outside.any():
-        warnings.warn(f"{outside.sum()} valid pixels with |q| > grid.q_max = {grid.q_max:g} 1/Å are ignored")
-        valid = valid.copy()
-        valid[valid] = ~outside
-        qv, sv = qv[~outside], sv[~outside]
-    return frames, valid, qv, sv
 
 
 def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int) -> str:
@@ -546,7 +439,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     """
     config = config or EMCConfig()
     config.validate()
-    frames, valid, qv, sv = _validate_inputs(photons, valid, q, pixel_factor, grid)
+    frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     item = torch.finfo(dtype).bits // 8
     M = 10 * (5 * config.num_div ** 3 + config.num_div)
@@ -578,7 +471,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     engine = _Engine(data, qv, sv, n_orient, grid, config, device, dtype)
     fp = _fingerprint(config, grid, photons.shape, len(qv))
 
-    start, ckpt = 0, _load_checkpoint(checkpoint_path, fp)
+    start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     rows = _prepare_log(log_path, None if ckpt is None else int(ckpt["iteration"]))
     g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
     gain = torch.as_tensor(g0).to(device, dtype)
@@ -591,7 +484,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
                                        rows, log_path, progress)
         start = config.trial_iterations
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, {"iteration": start, "start": best_start, "model": W.cpu(),
+            save_checkpoint(checkpoint_path, {"iteration": start, "start": best_start, "model": W.cpu(),
                                                "gain": gain.cpu(), "beta": config.beta(start), "fingerprint": fp})
     else:
         W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed)).to(device, dtype)
@@ -600,7 +493,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     for it in range(start + 1, config.iterations + 1):
         W, gain = _step(engine, W, gain, it, best_start, config, rows, log_path)
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, {"iteration": it, "start": best_start, "model": W.cpu(),
+            save_checkpoint(checkpoint_path, {"iteration": it, "start": best_start, "model": W.cpu(),
                                                "gain": gain.cpu(), "beta": config.beta(it), "fingerprint": fp})
         bar.update(1)
         bar.set_postfix(beta=f"{config.beta(it):.3g}", loglik=f"{rows[-1]['log_likelihood']:.4g}",
@@ -668,21 +561,6 @@ def _random_starts(photons, pixels, qv, sv, n_orient, grid, config: EMCConfig, d
             best = (rows[-1]["log_likelihood"], W, k)
     bar.close()
     return best[1], best[2]
-
-
-def _load_checkpoint(path, fingerprint: str) -> dict | None:
-    if path is None or not Path(path).exists():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("fingerprint") != fingerprint:
-        warnings.warn(f"checkpoint {path} is from different settings; starting afresh")
-        return None
-    return ckpt
-
-
-def _save_checkpoint(path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _prepare_log(log_path, keep_until: int | None) -> list:

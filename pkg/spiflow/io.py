@@ -1,4 +1,5 @@
-"""Small shared helpers: device choice, atomic writes of stores and files, JSON timing.
+"""Small shared helpers: device choice, atomic writes of stores and files, checkpoints, the
+check of a reconstruction's detector inputs.
 
 Every stage writes its outputs into a temporary sibling path and renames it into place
 only when complete, so an interrupted or failed stage never leaves a half-written store.
@@ -106,3 +107,63 @@ def orientations_dataset(quaternion: np.ndarray, gain: np.ndarray, attrs: dict |
         coords={"frame": np.arange(n), "component": ["w", "x", "y", "z"]},
         attrs=attrs or {},
     )
+
+
+def validate_detector_inputs(photons, valid, q, pixel_factor, grid):
+    """Check a reconstruction's inputs; return ``(frames, valid, q_valid (P, 3) Å⁻¹,
+    pixel_factor_valid (P,))``.
+
+    photons: (frames, ny, nx) array-like (not read here); valid: (ny, nx) bool; q: (ny, nx,
+    3) Å⁻¹; pixel_factor: (ny, nx) > 0; grid: :class:`spiflow.grid.Grid`. Valid pixels beyond
+    ``grid.q_max`` are dropped from the returned ``valid`` with a UserWarning. Raises
+    ValueError naming the offending array: wrong shapes or dtype, no frames, an empty
+    mask, non-finite q, pixel_factor <= 0, or every valid pixel beyond the grid.
+    """
+    if not hasattr(photons, "shape") or len(photons.shape) != 3:
+        raise ValueError(f"photons must be an array (frames, ny, nx), got shape {getattr(photons, 'shape', None)}")
+    frames, ny, nx = photons.shape
+    valid = np.asarray(valid)
+    q, pixel_factor = np.asarray(q, dtype=np.float64), np.asarray(pixel_factor, dtype=np.float64)
+    if frames < 1:
+        raise ValueError("photons: no frames")
+    if valid.shape != (ny, nx) or valid.dtype != bool:
+        raise ValueError(f"valid must be a bool array of shape {(ny, nx)}, got {valid.dtype} {valid.shape}")
+    if q.shape != (ny, nx, 3):
+        raise ValueError(f"q must have shape {(ny, nx, 3)}, got {q.shape}")
+    if pixel_factor.shape != (ny, nx):
+        raise ValueError(f"pixel_factor must have shape {(ny, nx)}, got {pixel_factor.shape}")
+    if not valid.any():
+        raise ValueError("valid: the pixel mask selects no pixels")
+    qv, sv = q[valid], pixel_factor[valid]
+    if not np.isfinite(qv).all():
+        raise ValueError("q: non-finite values in valid pixels")
+    if not (np.isfinite(sv).all() and (sv > 0).all()):
+        raise ValueError("pixel_factor must be finite and > 0 in valid pixels")
+    outside = np.linalg.norm(qv, axis=1) > grid.q_max
+    if outside.all():
+        raise ValueError(f"all valid pixels have |q| > grid.q_max = {grid.q_max:g} 1/Å")
+    if outside.any():
+        warnings.warn(f"{outside.sum()} valid pixels with |q| > grid.q_max = {grid.q_max:g} 1/Å are ignored")
+        valid = valid.copy()
+        valid[valid] = ~outside
+        qv, sv = qv[~outside], sv[~outside]
+    return frames, valid, qv, sv
+
+
+def load_checkpoint(path, fingerprint: str) -> dict | None:
+    """The checkpoint dict at ``path`` if it exists and its ``fingerprint`` matches, else None
+    (a different fingerprint: UserWarning, start afresh). Loaded with ``weights_only=True``,
+    so a file can hold tensors and plain containers but never runs code."""
+    if path is None or not Path(path).exists():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("fingerprint") != fingerprint:
+        warnings.warn(f"checkpoint {path} is from different settings; starting afresh")
+        return None
+    return ckpt
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write ``state`` (tensors, numbers, strings) to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -65,12 +65,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .emc import _coordinates, _Data, _divide, _load_checkpoint, _merge, _save_checkpoint, _slice, _validate_inputs
+from .emc import _Data
 from .grid import Grid, friedel_symmetrize
-from .io import atomic_path, resolve_device
+from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .phasing import _gaussian_filter
 from .rotation import angle_between, canonical, multiply, quaternion_to_matrix, random_quaternions
 from .sampling import angular_step_deg, so3_sampling
+from .slicing import grid_coordinates, merge_model, merge_ratio, slice_model
 
 LOG_COLUMNS = ["iteration", "orientation_change", "data_distance", "phasing_error", "support_fraction",
                "gain_std", "seconds"]
@@ -202,8 +203,8 @@ class _Problem:
         accum = torch.zeros((2,) + (self.grid.n,) * 3, dtype=self.dtype, device=self.device)
         for i0, i1, K in self.data:
             vals = torch.stack([K, gain[i0:i1, None] * self.s.expand_as(K)])
-            _merge(accum, _coordinates(self.q, rot[i0:i1], self.grid), vals)
-        return _divide(accum[0], accum[1]), friedel_symmetrize(accum[1])
+            merge_model(accum, grid_coordinates(self.q, rot[i0:i1], self.grid), vals)
+        return merge_ratio(accum[0], accum[1]), friedel_symmetrize(accum[1])
 
     # -- 2. phase --------------------------------------------------------------------------------
     def phase(self, W, measured, rho):
@@ -274,14 +275,14 @@ class _Problem:
             best = torch.full((i1 - i0,), float("inf"), dtype=self.dtype, device=self.device)
             arg = torch.zeros(i1 - i0, dtype=torch.long, device=self.device)
             for r0 in range(0, M, C):  # global search, one orientation chunk at a time
-                S = _slice(W, _coordinates(self.q, self.rot[r0:r0 + C], self.grid))
+                S = slice_model(W, grid_coordinates(self.q, self.rot[r0:r0 + C], self.grid))
                 val, idx = self._distance(S, K, floor).min(0)
                 better = val < best
                 best, arg = torch.where(better, val, best), torch.where(better, idx + r0, arg)
             q_blk = self.quats[arg]
             for k in range(self.cfg.refine_steps):
                 q_blk = self._refine(W, q_blk, K, floor, step / 2 ** (k + 1))
-            S = _slice(W, _coordinates(self.q, quaternion_to_matrix(q_blk), self.grid))
+            S = slice_model(W, grid_coordinates(self.q, quaternion_to_matrix(q_blk), self.grid))
             quat[i0:i1] = canonical(q_blk)
             dist[i0:i1] = self._distance(S[:, None], K, floor)[:, 0]
             sdot[i0:i1] = S @ self.s
@@ -295,7 +296,7 @@ class _Problem:
         half[0] = 0
         cand = multiply(q_blk[:, None], torch.cat([half.cos(), half.sin() * axes], 1)[None])  # (B, 7, 4)
         B, P = len(q_blk), len(self.q)
-        S = _slice(W, _coordinates(self.q, quaternion_to_matrix(cand.reshape(-1, 4)), self.grid)).view(B, 7, P)
+        S = slice_model(W, grid_coordinates(self.q, quaternion_to_matrix(cand.reshape(-1, 4)), self.grid)).view(B, 7, P)
         return cand[torch.arange(B, device=self.device), self._distance(S, K, floor).argmin(1)]
 
 
@@ -322,7 +323,7 @@ def _prepare_log(log_path, keep_until: int | None) -> list:
 def _setup(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig):
     """Validated inputs → (_Problem, photons per frame N_i (frames,), Σ_i Σ_p K_ip log s_p)."""
     config.validate()
-    frames, valid, qv, sv = _validate_inputs(photons, valid, q, pixel_factor, grid)
+    frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     item, P = torch.finfo(dtype).bits // 8, len(qv)
     budget = config.memory_budget_gb * 1e9
@@ -410,7 +411,7 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | N
     # a frame "changed" when it moved by more than half the finest search step
     threshold = angular_step_deg(config.num_div) / 2 ** (config.refine_steps + 1)
 
-    start, converged, ckpt = 0, False, _load_checkpoint(checkpoint_path, fp)
+    start, converged, ckpt = 0, False, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start, converged = int(ckpt["iteration"]), bool(ckpt["converged"])
         quat, gain, dist, rho = (ckpt[k].to(device, dtype) for k in ("quaternion", "gain", "distance", "rho"))
@@ -444,7 +445,7 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | N
         if log_path is not None:
             pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, {"iteration": it, "quaternion": quat.cpu(), "gain": gain.cpu(),
+            save_checkpoint(checkpoint_path, {"iteration": it, "quaternion": quat.cpu(), "gain": gain.cpu(),
                                                "distance": dist.cpu(), "rho": rho.cpu(), "support": support.cpu(),
                                                "converged": converged, "fingerprint": fp})
         bar.update(1)

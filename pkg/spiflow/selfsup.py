@@ -60,9 +60,8 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
-from .emc import _load_checkpoint, _save_checkpoint, _validate_inputs
 from .grid import Grid
-from .io import atomic_path, resolve_device
+from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .nets import FriedelSiren, ResNetEncoder, VoxelVolume, rotation_6d_to_matrix
 from .rotation import matrix_to_quaternion
 
@@ -382,7 +381,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
     """
     config = config or SelfSupConfig()
     config.validate()
-    frames, valid, qv, sv = _validate_inputs(photons, valid, q, pixel_factor, grid)
+    frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
     rank, world, device, own_group = _setup_distributed(resolve_device(config.device))
     amp = config.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     cache = frames * len(qv) * 4 <= config.memory_budget_gb * 1e9
@@ -411,7 +410,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
         s, config.warmup_epochs * steps, config.epochs * steps, config.min_lr / config.lr))
 
     fp = _fingerprint(config, grid, photons.shape, len(qv), world)
-    start, ckpt = 0, _load_checkpoint(checkpoint_path, fp)
+    start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start = int(ckpt["epoch"])
         model.load_state_dict(ckpt["model"])
@@ -438,7 +437,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
         if rank == 0 and log_path is not None:
             pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
         if rank == 0 and checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, {
+            save_checkpoint(checkpoint_path, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "fingerprint": fp})
         bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4g}")

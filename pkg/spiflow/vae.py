@@ -30,7 +30,7 @@ Model. Frame i with known orientation ``R_i`` (``quaternions``, e.g. from EMC) a
   radial baseline ``Σ_i K_ip / Σ_i g_i s_p`` in |q| bins of width dq (its mean when
   ``radial_baseline`` is off), G the exact average over ``symmetry`` + inversion
   (:func:`spiflow.symmetry.symmetrize`: Friedel only for ``C1``, all 48 for ``Oh``);
-* ``μ_ip = g_i s_p W(z_i)(R_iᵀ q_p)`` (trilinear, as :func:`spiflow.emc._slice`), z_i sampled by
+* ``μ_ip = g_i s_p W(z_i)(R_iᵀ q_p)`` (trilinear, as :func:`spiflow.slicing.slice_model`), z_i sampled by
   the reparameterisation trick in training;
 * loss per frame and valid pixel: ``(1/P) Σ_p [μ − K log μ + log K!] + β_t KL_i / P``, KL_i =
   ``−½ Σ_d (1 + log σ² − μ² − σ²)``, ``β_t = beta · min(1, step / (beta_warmup_epochs · steps))``.
@@ -59,9 +59,9 @@ import torch.nn.functional as F
 import xarray as xr
 from tqdm import tqdm
 
-from .emc import _coordinates, _load_checkpoint, _save_checkpoint, _validate_inputs
 from .grid import Grid, slice_volume
-from .io import atomic_path, resolve_device
+from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
+from .slicing import grid_coordinates
 from .nets import matrix_to_rotation_6d
 from .rotation import canonical, quaternion_to_matrix
 from .selfsup import FrameStream, _radial_profile, _seed
@@ -324,7 +324,7 @@ def orientation_features(quaternions, gains, cfg: VAEConfig) -> torch.Tensor:
 
 def slice_volumes(volumes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Trilinear slices (B, P) of volumes (B, n, n, n) at ``coords`` (B, P, 3) of
-    :func:`spiflow.emc._coordinates` (one rotation per volume); 0 outside the grid.
+    :func:`spiflow.slicing.grid_coordinates` (one rotation per volume); 0 outside the grid.
     Differentiable; equal to :func:`spiflow.grid.slice_volume` at ``R_bᵀ q_p``."""
     out = F.grid_sample(volumes[:, None], coords[:, :, None, None, :], mode="bilinear",
                         padding_mode="zeros", align_corners=True)
@@ -460,7 +460,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     """
     cfg = config or VAEConfig()
     cfg.validate()
-    frames, valid, qv, sv = _validate_inputs(photons, valid, q, pixel_factor, grid)
+    frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
     quats, gains = np.asarray(quaternions, dtype=np.float64), np.asarray(gains, dtype=np.float64)
     if quats.shape != (frames, 4) or not np.isfinite(quats).all() or (np.linalg.norm(quats, axis=1) == 0).any():
         raise ValueError(f"quaternions must be finite, non-zero, shape ({frames}, 4), got {quats.shape}")
@@ -489,7 +489,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     fp = _fingerprint(cfg, grid, photons.shape, len(qv), quats, gains)
-    start, ckpt = 0, _load_checkpoint(checkpoint_path, fp)
+    start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start = int(ckpt["epoch"])
         model.load_state_dict(ckpt["model"])
@@ -510,7 +510,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
             z_mu, z_logvar = model.encoder(*batches(idx, K))
             eps = torch.randn(z_mu.shape, generator=gen).to(device)
             W = model.decoder(z_mu + torch.exp(0.5 * z_logvar) * eps)
-            S = slice_volumes(W, _coordinates(q_t, batches.rot[idx], mgrid))
+            S = slice_volumes(W, grid_coordinates(q_t, batches.rot[idx], mgrid))
             mu_pix = batches.gains[idx, None] * s_t[None, :] * S
             loss, recon, kl = vae_loss(mu_pix, K, z_mu, z_logvar, beta)
             opt.zero_grad(set_to_none=True)
@@ -528,7 +528,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
         if log_path is not None:
             pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, {"epoch": epoch, "model": model.state_dict(),
+            save_checkpoint(checkpoint_path, {"epoch": epoch, "model": model.state_dict(),
                                                "optimizer": opt.state_dict(), "fingerprint": fp})
         bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4g}", kl=f"{row['kl']:.3g}")
     bar.close()

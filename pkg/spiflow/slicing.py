@@ -1,0 +1,94 @@
+"""Fused trilinear slicing and merging of a model volume at rotated detector pixels.
+
+Every reconstruction method (EMC, M-TIP, the VAE) reads a model ``W`` on a
+:class:`~spiflow.grid.Grid` at ``R_rᵀ q_p`` (frame i records ``I(R_iᵀ q)``, SPEC.md) and
+merges photons back with the adjoint. These kernels are torch's ``grid_sample`` and its
+input gradient: the same trilinear weights as :func:`spiflow.grid.slice_volume` /
+:func:`spiflow.grid.merge_into` (corners outside the grid read 0 and merge nothing; tested)
+but 5–10× faster, on CPU and CUDA unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .grid import Grid, friedel_symmetrize, rotated_points
+
+
+def grid_coordinates(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``R_rᵀ q_p`` as :func:`torch.nn.functional.grid_sample` coordinates, (R, P, 3).
+
+    grid_sample with ``align_corners=True`` maps −1 … 1 onto voxel 0 … n−1, i.e. onto
+    q = −q_max … q_max, and orders the last axis (z, y, x) (fastest volume axis first)."""
+    return rotated_points(q_valid, rotations[..., [2, 1, 0]] / grid.q_max)
+
+
+def grid_coordinates_t(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """:func:`grid_coordinates` in the transposed layout (P, R, 3), as one matmul (slices and
+    merge values of the sparse path are then (P, R), the layout its products use)."""
+    R = rotations.shape[0]
+    r = (rotations[..., [2, 1, 0]] / grid.q_max).permute(1, 0, 2).reshape(3, 3 * R)
+    return (q_valid.to(rotations.dtype) @ r).view(-1, R, 3)
+
+
+#: cap on the per-thread copies of the model that :func:`merge_model` accumulates into on CPU.
+MERGE_COPIES_BYTES = 256e6
+
+
+def _pieces(coords: torch.Tensor, bytes_per_piece: float = 0.0) -> int:
+    """Batch entries to split C orientations into. torch's CPU 3D grid sampler (forward and
+    backward) runs in parallel over the batch only, so on CPU the orientations are split
+    into one batch entry per thread (at most ``MERGE_COPIES_BYTES / bytes_per_piece``);
+    on CUDA the kernels are parallel over points already: 1."""
+    if coords.device.type != "cpu":
+        return 1
+    cap = int(MERGE_COPIES_BYTES // bytes_per_piece) if bytes_per_piece > 0 else coords.shape[0]
+    return max(1, min(torch.get_num_threads(), coords.shape[0], cap))
+
+
+def _batched(coords: torch.Tensor, pieces: int) -> torch.Tensor:
+    """(C, P, 3) → (pieces, ⌈C / pieces⌉, P, 1, 3), padded with points outside the grid
+    (they read 0 and merge nothing)."""
+    C, P = coords.shape[:2]
+    per = -(-C // pieces)
+    if per * pieces > C:
+        coords = torch.cat([coords, coords.new_full((per * pieces - C, P, 3), 2.0)])
+    return coords.reshape(pieces, per, P, 1, 3)
+
+
+def slice_model(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear slices (C, P) of ``volume`` (n, n, n) at ``coords`` (C, P, 3) of
+    :func:`grid_coordinates`; equal to :func:`spiflow.grid.slice_volume` at ``R_rᵀ q_p`` (the
+    same trilinear weights, corners outside the grid read 0), as one fused kernel (on CPU one
+    batch entry per thread: :func:`_pieces`)."""
+    C, P = coords.shape[:2]
+    B = _pieces(coords)
+    out = F.grid_sample(volume.expand(B, 1, *volume.shape), _batched(coords, B), mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out.reshape(-1, P)[:C]
+
+
+def merge_model(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
+    """``accum[c] += merge(values[c])`` for channels c: accum (ch, n, n, n), values (ch, C, P).
+
+    The adjoint of :func:`slice_model` (grid_sample's input gradient), equal to
+    :func:`spiflow.grid.merge_into` at ``R_rᵀ q_p`` but one fused pass for all channels (on
+    CPU into one copy of accum per thread, then summed: :func:`_pieces`)."""
+    ch, C, P = values.shape
+    B = _pieces(coords, accum.numel() * accum.element_size())
+    per = -(-C // B)
+    if per * B > C:
+        values = torch.cat([values, values.new_zeros((ch, per * B - C, P))], 1)
+    values = values.reshape(ch, B, per, P).transpose(0, 1).contiguous()[..., None]
+    grad = torch.ops.aten.grid_sampler_3d_backward(
+        values, accum.expand(B, *accum.shape), _batched(coords, B), 0, 0, True, [True, False])[0]
+    accum += grad[0] if B == 1 else grad.sum(0)
+
+
+def merge_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """The merged model ``F[num] / F[den]`` (n, n, n), 0 where ``F[den] = 0``; F is
+    :func:`spiflow.grid.friedel_symmetrize`, applied to numerator and denominator *before*
+    dividing so that the model is Friedel symmetric (num, den: merge accumulators of
+    :func:`merge_model`, photons and ``Σ φ s`` respectively)."""
+    num, den = friedel_symmetrize(num), friedel_symmetrize(den)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1), 0)
