@@ -1,15 +1,17 @@
 """Tests of the EMC orientation stage on small, high-signal synthetic data built here."""
 import dataclasses
+from unittest import mock
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from spiflow import emc
 from spiflow.emc import EMCConfig, LOG_COLUMNS, choose_photon_format, compress, run_emc
 from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
-from spiflow.sampling import angular_step_deg
+from spiflow.sampling import angular_step_deg, local_rotations
 from spiflow.slicing import grid_coordinates, merge_model, slice_model
 
 torch.set_num_threads(2)
@@ -274,3 +276,70 @@ def test_sparse_photons_equal_dense(data, dtype, rtol):
     assert choose_photon_format(data["photons"], pixels) == "dense"
     with pytest.raises(ValueError, match="photon_format"):
         _run(data, config=dict(photon_format="csr"))
+
+
+def _median_error(quat_est, quat_true):
+    """Median angle (degrees) between estimated and true orientations after the best global
+    rotation A (W(q) = I(A q), so R_est = R_true A)."""
+    r_true = quaternion_to_matrix(torch.as_tensor(quat_true))
+    r_est = quaternion_to_matrix(torch.as_tensor(quat_est))
+    A = mean_rotation(r_true.transpose(1, 2) @ r_est)
+    return float(np.median(angle_between(torch.as_tensor(quat_true), matrix_to_quaternion(r_est @ A.T)).numpy()))
+
+
+@pytest.mark.parametrize("assignment", ["hard", "soft"])
+def test_local_refinement_beats_the_sampling_limit(data, assignment):
+    """Local iterations after a coarse global search (num_div 3: 24.5° spacing, covering
+    radius 17.7°) place frames far closer than the sampling can, and the log records them."""
+    cfg = dict(num_div=3, iterations=15, beta_every=3, n_starts=3, start_iterations=9, start_frames=120,
+               start_num_div=2, dtype="float32")
+    coarse = _run(data, config=cfg)
+    fine = _run(data, config=dict(cfg, refine_iterations=4, refine_assignment=assignment))
+    e_coarse, e_fine = _median_error(coarse.quaternion, data["quat"]), _median_error(fine.quaternion, data["quat"])
+    assert e_coarse > 4.0 and e_fine < 2.0 and e_fine < e_coarse / 4
+    assert np.corrcoef(fine.gain, data["gain"])[0, 1] > 0.99 > np.corrcoef(coarse.gain, data["gain"])[0, 1]
+    np.testing.assert_allclose(np.linalg.norm(fine.quaternion, axis=1), 1, atol=1e-6)
+    local = fine.log[fine.log.iteration > 15]
+    assert list(local.iteration) == [16, 17, 18, 19]
+    np.testing.assert_allclose(local.step_deg, EMCConfig(num_div=3, refine_iterations=4).refine_steps_deg())
+    assert local.step_deg.iloc[0] == pytest.approx(53.0 / 3 / 3) and local.step_deg.iloc[-1] == pytest.approx(0.7)
+    assert local.log_likelihood.is_monotonic_increasing
+    assert fine.log[fine.log.iteration <= 15].step_deg.isna().all()
+    assert (local.beta.isna() if assignment == "hard" else local.beta == 1.0).all()
+
+
+def test_local_refinement_resumes_from_its_checkpoint(data, tmp_path):
+    cfg = dict(num_div=2, iterations=3, refine_iterations=3)
+    full = _run(data, config=cfg, log_path=tmp_path / "a.csv", checkpoint_path=tmp_path / "a.pt")
+    log, ckpt = tmp_path / "b.csv", tmp_path / "b.pt"
+    save = emc.save_checkpoint
+    calls = []
+
+    def stop_after_first_local(path, state):
+        save(path, state)
+        calls.append(state["iteration"])
+        if "local_done" in state:
+            raise KeyboardInterrupt
+
+    with mock.patch.object(emc, "save_checkpoint", stop_after_first_local), pytest.raises(KeyboardInterrupt):
+        _run(data, config=cfg, log_path=log, checkpoint_path=ckpt)
+    assert calls == [1, 2, 3, 4]
+    resumed = _run(data, config=cfg, log_path=log, checkpoint_path=ckpt)
+    for name in ("intensity", "weight", "quaternion", "gain", "probability_max"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(full, name), err_msg=name)
+    pd.testing.assert_frame_equal(resumed.log.drop(columns="seconds"), full.log.drop(columns="seconds"))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 6 and state["local_done"] == 3 and state["quaternion"].shape == (200, 4)
+
+
+def test_local_rotations():
+    quats = local_rotations(2.0, 3)
+    assert quats.shape == (123, 4)  # lattice points of |ω| ≤ 3 steps
+    np.testing.assert_array_equal(quats[0], [1, 0, 0, 0])
+    angles = angle_between(torch.as_tensor(quats[:1]), torch.as_tensor(quats)).numpy()
+    assert angles.max() == pytest.approx(6.0) and np.sort(angles)[1] == pytest.approx(2.0)
+    np.testing.assert_allclose(np.linalg.norm(quats, axis=1), 1)
+    assert len(np.unique(np.round(quats, 12), axis=0)) == 123
+    for bad in [(0.0, 3), (1.0, 0), (1.0, 1.5)]:
+        with pytest.raises(ValueError):
+            local_rotations(*bad)

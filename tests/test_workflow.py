@@ -22,7 +22,7 @@ TINY = {
     "detector": {"n_pixels": 12, "pixel_size_m": 2.6e-3, "beam_stop_radius_m": 2.0e-3},
     "simulate": {"pilot_orientations": 16},
     "reconstruction": {"methods": ["truth", "emc", "mtip", "selfsup", "mtip_selfsup"]},
-    "emc": {"num_div": 2, "iterations": 3},
+    "emc": {"num_div": 2, "iterations": 3, "refine_iterations": 2},
     "mtip": {"num_div": 2, "iterations": 2},
     "selfsup": {"epochs": 2, "batch_size": 40, "siren_width": 32, "siren_layers": 3, "encoder_width": 8,
                 "encoder_stages": 2},

@@ -58,12 +58,13 @@ from tqdm import tqdm
 
 from .grid import Grid, friedel_symmetrize
 from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
-from .rotation import quaternion_to_matrix
-from .sampling import so3_sampling
+from .rotation import canonical, quaternion_to_matrix
+from .refine import ASSIGNMENTS, local_iteration, step_schedule
+from .sampling import COVERING_RADIUS_DEG, so3_sampling
 from .slicing import grid_coordinates, grid_coordinates_t, merge_model, merge_ratio, slice_model
 
 LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mutual_info",
-               "mean_max_probability", "gain_std", "seconds"]
+               "mean_max_probability", "gain_std", "seconds", "step_deg", "moved_fraction"]
 PHOTON_FORMATS = ("dense", "sparse", "auto")
 #: photon_format "auto" uses sparse blocks when at most this fraction of (frame, orientation
 #: pixel) entries is non-zero (benchmarks/README.md: the measured crossover on CPU).
@@ -100,6 +101,13 @@ class EMCConfig:
     and probability matrices plus the photon block); the photons (frames × P) are kept in
     memory between passes when they fit in the budget too, else re-read every pass.
     dtype: "float32" (fast) or "float64".
+    refine_iterations, refine_step_end_deg, refine_radius_steps, refine_assignment: local
+    refinement (:mod:`spiflow.refine`) after the global iterations: ``refine_iterations``
+    more iterations, each searching ``refine_radius_steps`` steps around every frame's
+    orientation, the step shrinking geometrically from ``53° / (num_div · radius_steps)``
+    (the sampling's covering radius, :data:`spiflow.sampling.COVERING_RADIUS_DEG`, spans
+    the first search) to ``refine_step_end_deg``; assignment "hard" (most likely local
+    rotation) or "soft" (posterior at ``beta_max``). 0 iterations: plain global EMC.
     photon_format: "dense", "sparse" or "auto" (module docstring: same result, different
     cost). "auto" picks sparse when at most :data:`AUTO_SPARSE_DENSITY` of the orientation
     pixels hold photons (measured over the first frames), where sparse was measured faster.
@@ -124,6 +132,10 @@ class EMCConfig:
     memory_budget_gb: float = 2.0
     dtype: str = "float32"
     photon_format: str = "dense"
+    refine_iterations: int = 0
+    refine_step_end_deg: float = 0.7
+    refine_radius_steps: int = 3
+    refine_assignment: str = "hard"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -145,6 +157,12 @@ class EMCConfig:
             (self.memory_budget_gb > 0, "memory_budget_gb must be > 0"),
             (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
             (self.photon_format in PHOTON_FORMATS, "photon_format must be 'dense', 'sparse' or 'auto'"),
+            (int(self.refine_iterations) == self.refine_iterations and self.refine_iterations >= 0,
+             "refine_iterations must be an integer >= 0"),
+            (self.refine_step_end_deg > 0, "refine_step_end_deg must be > 0"),
+            (int(self.refine_radius_steps) == self.refine_radius_steps and self.refine_radius_steps >= 1,
+             "refine_radius_steps must be an integer >= 1"),
+            (self.refine_assignment in ASSIGNMENTS, "refine_assignment must be 'hard' or 'soft'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -155,6 +173,11 @@ class EMCConfig:
         """Iterations run by each random start: ``min(start_iterations, iterations − 1)``, 0
         with ``n_starts = 1`` (then the run is plain EMC from one start)."""
         return 0 if self.n_starts == 1 else min(self.start_iterations, self.iterations - 1)
+
+    def refine_steps_deg(self) -> np.ndarray:
+        """The local search step (degrees) of each refinement iteration, (refine_iterations,)."""
+        start = COVERING_RADIUS_DEG / self.num_div / self.refine_radius_steps
+        return step_schedule(start, min(start, self.refine_step_end_deg), self.refine_iterations)
 
     def beta(self, iteration: int) -> float:
         """β of 1-based ``iteration``."""
@@ -168,9 +191,11 @@ class EMCResult:
 
     intensity: (n, n, n) float32, W in photons per unit pixel factor (gain-1 frame).
     weight: (n, n, n) float32, the merge denominator of a final E-step with the final
-    model (voxels with weight > 0 are measured). quaternion: (frames, 4) float64, the most
-    likely sampled orientation of each frame. gain: (frames,) float64, mean 1.
-    probability_max: (frames,) float64, that orientation's probability. log: one row per
+    model, or of the last local iteration (voxels with weight > 0 are measured).
+    quaternion: (frames, 4) float64, the most likely sampled orientation of each frame, or
+    its refined orientation after local refinement. gain: (frames,) float64, mean 1.
+    probability_max: (frames,) float64, the probability of the most likely sampled
+    orientation in the final global E-step. log: one row per
     iteration (columns :data:`LOG_COLUMNS`).
     """
 
@@ -211,6 +236,10 @@ class _SparseBlock:
     frame_sums_o: torch.Tensor
     pixel_sums: torch.Tensor
     nbytes: int
+
+    def dense(self) -> torch.Tensor:
+        """The block as a dense (b, P) matrix (for :func:`spiflow.refine.local_iteration`)."""
+        return self.kt.to_dense().T
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, device) -> torch.Tensor:
@@ -394,7 +423,8 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
 
 def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int) -> str:
     keys = ["num_div", "seed", "beta_start", "beta_factor", "beta_every", "beta_max", "update_gain",
-            "orientation_min_radius_voxels", "n_starts", "trial_iterations", "start_frames", "start_num_div", "dtype"]
+            "orientation_min_radius_voxels", "n_starts", "trial_iterations", "start_frames", "start_num_div", "dtype",
+            "refine_step_end_deg", "refine_radius_steps", "refine_assignment"]
     fp = {k: getattr(config, k) for k in keys}
     fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid))
     return json.dumps(fp, sort_keys=True)
@@ -421,18 +451,23 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     grid: the model grid. config: :class:`EMCConfig`.
     log_path: CSV with one row per iteration (:data:`LOG_COLUMNS`), appended per
     iteration; log_likelihood is the frame mean of ``Σ_r P_ri L_ri`` (nats, over the
-    orientation pixels, with the r-independent Poisson terms except log K!). checkpoint_path: written atomically after every iteration with
-    ``{iteration, model, gain, beta, fingerprint}``; if it exists with the same
+    orientation pixels, with the r-independent Poisson terms except log K!); the local
+    iterations fill ``step_deg`` and ``moved_fraction`` (NaN in the global ones) and have
+    β NaN for hard assignment. checkpoint_path: written atomically after every iteration
+    with ``{iteration, model, gain, beta, fingerprint}`` (local iterations add the
+    orientations, probability_max, weight and ``local_done``); if it exists with the same
     fingerprint (num_div, grid, data shape, valid-pixel count, seed, β schedule,
-    update_gain, dtype) the run resumes from it, the CSV is cut back to that iteration, and
-    a finished run only repeats the final E-step (a checkpoint past ``iterations`` is
-    returned as it is). A different fingerprint restarts from scratch (UserWarning).
-    progress: tqdm bar.
+    update_gain, dtype, local search settings) the run resumes from it, the CSV is cut
+    back to that iteration, and a finished run only repeats the final global E-step (or
+    nothing, after local refinement). A different fingerprint restarts from scratch
+    (UserWarning). progress: tqdm bar.
 
     Gains start at ``φ_i = N_i / mean N`` (N_i the photons in valid pixels) when
     ``update_gain``, else 1; the model starts from the data (:func:`_initial_model`).
-    The returned orientations, probability_max and weight come from one final E-step with
-    the final model and gains at the last iteration's β.
+    One final global E-step with the final model and gains at the last iteration's β
+    gives the orientations, probability_max and weight; with ``refine_iterations`` the
+    local iterations (:mod:`spiflow.refine`) start from those orientations and give the
+    returned model, orientations, gains and weight.
     Raises ValueError for mismatched shapes, an empty valid mask, pixel_factor <= 0,
     negative or non-finite counts in valid pixels (checked per block), frames without any
     photon at all, and invalid config values.
@@ -485,29 +520,70 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
         start = config.trial_iterations
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": start, "start": best_start, "model": W.cpu(),
-                                               "gain": gain.cpu(), "beta": config.beta(start), "fingerprint": fp})
+                                              "gain": gain.cpu(), "beta": config.beta(start), "fingerprint": fp})
     else:
         W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed)).to(device, dtype)
 
-    bar = tqdm(total=config.iterations, initial=min(start, config.iterations), disable=not progress, desc="EMC")
-    for it in range(start + 1, config.iterations + 1):
-        W, gain = _step(engine, W, gain, it, best_start, config, rows, log_path)
+    steps = config.refine_steps_deg()
+    local = ckpt is not None and "quaternion" in ckpt  # a checkpoint of the local refinement
+    bar = tqdm(total=config.iterations + len(steps), initial=min(start, config.iterations + len(steps)),
+               disable=not progress, desc="EMC")
+
+    def checkpoint(it, **extra):
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": it, "start": best_start, "model": W.cpu(),
-                                               "gain": gain.cpu(), "beta": config.beta(it), "fingerprint": fp})
+                                              "gain": gain.cpu(), "beta": config.beta(it), "fingerprint": fp,
+                                              **{k: v.cpu() if torch.is_tensor(v) else v for k, v in extra.items()}})
+
+    for it in range(start + 1, config.iterations + 1) if not local else ():
+        W, gain = _step(engine, W, gain, it, best_start, config, rows, log_path)
+        checkpoint(it)
         bar.update(1)
         bar.set_postfix(beta=f"{config.beta(it):.3g}", loglik=f"{rows[-1]['log_likelihood']:.4g}",
                         change=f"{rows[-1]['rms_change']:.2e}")
-    bar.close()
 
     last_beta = config.beta(max(start, config.iterations))
-    _, _, _, best, pmax, weight = engine.iterate(W, gain, last_beta, update_gain=False)
+    if local:
+        quat, pmax, weight = (ckpt[k].to(device, dtype) for k in ("quaternion", "probability_max", "weight"))
+    else:
+        _, _, _, best, pmax, weight = engine.iterate(W, gain, last_beta, update_gain=False)
+        quat = torch.as_tensor(engine.quats).to(device, dtype)[best]
+    done = int(ckpt["local_done"]) if local else 0
+    q_t, s_t = torch.as_tensor(qv).to(device, dtype), torch.as_tensor(sv).to(device, dtype)
+    for k in range(done, len(steps)):
+        t0, it = time.perf_counter(), config.iterations + k + 1
+        res = local_iteration(data, W, quat, gain, q_t, s_t, n_orient, grid, float(steps[k]),
+                              config.refine_radius_steps, config.refine_assignment, config.beta_max,
+                              config.update_gain, config.memory_budget_gb)
+        change = (torch.linalg.norm(res.W - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
+        W, quat, gain, weight = res.W, res.quaternion, res.gain, res.weight
+        if W.device.type == "cuda":
+            torch.cuda.synchronize(W.device)
+        row = {"iteration": it, "start": best_start,
+               "beta": config.beta_max if config.refine_assignment == "soft" else np.nan, **res.stats,
+               "rms_change": change, "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
+               "seconds": time.perf_counter() - t0, "step_deg": float(steps[k])}
+        _log_row(rows, row, log_path)
+        checkpoint(it, quaternion=quat, probability_max=pmax, weight=weight, local_done=k + 1)
+        bar.update(1)
+        bar.set_postfix(step=f"{steps[k]:.2g}°", loglik=f"{row['log_likelihood']:.4g}",
+                        moved=f"{row['moved_fraction']:.2f}")
+    bar.close()
+
     log = pd.read_csv(log_path) if log_path is not None else pd.DataFrame(rows, columns=LOG_COLUMNS)
     return EMCResult(intensity=W.cpu().numpy().astype(np.float32),
                      weight=weight.cpu().numpy().astype(np.float32),
-                     quaternion=engine.quats[best.cpu().numpy()],
+                     quaternion=canonical(quat.double()).cpu().numpy(),
                      gain=gain.double().cpu().numpy(),
                      probability_max=pmax.double().cpu().numpy(), log=log)
+
+
+def _log_row(rows: list, row: dict, log_path) -> None:
+    """Append one iteration's row (columns :data:`LOG_COLUMNS`, missing ones NaN) to ``rows``
+    and to the CSV at ``log_path``."""
+    rows.append({k: row.get(k, np.nan) for k in LOG_COLUMNS})
+    if log_path is not None:
+        pd.DataFrame([rows[-1]], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
 
 
 def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig, rows: list, log_path):
@@ -521,9 +597,7 @@ def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig
     row = {"iteration": it, "start": start_index, "beta": beta, **stats, "rms_change": change,
            "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
            "seconds": time.perf_counter() - t0}
-    rows.append({k: row[k] for k in LOG_COLUMNS})
-    if log_path is not None:
-        pd.DataFrame([rows[-1]]).to_csv(log_path, mode="a", header=False, index=False)
+    _log_row(rows, row, log_path)
     return W_new, gain
 
 

@@ -115,7 +115,7 @@ def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, lo
     cfg = EMCConfig(**config["emc"], seed=config["dataset"]["seed"], device=config["device"])
     res = run_emc(photons, valid, q, pf, grid, cfg, log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
     attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
-             "iterations": cfg.iterations}
+             "iterations": cfg.iterations, "refine_iterations": cfg.refine_iterations}
     _write_recon(res.intensity, res.weight > 0, res.quaternion, res.gain, grid, scale, attrs, intensity,
                  orientations, probability_max=res.probability_max)
 

@@ -1,0 +1,136 @@
+"""Local orientation refinement: EMC iterations that search each frame's neighbourhood.
+
+A global EMC search at ``num_div`` n can place a frame no closer than the sampling allows:
+up to 53° / n from its true orientation (:data:`spiflow.sampling.COVERING_RADIUS_DEG`),
+4–5° median at n = 10. A global search 3× finer costs 27× more orientations. The data
+support far better (on the default 2CEX data, the Poisson likelihood of the *true* model
+locates frames to a median of 1.0°), so after the global iterations EMC continues with
+*local* iterations, as cryo-EM refinement does after a global search: frame i is compared
+only with the rotations ``R_i D_j`` around its current orientation ``R_i``, ``D_j`` the J
+small rotations of :func:`spiflow.sampling.local_rotations` (a ball of ``radius_steps``
+steps of ``step_deg``; the step shrinks from iteration to iteration).
+
+One local iteration, with the E-step likelihood of :mod:`spiflow.emc` (orientation pixels
+O only, current gains φ_i):
+
+* ``L_ij = Σ_{p∈O} [K_ip log W(D_jᵀ R_iᵀ q_p) − φ_i s_p W(D_jᵀ R_iᵀ q_p)]``;
+* assignment ``"hard"``: ``P_ij = 1`` at ``j* = argmax_j L_ij`` (classification EM: the
+  β → ∞ limit of the EMC posterior); ``"soft"``: ``P_ij ∝ exp(β L_ij)`` over the local set
+  (uniform prior: the local samples are near-uniform in the Haar measure);
+* gain ``φ_i = Σ_p K_ip / Σ_j P_ij Σ_p s_p W_ijp`` over all valid pixels (Dragonfly's
+  scaling update, as in the global iterations), then normalised to mean 1;
+* merge of all valid pixels at the local rotations, weighted by P_ij, Friedel-symmetrised
+  numerator and denominator divided (:func:`spiflow.slicing.merge_ratio`);
+* ``R_i ← R_i D_{j*}`` (the most likely local rotation becomes the centre of the next search).
+
+Cost per iteration: frames × J × valid pixels trilinear samples (J = 123 for 3 steps),
+independent of num_div; "soft" also merges all of them (measured 2.6× slower than "hard"
+on the default data, for the same FSC). Frames are processed in blocks sized to the
+memory budget, photons stream block by block as in :mod:`spiflow.emc`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .grid import Grid, friedel_symmetrize
+from .rotation import canonical, multiply, quaternion_to_matrix
+from .sampling import local_rotations
+from .slicing import grid_coordinates, merge_model, merge_ratio, slice_model
+
+ASSIGNMENTS = ("hard", "soft")
+
+
+@dataclass
+class LocalResult:
+    """One local iteration's output. W (n, n, n) the new model (photons per unit pixel
+    factor); quaternion (frames, 4) the new centres ``R_i D_{j*}`` (w ≥ 0); gain (frames,)
+    mean 1; weight (n, n, n) the Friedel-symmetrised merge denominator; stats: frame means of
+    ``log_likelihood`` (nats, ``Σ_j P_ij L_ij`` plus the j-independent Poisson terms, as in
+    the global log), ``mutual_info`` (``Σ_j P_ij log(J P_ij)``, nats), ``mean_max_probability``
+    and ``moved_fraction`` (frames whose centre moved)."""
+
+    W: torch.Tensor
+    quaternion: torch.Tensor
+    gain: torch.Tensor
+    weight: torch.Tensor
+    stats: dict
+
+
+def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
+                    s_valid: torch.Tensor, n_orient: int, grid: Grid, step_deg: float, radius_steps: int,
+                    assignment: str = "hard", beta: float = 1.0, update_gain: bool = True,
+                    memory_budget_gb: float = 2.0) -> LocalResult:
+    """One local EMC iteration (module docstring) around each frame's orientation.
+
+    data: iterable of ``(i0, i1, K)`` photon blocks over all frames, K (b, P) counts of the
+    valid pixels (a dense tensor, or an object with ``dense()`` giving one), the first
+    ``n_orient`` columns being the orientation pixels; W (n, n, n) model on ``grid``;
+    quaternion (frames, 4) current orientations ``[w, x, y, z]``; gain (frames,);
+    q_valid (P, 3) Å⁻¹; s_valid (P,) pixel factors; all on one device and dtype.
+    step_deg, radius_steps: the local set (:func:`spiflow.sampling.local_rotations`);
+    assignment "hard" or "soft" (soft at inverse temperature ``beta``); update_gain: else
+    the gains stay. Returns a :class:`LocalResult`. Raises ValueError for an unknown
+    assignment or a bad local set.
+    """
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"local refinement assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+    dev, dt = W.device, W.dtype
+    D = torch.as_tensor(local_rotations(step_deg, radius_steps)).to(dev, dt)
+    J, P, po = len(D), len(q_valid), int(n_orient)
+    item = torch.finfo(dt).bits // 8
+    sub = int(max(1, memory_budget_gb * 1e9 // (8 * J * P * item)))  # coords, slices, logs, values
+    so, logs_o = s_valid[:po], torch.log(s_valid[:po])
+    tiny = torch.finfo(dt).tiny
+    accum = torch.zeros((2,) + W.shape, dtype=dt, device=dev)
+    frames = len(quaternion)
+    new_q, new_gain = quaternion.clone(), gain.clone()
+    ll, mi, pmax = (torch.zeros(frames, dtype=torch.float64, device=dev) for _ in range(3))
+    moved = 0
+    for b0, b1, K in data:
+        dense = getattr(K, "dense", None)
+        K = dense() if dense is not None else K
+        for i0 in range(b0, b1, sub):
+            i1 = min(b1, i0 + sub)
+            b, k, g = i1 - i0, K[i0 - b0:i1 - b0], gain[i0:i1]
+            cand = multiply(quaternion[i0:i1, None], D[None])  # (b, J, 4): R_i D_j
+            coords = grid_coordinates(q_valid, quaternion_to_matrix(cand.reshape(-1, 4)), grid)  # (bJ, P, 3)
+            S = slice_model(W, coords).view(b, J, P)
+            So = S[:, :, :po]
+            ko = k[:, :po]
+            L = torch.einsum("bjp,bp->bj", So.clamp_min(tiny).log(), ko) - g[:, None] * (So @ so)
+            const = ko @ logs_o + torch.xlogy(ko.sum(1), g)
+            best = L.argmax(1)
+            if assignment == "hard":
+                prob = torch.zeros_like(L).scatter_(1, best[:, None], 1.0)
+            else:
+                prob = torch.softmax(beta * L, 1)
+            rows = torch.arange(b, device=dev)
+            ll[i0:i1] = ((prob * L).sum(1) + const).double()
+            mi[i0:i1] = torch.xlogy(prob, prob * J).sum(1).double()
+            pmax[i0:i1] = prob.max(1).values.double()
+            moved += int((best != 0).sum())
+            if update_gain:
+                new_gain[i0:i1] = k.sum(1) / (prob * (S @ s_valid)).sum(1)
+            new_q[i0:i1] = canonical(cand[rows, best])
+            if assignment == "hard":  # merge each frame once, at its best local rotation
+                vals = torch.stack([k, new_gain[i0:i1, None] * s_valid[None, :]])
+                merge_model(accum, coords.view(b, J, P, 3)[rows, best], vals)
+            else:
+                vals = torch.stack([(prob[:, :, None] * k[:, None, :]).reshape(b * J, P),
+                                    (prob * new_gain[i0:i1, None]).reshape(-1, 1) * s_valid[None, :]])
+                merge_model(accum, coords, vals)
+    scale = new_gain.mean() if update_gain else torch.ones((), dtype=dt, device=dev)
+    stats = {"log_likelihood": ll.mean().item(), "mutual_info": mi.mean().item(),
+             "mean_max_probability": pmax.mean().item(), "moved_fraction": moved / frames}
+    return LocalResult(merge_ratio(accum[0], accum[1]) * scale, new_q / new_q.norm(dim=1, keepdim=True),
+                       new_gain / scale, friedel_symmetrize(accum[1]), stats)
+
+
+def step_schedule(start_deg: float, end_deg: float, iterations: int) -> np.ndarray:
+    """Local search steps (degrees) of ``iterations`` iterations, geometric from start to end."""
+    if iterations < 1:
+        return np.zeros(0)
+    return np.geomspace(start_deg, end_deg, iterations) if iterations > 1 else np.array([end_deg])
