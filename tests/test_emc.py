@@ -302,7 +302,7 @@ def test_local_refinement_beats_the_sampling_limit(data, assignment):
     local = fine.log[fine.log.iteration > 15]
     assert list(local.iteration) == [16, 17, 18, 19]
     np.testing.assert_allclose(local.step_deg, EMCConfig(num_div=3, refine_iterations=4).refine_steps_deg())
-    assert local.step_deg.iloc[0] == pytest.approx(53.0 / 3 / 3) and local.step_deg.iloc[-1] == pytest.approx(0.7)
+    assert local.step_deg.iloc[0] == pytest.approx(53.0 / 3 / 2) and local.step_deg.iloc[-1] == pytest.approx(0.5)
     assert local.log_likelihood.is_monotonic_increasing
     assert fine.log[fine.log.iteration <= 15].step_deg.isna().all()
     assert (local.beta.isna() if assignment == "hard" else local.beta == 1.0).all()

@@ -133,8 +133,8 @@ class EMCConfig:
     dtype: str = "float32"
     photon_format: str = "dense"
     refine_iterations: int = 0
-    refine_step_end_deg: float = 0.7
-    refine_radius_steps: int = 3
+    refine_step_end_deg: float = 0.5
+    refine_radius_steps: int = 2
     refine_assignment: str = "hard"
 
     def validate(self) -> None:
