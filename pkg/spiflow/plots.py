@@ -209,7 +209,8 @@ EMC_COLUMNS = ("iteration", "beta", "log_likelihood", "rms_change", "mutual_info
 
 def plot_emc_log(log_df: pd.DataFrame, path) -> None:
     """EMC convergence: log-likelihood, rms model change (log scale), mutual information
-    and β against iteration, one line per random start (column ``start``, optional).
+    and β against iteration, one line per random start (column ``start``, optional); the
+    local refinement iterations (column ``step_deg`` not NaN, optional) are shaded.
     ``log_df`` needs the columns iteration, beta, log_likelihood, rms_change, mutual_info
     (``seconds`` is optional); raises ValueError otherwise.
     """
@@ -228,7 +229,12 @@ def plot_emc_log(log_df: pd.DataFrame, path) -> None:
         y = log_df[col].to_numpy(dtype=float)
         if col == "rms_change" and np.all(y[np.isfinite(y)] > 0) and np.isfinite(y).any():
             ax.set_yscale("log")
-    if starts.nunique() > 1:
+    if "step_deg" in log_df.columns and log_df["step_deg"].notna().any():  # local refinement (spiflow.refine)
+        local = log_df.loc[log_df["step_deg"].notna(), "iteration"]
+        for ax in axes.flat:
+            ax.axvspan(local.min() - 0.5, local.max() + 0.5, color="0.9", zorder=0,
+                       label="local refinement (β: hard, MI: log J)")
+    if starts.nunique() > 1 or "step_deg" in log_df.columns:
         axes.flat[0].legend(fontsize=6)
     for ax in axes[1]:
         ax.set_xlabel("iteration")
