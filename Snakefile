@@ -13,6 +13,9 @@ from spiflow.simulate import check_sample, sample_files
 min_version("8.0")
 
 
+report: "workflow/report/workflow.rst"
+
+
 configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 

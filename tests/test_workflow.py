@@ -76,6 +76,21 @@ def test_tiny_workflow_end_to_end(tiny_run):
 
 
 @pytest.mark.slow
+def test_report_holds_every_method_and_the_config(tiny_run):
+    r = tiny_run / "results" / "tiny"
+    assert yaml.safe_load((r / "evaluate" / "config.yaml").read_text())["emc"] == {
+        **yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["emc"], **TINY["emc"]}
+    snakemake(tiny_run, "--report", str(tiny_run / "report.html"))
+    html = (tiny_run / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000  # the report embeds the figures
+    for name in ["summary.csv", "config.yaml", "fsc.png", "patterns_montage.png", "emc_log.png",
+                 "intensity_sections.png", "density_slices.png", "orientation_errors.png"]:
+        assert name in html, name
+    for method in TINY["reconstruction"]["methods"]:
+        assert f"evaluate/{method}/intensity_sections.png" in html, method
+
+
+@pytest.mark.slow
 def test_rerun_one_stage_leaves_upstream_untouched(tiny_run):
     r = tiny_run / "results" / "tiny"
     before = (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+import yaml
 import zarr
 
 from . import metrics, plots
@@ -59,6 +60,7 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "vae_states": "evaluate/vae/states",
         "summary_plot": "evaluate/{plot}.png",
         "summary": "evaluate/summary.csv",
+        "run_config": "evaluate/config.yaml",
     }.items()}
 
 
@@ -299,7 +301,9 @@ SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resoluti
 def stage_summary(config: dict, metric_files: list[str], fsc_files: list[str], patterns: str,
                   summary_csv: str, emc_log: str | None = None) -> pd.DataFrame:
     """One table comparing every method (SPEC.md columns, then those of :data:`SUMMARY_EXTRA`
-    that some method reports) plus the run's overview plots."""
+    that some method reports), the run's overview plots (``fsc.png``, ``patterns_montage.png``,
+    ``emc_log.png`` with ``emc_log``) and its complete validated configuration
+    (``config.yaml``), all beside ``summary_csv``."""
     rows = [json.loads(Path(f).read_text()) for f in metric_files]
     df = pd.DataFrame(rows)
     df = df[SUMMARY_COLUMNS + [c for c in SUMMARY_EXTRA if c in df]]
@@ -310,6 +314,8 @@ def stage_summary(config: dict, metric_files: list[str], fsc_files: list[str], p
     plots.plot_pattern_montage(pat.photons[:k].values, pat.valid.values, out / "patterns_montage.png")
     if emc_log and Path(emc_log).exists():
         plots.plot_emc_log(pd.read_csv(emc_log), out / "emc_log.png")
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     with atomic_path(summary_csv) as tmp:
         df.to_csv(tmp, index=False)
     return df

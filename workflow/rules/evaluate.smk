@@ -1,3 +1,7 @@
+EVAL_PLOTS = ["intensity_sections", "density_slices", "orientation_errors"]
+LATENT_PLOTS = ["latent_pca", "latent_traversal"]
+
+
 rule evaluate:
     """Align one method to the truth; FSC, intensity CC, orientation and gain errors, plots
     (every method but vae, which has rule evaluate_vae)."""
@@ -10,8 +14,9 @@ rule evaluate:
     output:
         fsc=P["fsc"],
         metrics=P["metrics"],
-        plots=expand(P["eval_plot"], plot=["intensity_sections", "density_slices", "orientation_errors"],
-                     allow_missing=True),
+        plots=[report(P["eval_plot"].format(method="{method}", plot=p), caption="../report/method_plot.rst",
+                      category="Methods", subcategory="{method}", labels={"method": "{method}", "figure": p})
+               for p in EVAL_PLOTS],
     wildcard_constraints:
         method=PLAIN_METHODS,
     log:
@@ -42,8 +47,9 @@ rule evaluate_vae:
     output:
         fsc=P["fsc"].format(method="vae"),
         metrics=P["metrics"].format(method="vae"),
-        plots=expand(P["eval_plot"], method="vae", plot=["intensity_sections", "density_slices",
-                     "orientation_errors", "latent_pca", "latent_traversal"]),
+        plots=[report(P["eval_plot"].format(method="vae", plot=p), category="Methods", subcategory="vae",
+                      caption="../report/latent.rst" if p.startswith("latent") else "../report/method_plot.rst",
+                      labels={"method": "vae", "figure": p}) for p in EVAL_PLOTS + LATENT_PLOTS],
         states=directory(P["vae_states"]),
     log:
         f"{LOGS}/evaluate_vae.log",
@@ -67,8 +73,16 @@ rule summary:
         patterns=P["patterns"],
         emc_log=[P["emc_log"]] if "emc" in METHODS else [],
     output:
-        summary=P["summary"],
-        plots=expand(P["summary_plot"], plot=["fsc", "patterns_montage"]),
+        summary=report(P["summary"], caption="../report/summary.rst", category="Summary",
+                       labels={"figure": "summary table"}),
+        config=report(P["run_config"], caption="../report/config.rst", category="Configuration",
+                      labels={"file": "config.yaml"}),
+        fsc=report(P["summary_plot"].format(plot="fsc"), caption="../report/fsc.rst", category="Summary",
+                   labels={"figure": "FSC curves"}),
+        montage=report(P["summary_plot"].format(plot="patterns_montage"), caption="../report/montage.rst",
+                       category="Summary", labels={"figure": "pattern montage"}),
+        emc_log=[report(P["summary_plot"].format(plot="emc_log"), caption="../report/emc_log.rst",
+                        category="Summary", labels={"figure": "EMC log"})] if "emc" in METHODS else [],
     log:
         f"{LOGS}/summary.log",
     conda:
