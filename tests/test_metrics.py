@@ -317,3 +317,32 @@ def test_gain_pearson():
         gain_pearson(np.array([np.nan, 1.0]), np.array([1.0, 2.0]))
     with pytest.raises(ValueError):
         gain_pearson(g[:1], g[:1])
+
+
+def test_orientation_errors_modulo_the_particle_symmetry():
+    """Frames of an Oh-symmetric particle, estimated as R_true g_i Aᵀ with a random proper
+    g_i per frame (indistinguishable data) and a global A: zero error modulo the group,
+    large without it; a 2° perturbation reads as 2°."""
+    from spiflow.symmetry import point_group
+
+    rng = np.random.default_rng(1)
+    qt = random_quaternions(400, rng)
+    r_true = quaternion_to_matrix(torch.as_tensor(qt))
+    ops = point_group("Oh")
+    proper = torch.as_tensor(ops[np.linalg.det(ops) > 0])
+    A = quaternion_to_matrix(torch.as_tensor(random_quaternions(1, rng)))[0]
+    r_est = r_true @ proper[rng.integers(0, 24, 400)] @ A.T
+    qe = matrix_to_quaternion(r_est).numpy()
+    assert np.median(orientation_errors(qe, qt)[0]) > 30
+    err, G = orientation_errors(qe, qt, symmetry=ops)
+    assert err.max() < 1e-6
+    axis = rng.normal(size=(400, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    half = np.deg2rad(2.0) / 2
+    tilt = torch.as_tensor(np.concatenate([np.full((400, 1), np.cos(half)), np.sin(half) * axis], 1))
+    qe2 = matrix_to_quaternion(r_est @ quaternion_to_matrix(tilt)).numpy()
+    err2 = orientation_errors(qe2, qt, symmetry=ops)[0]
+    plain = orientation_errors(matrix_to_quaternion(r_true @ quaternion_to_matrix(tilt)).numpy(), qt)[0]
+    assert abs(np.median(err2) - np.median(plain)) < 0.1 and err2.max() < 4
+    with pytest.raises(ValueError, match="symmetry"):
+        orientation_errors(qe, qt, symmetry=np.ones((2, 3, 3)))

@@ -75,17 +75,20 @@ def test_uniform_sphere_transform():
     assert qn[i] == pytest.approx(4.4934 / (2 * np.pi * a), rel=0.05)
 
 
-def test_expected_counts_match_direct_atom_sum_within_one_percent():
+@pytest.mark.parametrize("eps,worst", [(1e-8, 1e-4), (1e-6, 1e-2)])  # double; single precision (the default)
+def test_expected_counts_match_direct_atom_sum_within_one_percent(eps, worst):
+    """Median relative error < 1 % (measured: 1e-9 in double, 2e-6 in single precision); the
+    worst pixel sits near a zero of |F|, where a relative error is largest."""
     atoms = read_structure(PDB)
     det = Detector(32, 1.3e-3, 0.1, 6000.0, beam_stop_radius_m=2e-3)
     quats = np.random.default_rng(1).normal(size=(3, 4))
     quats /= np.linalg.norm(quats, axis=1, keepdims=True)
     args = (atoms, det.q(), det.pixel_factor(), quats, 1.0)
-    fast = expected_counts(*args, method="nufft", device=torch.device("cpu"), eps=1e-8)
+    fast = expected_counts(*args, method="nufft", device=torch.device("cpu"), eps=eps)
     exact = expected_counts(*args, method="direct", device=torch.device("cpu"), eps=1e-8)
     rel = np.abs(fast - exact) / exact
-    assert np.median(rel) < 0.01
-    assert rel.max() < 1e-4
+    assert np.median(rel) < 0.01 and np.median(rel) < 100 * eps
+    assert rel.max() < worst
 
 
 def test_grid_transform_and_density_integrate_to_electron_count():

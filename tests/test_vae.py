@@ -253,3 +253,17 @@ def test_pca_and_spearman_on_a_known_line():
     np.testing.assert_allclose(np.abs(p.components[0]), np.array([1, 2, 0]) / np.sqrt(5), atol=1e-3)
     assert p.explained_variance_ratio[0] > 0.99
     assert vae.spearman_pc1(z, t) > 0.999  # PC1's sign: largest loading positive
+
+
+def test_umap_embedding_separates_two_clusters():
+    pytest.importorskip("umap")
+    from spiflow.latent import umap_embedding
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(0, 0.1, (40, 3)), rng.normal(5, 0.1, (40, 3))])
+    emb = umap_embedding(z, seed=0)
+    assert emb.shape == (80, 2)
+    a, b = emb[:40].mean(0), emb[40:].mean(0)
+    spread = max(emb[:40].std(0).max(), emb[40:].std(0).max())
+    assert np.linalg.norm(a - b) > 3 * spread
+    assert umap_embedding(z[:3], seed=0) is None

@@ -11,6 +11,8 @@
   against PC2 coloured by the true conformation, and PC1 against each true parameter;
 * ``latent_spearman`` = |Spearman ρ| between PC1 and the first conformation parameter (the
   sign of PC1 is arbitrary), ``latent_spearman_<name>`` for every parameter;
+* when umap-learn is installed, a 2D UMAP of ``z_mu`` (:func:`umap_embedding`):
+  ``latent_umap.png`` in the same layout, ``latent_umap_spearman_<name>`` for UMAP 1;
 * ``vae.clusters`` k-means centres snapped to real frames
   (:func:`spiflow.vae.kmeans_representatives`), each decoded onto the reconstruction grid,
   phased with the ``phase`` settings, rotated into the truth's frame by the rotation that
@@ -106,8 +108,24 @@ def _spearman(a, b) -> float:
     return float(abs(spearmanr(a, b).statistic))
 
 
-def plot_latent(scores: np.ndarray, conformation: np.ndarray | None, names: list[str], rep_frames, path) -> None:
-    """PC1 vs PC2 coloured by the first true parameter, and PC1 vs each true parameter."""
+def umap_embedding(z: np.ndarray, seed: int, neighbors: int = 15) -> np.ndarray | None:
+    """2D UMAP embedding (frames, 2) of the latent means z (frames, latent) with umap-learn
+    (McInnes, Healy & Melville, arXiv 1802.03426; ``n_neighbors = min(neighbors, frames − 1)``,
+    seeded), or None when umap-learn is not installed or there are fewer than 4 frames."""
+    try:
+        import umap
+    except ImportError:
+        return None
+    if len(z) < 4:
+        return None
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(neighbors, len(z) - 1), random_state=seed)
+    return np.asarray(reducer.fit_transform(np.asarray(z, dtype=np.float32)), dtype=np.float64)
+
+
+def plot_latent(scores: np.ndarray, conformation: np.ndarray | None, names: list[str], rep_frames, path,
+                axes_names: tuple[str, str] = ("PC1", "PC2")) -> None:
+    """Component 1 vs 2 of ``scores`` (frames, ≥ 1) coloured by the first true parameter, and
+    component 1 vs each true parameter (with |Spearman ρ|); ``axes_names`` label them."""
     k = 1 + (len(names) if conformation is not None else 0)
     fig, axes = _figure((4.0 * k, 3.6), 1, k)
     pc2 = scores[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
@@ -117,14 +135,14 @@ def plot_latent(scores: np.ndarray, conformation: np.ndarray | None, names: list
     ax.scatter(scores[rep_frames, 0], pc2[rep_frames], marker="x", c="red", s=40, label="k-means states")
     if c is not None:
         fig.colorbar(sc, ax=ax, label=f"true {names[0]}")
-    ax.set_xlabel("PC1")
-    ax.set_ylabel("PC2")
+    ax.set_xlabel(axes_names[0])
+    ax.set_ylabel(axes_names[1])
     ax.legend(fontsize=7)
     for j in range(k - 1):
         ax = axes[0, j + 1]
         ax.scatter(conformation[:, j], scores[:, 0], s=4, c="k", alpha=0.5)
         ax.set_xlabel(f"true {names[j]}")
-        ax.set_ylabel("PC1")
+        ax.set_ylabel(axes_names[0])
         ax.set_title(f"|Spearman ρ| = {_spearman(scores[:, 0], conformation[:, j]):.3f}", fontsize=9)
     _save(fig, path)
 
@@ -207,6 +225,11 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     result["state_resolution_fsc05_angstrom_mean"] = float(df.resolution_fsc05_angstrom.mean())
 
     plot_latent(p.scores, conf, names, frames, out / "latent_pca.png")
+    emb = umap_embedding(z, seed)
+    if emb is not None:  # optional: umap-learn installed
+        plot_latent(emb, conf, names, frames, out / "latent_umap.png", axes_names=("UMAP 1", "UMAP 2"))
+        for j, name in enumerate(names):
+            result[f"latent_umap_spearman_{name}"] = _spearman(emb[:, 0], conf[:, j])
     steps = v["traversal_steps"]
     _, path_vols = traversal(decoder, z, steps=steps, span=2.0)
     plot_traversal(path_vols, dgrid, np.linspace(-2, 2, steps), out / "latent_traversal.png")

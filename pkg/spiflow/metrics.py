@@ -174,7 +174,8 @@ def intensity_cc(recon, truth, mask, grid: Grid, shell_width: int = 1) -> float:
     return float(cc.mean())
 
 
-def orientation_errors(q_est, q_true, robust_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def orientation_errors(q_est, q_true, robust_fraction: float = 0.5, symmetry=None,
+                       candidates: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame orientation errors after removing EMC's arbitrary global rotation.
 
     q_est, q_true: (N, 4) quaternions [w, x, y, z]. The model frame is arbitrary: with
@@ -183,10 +184,17 @@ def orientation_errors(q_est, q_true, robust_fraction: float = 0.5) -> tuple[np.
     ``Σ R_est_iᵀ R_true_i`` (:func:`spiflow.rotation.mean_rotation`). To be robust to
     outliers (frames EMC placed wrongly), G is estimated once from all frames, then again
     from the ``robust_fraction`` (default 50 %) of frames with the smallest errors.
-    Returns ``(errors_deg (N,), G (3, 3))``: the angles in degrees (0 … 180) between
-    ``R_true_i`` and ``R_est_i G``, and G (≈ Aᵀ; use it with :func:`align_intensity`).
-    Raises ValueError for shapes other than matching (N, 4), N = 0, zero-norm or
-    non-finite quaternions.
+
+    symmetry: optional (K, 3, 3) point-group operations of the particle (particle frame,
+    :func:`spiflow.symmetry.point_group`; improper ones are dropped, the identity kept).
+    A particle with ``ρ(g r) = ρ(r)`` gives the same pattern at ``R`` and ``R g``, so the
+    error of frame i is ``min_g ∠(R_true_i g, R_est_i G)`` and the frames' g_i and G are
+    fitted by alternation, started from the best of ``candidates`` single-frame guesses
+    ``G = R_est_kᵀ R_true_k`` (the plain mean of a symmetric set of rotations is
+    meaningless). Returns ``(errors_deg (N,), G (3, 3))``: the angles in degrees (0 … 180)
+    and G (≈ Aᵀ). Raises ValueError for shapes other than matching (N, 4), N = 0,
+    zero-norm or non-finite quaternions, or symmetry operations that are not (K, 3, 3)
+    orthogonal matrices.
     """
     qe = _array(q_est, "q_est", np.float64)
     qt = _array(q_true, "q_true", np.float64)
@@ -198,19 +206,39 @@ def orientation_errors(q_est, q_true, robust_fraction: float = 0.5) -> tuple[np.
         raise ValueError("zero-norm quaternion")
     if not 0 < robust_fraction <= 1:
         raise ValueError(f"robust_fraction must be in (0, 1], got {robust_fraction}")
+    ops = np.eye(3)[None] if symmetry is None else _array(symmetry, "symmetry", np.float64)
+    if ops.ndim != 3 or ops.shape[1:] != (3, 3) or not np.allclose(ops @ ops.transpose(0, 2, 1), np.eye(3), atol=1e-6):
+        raise ValueError(f"symmetry must be (K, 3, 3) orthogonal matrices, got shape {ops.shape}")
+    ops = np.concatenate([np.eye(3)[None], ops[np.linalg.det(ops) > 0]])
     r_est = quaternion_to_matrix(torch.from_numpy(qe))
     r_true = quaternion_to_matrix(torch.from_numpy(qt))
-    q_true_t = matrix_to_quaternion(r_true)
-    rel = r_est.transpose(-1, -2) @ r_true
+    sym_true = r_true[:, None] @ torch.from_numpy(ops)[None]  # (N, K, 3, 3): R_true g
+    q_sym = matrix_to_quaternion(sym_true)
+    n, k = len(qe), max(1, int(np.ceil(robust_fraction * len(qe))))
 
-    def errors(G):
-        return angle_between(q_true_t, matrix_to_quaternion(r_est @ G))
+    def errors(G):  # (N,) min over g, and the best g of each frame
+        e = angle_between(q_sym, matrix_to_quaternion(r_est @ G)[:, None])
+        return e.min(1)
 
-    G = mean_rotation(rel)
-    err = errors(G)
-    keep = torch.argsort(err)[: max(1, int(np.ceil(robust_fraction * len(err))))]
-    G = mean_rotation(rel[keep])
-    return errors(G).numpy(), G.numpy()
+    def fit(G):  # alternate: each frame's best g, then G from the closest half
+        for _ in range(3):
+            e = angle_between(q_sym, matrix_to_quaternion(r_est @ G)[:, None])
+            best, g = e.min(1)
+            rel = r_est.transpose(-1, -2) @ sym_true[torch.arange(n), g]
+            G = mean_rotation(rel)
+            G = mean_rotation(rel[torch.argsort(errors(G)[0])[:k]])
+        return G
+
+    if len(ops) == 1:
+        rel = r_est.transpose(-1, -2) @ r_true
+        G = mean_rotation(rel)
+        G = mean_rotation(rel[torch.argsort(errors(G)[0])[:k]])
+    else:
+        picks = np.random.default_rng(0).choice(n, size=min(candidates, n), replace=False)
+        guesses = [r_est[i].T @ r_true[i] for i in picks]
+        G = min(guesses, key=lambda g: float(errors(g)[0].median()))
+        G = fit(G)
+    return errors(G)[0].numpy(), G.numpy()
 
 
 def gain_pearson(est, true) -> float:

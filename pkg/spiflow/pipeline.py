@@ -29,6 +29,7 @@ from .io import atomic_path, intensity_dataset, open_dataset, orientations_datas
 from .phasing import PhasingConfig, phase
 from .selfsup import SelfSupConfig, run_selfsup
 from .simulate import grid_of, simulate
+from .symmetry import point_group
 from .vae import VAEConfig, decode, latent_dataset, run_vae
 from . import latent as latent_eval
 
@@ -240,7 +241,8 @@ def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensi
     the intensities and undone on intensity and density (``ρ_rec(r) = ρ_true(A r)``). The
     density is then registered by translation and inversion. The oracle needs no rotation.
     For a heterogeneous sample the truth's ``intensity``/``density`` are those of its
-    reference conformation. With ``latent`` and ``decoder`` (method ``vae``) the latent
+    reference conformation. Orientation errors are taken modulo the rotations of
+    ``evaluate.symmetry`` (the particle's point group). With ``latent`` and ``decoder`` (method ``vae``) the latent
     analysis of :func:`spiflow.latent.evaluate_latent` is added (files in ``out_dir``, its
     numbers in metrics.json: ``latent_spearman``, per-state FSC resolutions, …).
     """
@@ -261,7 +263,8 @@ def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensi
     rho_al, reg = align_density(np.asarray(rotate_volume(den.density.values, A)), tr.density.values)
     rho_al = np.asarray(rho_al)
     table = metrics.fsc(rho_al, tr.density.values, grid)
-    errors, _ = metrics.orientation_errors(ori.quaternion.values, tr.quaternion.values)
+    errors, _ = metrics.orientation_errors(ori.quaternion.values, tr.quaternion.values,
+                                           symmetry=point_group(config["evaluate"]["symmetry"]))
     out = Path(out_dir)
     result = {
         "method": method,

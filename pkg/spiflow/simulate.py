@@ -210,7 +210,7 @@ def expected_counts(atoms: Atoms, q: np.ndarray, pixel_factor: np.ndarray, quats
     """
     rot = quaternion_to_matrix(torch.as_tensor(quats, dtype=torch.float64)).numpy()
     q_rot = np.einsum("yxj,bjk->byxk", q, rot)  # (Rᵀ q)ᵀ = qᵀ R
-    F = structure_factor(atoms, q_rot, method=method, device=device, eps=eps)
+    F = structure_factor(atoms, q_rot, method=method, device=device, eps=eps, q_norm=np.linalg.norm(q, axis=-1))
     return scale * pixel_factor * np.abs(F) ** 2
 
 
