@@ -12,7 +12,7 @@
 * ``latent_spearman`` = |Spearman ρ| between PC1 and the first conformation parameter (the
   sign of PC1 is arbitrary), ``latent_spearman_<name>`` for every parameter;
 * when umap-learn is installed, a 2D UMAP of ``z_mu`` (:func:`umap_embedding`):
-  ``latent_umap.png`` in the same layout, ``latent_umap_spearman_<name>`` for UMAP 1;
+  ``latent_umap.png``, coloured by the true conformation (no ρ: UMAP's axes are arbitrary);
 * ``vae.clusters`` k-means centres snapped to real frames
   (:func:`spiflow.vae.kmeans_representatives`), each decoded onto the reconstruction grid,
   phased with the ``phase`` settings, rotated into the truth's frame by the rotation that
@@ -123,10 +123,11 @@ def umap_embedding(z: np.ndarray, seed: int, neighbors: int = 15) -> np.ndarray 
 
 
 def plot_latent(scores: np.ndarray, conformation: np.ndarray | None, names: list[str], rep_frames, path,
-                axes_names: tuple[str, str] = ("PC1", "PC2")) -> None:
-    """Component 1 vs 2 of ``scores`` (frames, ≥ 1) coloured by the first true parameter, and
-    component 1 vs each true parameter (with |Spearman ρ|); ``axes_names`` label them."""
-    k = 1 + (len(names) if conformation is not None else 0)
+                axes_names: tuple[str, str] = ("PC1", "PC2"), versus: bool = True) -> None:
+    """Component 1 vs 2 of ``scores`` (frames, ≥ 1) coloured by the first true parameter and,
+    with ``versus``, component 1 vs each true parameter (with |Spearman ρ|; meaningful for
+    PCA, not for UMAP, whose axes are arbitrary); ``axes_names`` label the components."""
+    k = 1 + (len(names) if conformation is not None and versus else 0)
     fig, axes = _figure((4.0 * k, 3.6), 1, k)
     pc2 = scores[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
     ax = axes[0, 0]
@@ -227,9 +228,8 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     plot_latent(p.scores, conf, names, frames, out / "latent_pca.png")
     emb = umap_embedding(z, seed)
     if emb is not None:  # optional: umap-learn installed
-        plot_latent(emb, conf, names, frames, out / "latent_umap.png", axes_names=("UMAP 1", "UMAP 2"))
-        for j, name in enumerate(names):
-            result[f"latent_umap_spearman_{name}"] = _spearman(emb[:, 0], conf[:, j])
+        plot_latent(emb, conf, names, frames, out / "latent_umap.png", axes_names=("UMAP 1", "UMAP 2"),
+                    versus=False)
     steps = v["traversal_steps"]
     _, path_vols = traversal(decoder, z, steps=steps, span=2.0)
     plot_traversal(path_vols, dgrid, np.linspace(-2, 2, steps), out / "latent_traversal.png")
