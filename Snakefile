@@ -8,7 +8,7 @@ from snakemake.utils import min_version, validate
 
 import spiflow.config
 from spiflow.pipeline import layout, vae_orientations_source
-from spiflow.simulate import check_sample, sample_files
+from spiflow.simulate import check_sample, sample_files, shard_ranges
 
 min_version("8.0")
 
@@ -20,8 +20,9 @@ configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
 validate(config, str(spiflow.config.SCHEMA_PATH))
-try:  # a bad sample stops the workflow at once, naming its config key
+try:  # a bad sample or shard count stops the workflow at once, naming its config key
     check_sample(config)
+    shard_ranges(config["dataset"]["n_patterns"], config["dataset"]["chunk_frames"], config["simulate"]["shards"])
 except (FileNotFoundError, ValueError) as exc:
     raise WorkflowError(str(exc))
 

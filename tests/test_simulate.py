@@ -12,7 +12,7 @@ from spiflow.detector import Detector, reconstruction_grid
 from spiflow.grid import Grid, structure_factor_to_density
 from spiflow.io import atomic_path
 from spiflow.scattering import form_factor, structure_factor, structure_factor_grid
-from spiflow.simulate import draw_gains, expected_counts, simulate
+from spiflow.simulate import draw_gains, expected_counts, gather_shards, shard_ranges, simulate, simulate_shard
 from spiflow.structure import Atoms, read_structure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +176,30 @@ def test_simulate_stores_seeding_and_photon_budget(tmp_path):
     c3 = small_config(tmp_path, dataset={"seed": 6})
     simulate(c3, tmp_path / "c" / "patterns.zarr", tmp_path / "c" / "truth.zarr", progress=False)
     assert not np.array_equal(xr.open_zarr(tmp_path / "c" / "patterns.zarr").photons.values, photons)
+
+
+def test_sharded_simulate_equals_one_job(tmp_path):
+    """Three shard stores of whole chunks (7 frames each: 7 | 7+7 | 3), gathered, give the
+    same patterns, attributes and truth as one job; bad shard counts name the config key."""
+    c = small_config(tmp_path, dataset={"chunk_frames": 7}, simulate={"shards": 3})
+    simulate(c, tmp_path / "one" / "patterns.zarr", tmp_path / "one" / "truth.zarr", progress=False)
+    assert shard_ranges(24, 7, 3) == [(0, 7), (7, 21), (21, 24)]  # chunks of 7, 7, 7, 3 frames
+    parts = [tmp_path / "shards" / f"{k}.zarr" for k in range(3)]
+    for k, path in enumerate(parts):
+        simulate_shard(c, k, path, progress=False)
+    gather_shards(c, parts, tmp_path / "g" / "patterns.zarr", tmp_path / "g" / "truth.zarr")
+    one, g = (xr.open_zarr(tmp_path / d / "patterns.zarr") for d in ("one", "g"))
+    np.testing.assert_array_equal(g.photons.values, one.photons.values)
+    assert g.photons.encoding["chunks"] == one.photons.encoding["chunks"] == (7, 16, 16)
+    assert g.attrs == one.attrs
+    for name in ("quaternion", "gain", "intensity"):
+        np.testing.assert_array_equal(xr.open_zarr(tmp_path / "g" / "truth.zarr")[name].values,
+                                      xr.open_zarr(tmp_path / "one" / "truth.zarr")[name].values)
+    with pytest.raises(ValueError, match="does not hold frames"):
+        gather_shards(c, parts[::-1], tmp_path / "bad" / "patterns.zarr", tmp_path / "bad" / "truth.zarr")
+    assert not (tmp_path / "bad" / "patterns.zarr").exists()
+    with pytest.raises(ValueError, match="simulate.shards"):
+        shard_ranges(24, 7, 5)
 
 
 def test_readout_noise_gives_whole_photons(tmp_path):

@@ -28,7 +28,7 @@ from .grid import Grid
 from .io import atomic_path, intensity_dataset, open_dataset, orientations_dataset, write_dataset
 from .phasing import PhasingConfig, phase
 from .selfsup import SelfSupConfig, run_selfsup
-from .simulate import grid_of, simulate
+from .simulate import gather_shards, grid_of, simulate, simulate_shard
 from .symmetry import point_group
 from .vae import VAEConfig, decode, latent_dataset, run_vae
 from . import latent as latent_eval
@@ -43,6 +43,7 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
     return {k: str(r / v) for k, v in {
         "patterns": "simulate/patterns.zarr",
         "truth": "simulate/truth.zarr",
+        "shard": "simulate/shards/{shard}.zarr",  # simulate.shards > 1, removed once gathered
         "intensity": "recon/{method}/intensity.zarr",
         "orientations": "recon/{method}/orientations.zarr",
         "emc_log": "recon/emc/emc_log.csv",
@@ -65,9 +66,18 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
     }.items()}
 
 
-def stage_simulate(config: dict, patterns: str, truth: str, progress: bool = True) -> dict:
-    """simulate: the patterns store and the ground-truth store (see :mod:`spiflow.simulate`)."""
+def stage_simulate(config: dict, patterns: str, truth: str, progress: bool = True,
+                   shards: list[str] | None = None) -> dict:
+    """simulate: the patterns store and the ground-truth store (see :mod:`spiflow.simulate`);
+    with ``shards`` (the stores of :func:`stage_simulate_shard`) gathers them instead."""
+    if shards:
+        return gather_shards(config, shards, patterns, truth)
     return simulate(config, patterns, truth, progress=progress)
+
+
+def stage_simulate_shard(config: dict, shard: int, path: str, progress: bool = True) -> dict:
+    """simulate one shard of frames (``simulate.shards`` > 1) into its own store."""
+    return simulate_shard(config, shard, path, progress=progress)
 
 
 def stage_recon_truth(config: dict, truth: str, patterns: str, intensity: str, orientations: str) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -246,13 +247,34 @@ def expected_counts_per_frame(atoms: list[Atoms], q: np.ndarray, pixel_factor: n
     return scale * pixel_factor * out.reshape((len(atoms),) + pixel_factor.shape)
 
 
-def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, progress: bool = True) -> dict:
-    """Run the simulate stage for a validated ``config``; write both stores atomically.
+@dataclass
+class _Setup:
+    """Everything the frames and the truth depend on, derived from the config alone (so
+    every shard of a sharded run derives the same): sample, detector, grid, per-frame draws,
+    fluence, the patterns store's static arrays and attributes."""
 
-    Returns a dict of summary numbers (mean photons, fluence, grid). Raises
-    FileNotFoundError / ValueError naming the structure file or the config key at fault.
-    """
-    t0 = time.perf_counter()
+    config: dict
+    sample: object
+    atoms: Atoms
+    radius: float
+    det: Detector
+    q: np.ndarray
+    pixel_factor: np.ndarray
+    valid: np.ndarray
+    grid: Grid
+    quats: np.ndarray
+    gains: np.ndarray
+    params: np.ndarray | None
+    fluence: float
+    expected: object
+    attrs: dict
+
+    @property
+    def n(self) -> int:
+        return len(self.quats)
+
+
+def _setup(config: dict) -> _Setup:
     cfg_s, cfg_d, cfg_b, cfg_sim = config["sample"], config["dataset"], config["beam"], config["simulate"]
     device = resolve_device(config["device"])
     sample, atoms = build_sample(config)
@@ -305,48 +327,66 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
         "spiflow_version": __version__,
         "config": yaml.safe_dump(config, sort_keys=False),
     }
-    chunk = cfg_d["chunk_frames"]
-    totals = np.zeros(n)
-    with atomic_path(patterns_path) as tmp:
-        static = xr.Dataset(
-            {"valid": (("y", "x"), valid), "q": (("y", "x", "axis"), q.astype(np.float32)),
-             "pixel_factor": (("y", "x"), pixel_factor.astype(np.float32))},
-            coords={"y": np.arange(det.n_pixels), "x": np.arange(det.n_pixels), "axis": ["qx", "qy", "qz"]},
-            attrs=attrs)
-        static["q"].attrs["units"] = "1/angstrom"
-        static["pixel_factor"].attrs["units"] = "steradian (solid angle x polarisation factor)"
-        static.to_zarr(tmp, mode="w", consolidated=False)
-        root = zarr.open_group(tmp, mode="a")
-        root.create_array("frame", data=np.arange(n), dimension_names=["frame"])
-        photons = root.create_array("photons", shape=(n, det.n_pixels, det.n_pixels), dtype="int32",
-                                    chunks=(min(chunk, n), det.n_pixels, det.n_pixels),
-                                    dimension_names=["frame", "y", "x"], fill_value=0,
-                                    attributes={"units": "photons"})
-        sigma = config["detector"]["readout_noise"]
-        for i0 in tqdm(range(0, n, chunk), desc="simulate", unit="chunk", disable=not progress):
-            i1 = min(i0 + chunk, n)
-            mu = expected(quats[i0:i1], None if params is None else params[i0:i1], r_e2 * fluence)
-            mu *= gains[i0:i1, None, None]
-            counts = np.empty(mu.shape, dtype=np.int32)
-            for b, i in enumerate(range(i0, i1)):
-                rng = np.random.default_rng([seed, 7, i])
-                c = rng.poisson(mu[b]).astype(np.float64)
-                if sigma > 0:
-                    c = np.clip(np.rint(c + rng.normal(0.0, sigma, c.shape)), 0, None)
-                counts[b] = np.where(valid, c, 0)
-            photons[i0:i1] = counts
-            totals[i0:i1] = counts.sum((1, 2))
-        zarr.consolidate_metadata(tmp)
+    return _Setup(config, sample, atoms, radius, det, q, pixel_factor, valid, grid, quats, gains, params, fluence,
+                  expected, attrs)
 
-    eps = cfg_sim["nufft_eps"]
-    parts, extra = [orientations_dataset(quats, gains)], {}
+
+def _photons_store(s: _Setup, path, frames: int, attrs: dict) -> zarr.Array:
+    """A patterns store at ``path`` (static arrays, attrs) with an empty photons array of
+    ``frames`` frames in chunks of ``dataset.chunk_frames``; returns the photons array."""
+    det, chunk = s.det, s.config["dataset"]["chunk_frames"]
+    static = xr.Dataset(
+        {"valid": (("y", "x"), s.valid), "q": (("y", "x", "axis"), s.q.astype(np.float32)),
+         "pixel_factor": (("y", "x"), s.pixel_factor.astype(np.float32))},
+        coords={"y": np.arange(det.n_pixels), "x": np.arange(det.n_pixels), "axis": ["qx", "qy", "qz"]},
+        attrs=attrs)
+    static["q"].attrs["units"] = "1/angstrom"
+    static["pixel_factor"].attrs["units"] = "steradian (solid angle x polarisation factor)"
+    static.to_zarr(path, mode="w", consolidated=False)
+    root = zarr.open_group(path, mode="a")
+    root.create_array("frame", data=np.arange(frames), dimension_names=["frame"])
+    return root.create_array("photons", shape=(frames, det.n_pixels, det.n_pixels), dtype="int32",
+                             chunks=(min(chunk, frames), det.n_pixels, det.n_pixels),
+                             dimension_names=["frame", "y", "x"], fill_value=0, attributes={"units": "photons"})
+
+
+def _simulate_frames(s: _Setup, photons: zarr.Array, i0: int, i1: int, progress: bool) -> np.ndarray:
+    """Noisy patterns of frames ``i0 … i1 − 1`` into ``photons[i − i0]``, one chunk at a time;
+    frame i draws from ``default_rng([seed, 7, i])``, so the data do not depend on chunks
+    or shards. Returns the photons per frame (i1 − i0,)."""
+    chunk, seed = s.config["dataset"]["chunk_frames"], s.config["dataset"]["seed"]
+    sigma = s.config["detector"]["readout_noise"]
+    scale = CLASSICAL_ELECTRON_RADIUS_ANGSTROM ** 2 * s.fluence
+    totals = np.zeros(i1 - i0)
+    for c0 in tqdm(range(i0, i1, chunk), desc="simulate", unit="chunk", disable=not progress):
+        c1 = min(c0 + chunk, i1)
+        mu = s.expected(s.quats[c0:c1], None if s.params is None else s.params[c0:c1], scale)
+        mu *= s.gains[c0:c1, None, None]
+        counts = np.empty(mu.shape, dtype=np.int32)
+        for b, i in enumerate(range(c0, c1)):
+            rng = np.random.default_rng([seed, 7, i])
+            c = rng.poisson(mu[b]).astype(np.float64)
+            if sigma > 0:
+                c = np.clip(np.rint(c + rng.normal(0.0, sigma, c.shape)), 0, None)
+            counts[b] = np.where(s.valid, c, 0)
+        photons[c0 - i0:c1 - i0] = counts
+        totals[c0 - i0:c1 - i0] = counts.sum((1, 2))
+    return totals
+
+
+def _write_truth(s: _Setup, truth_path, t0: float) -> int:
+    """The truth store: orientations, gains, conformations, intensity and density volumes.
+    Returns the number of atoms of the (reference) structure."""
+    config, grid, atoms, sample = s.config, s.grid, s.atoms, s.sample
+    eps = config["simulate"]["nufft_eps"]
+    parts, extra = [orientations_dataset(s.quats, s.gains)], {}
     if sample is not None:
         from .hetero import conformation_dataset
         ref, states = reference_states(sample, config)
         atoms = sample.atoms(ref)
         names = list(sample.parameter_names)
         vols = [volumes(sample.atoms(c), grid, eps) for c in states]
-        parts.append(conformation_dataset(params, names))
+        parts.append(conformation_dataset(s.params, names))
         parts.append(xr.Dataset(
             {"state_conformation": (("state", "parameter"), states),
              "state_intensity": (("state", "qx", "qy", "qz"), np.stack([v[0] for v in vols]).astype(np.float32)),
@@ -365,13 +405,82 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
     for ax in ("x", "y", "z"):
         truth[ax].attrs["units"] = "angstrom"
     truth.attrs.update({"recon_grid_n": grid.n, "recon_grid_dq": grid.dq, "n_atoms": len(atoms),
-                        "electrons": atoms.electrons(), "particle_radius_angstrom": radius,
-                        "sample_path": ", ".join(sample_files(config)), "sample_kind": cfg_s["kind"],
+                        "electrons": atoms.electrons(), "particle_radius_angstrom": s.radius,
+                        "sample_path": ", ".join(sample_files(config)), "sample_kind": config["sample"]["kind"],
                         "wall_seconds": time.perf_counter() - t0, **extra})
     write_dataset(truth, truth_path)
-    return {"mean_photons": float(totals.mean()), "fluence_photons_per_angstrom2": fluence,
-            "grid_n": grid.n, "grid_dq": grid.dq, "n_atoms": len(atoms),
+    return len(atoms)
+
+
+def _summary(s: _Setup, totals: np.ndarray, t0: float, n_atoms: int | None) -> dict:
+    return {"mean_photons": float(totals.mean()), "fluence_photons_per_angstrom2": s.fluence,
+            "grid_n": s.grid.n, "grid_dq": s.grid.dq, "n_atoms": n_atoms,
             "wall_seconds": time.perf_counter() - t0}
+
+
+def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, progress: bool = True) -> dict:
+    """Run the simulate stage for a validated ``config``; write both stores atomically.
+
+    Returns a dict of summary numbers (mean photons, fluence, grid). Raises
+    FileNotFoundError / ValueError naming the structure file or the config key at fault.
+    """
+    t0 = time.perf_counter()
+    s = _setup(config)
+    with atomic_path(patterns_path) as tmp:
+        totals = _simulate_frames(s, _photons_store(s, tmp, s.n, s.attrs), 0, s.n, progress)
+        zarr.consolidate_metadata(tmp)
+    return _summary(s, totals, t0, _write_truth(s, truth_path, t0))
+
+
+def shard_ranges(n_patterns: int, chunk_frames: int, shards: int) -> list[tuple[int, int]]:
+    """Frame ranges ``[(i0, i1), …]`` of ``shards`` shards: contiguous, each of whole Zarr
+    chunks of ``chunk_frames`` frames (the last chunk may be short), as even as whole chunks
+    allow. Raises ValueError naming ``simulate.shards`` when there are more shards than chunks."""
+    chunks = -(-n_patterns // chunk_frames)
+    if not 1 <= shards <= chunks:
+        raise ValueError(f"simulate.shards = {shards} must be between 1 and the number of chunks, "
+                         f"{chunks} (dataset.n_patterns / dataset.chunk_frames)")
+    edges = np.rint(np.linspace(0, chunks, shards + 1)).astype(int) * chunk_frames
+    return [(int(a), int(min(b, n_patterns))) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def simulate_shard(config: dict, shard: int, shard_path: str | Path, progress: bool = True) -> dict:
+    """One shard of a sharded simulate (``simulate.shards`` > 1): the frames of
+    :func:`shard_ranges` ``[shard]`` into their own store (same layout, ``frame_start``
+    attribute), written atomically. The frames equal those of an unsharded run."""
+    t0 = time.perf_counter()
+    s = _setup(config)
+    i0, i1 = shard_ranges(s.n, config["dataset"]["chunk_frames"], config["simulate"]["shards"])[shard]
+    with atomic_path(shard_path) as tmp:
+        totals = _simulate_frames(s, _photons_store(s, tmp, i1 - i0, {**s.attrs, "frame_start": i0}), i0, i1,
+                                  progress)
+        zarr.consolidate_metadata(tmp)
+    return _summary(s, totals, t0, None)
+
+
+def gather_shards(config: dict, shard_paths: list, patterns_path: str | Path, truth_path: str | Path) -> dict:
+    """Gather the shard stores (in shard order) into ``patterns_path``, chunk by chunk (never
+    the whole data in memory), and write the truth store; both atomically. Raises ValueError
+    naming a shard store whose frame range or chunking does not match ``config``."""
+    t0 = time.perf_counter()
+    s = _setup(config)
+    chunk = config["dataset"]["chunk_frames"]
+    ranges = shard_ranges(s.n, chunk, config["simulate"]["shards"])
+    if len(shard_paths) != len(ranges):
+        raise ValueError(f"{len(shard_paths)} shard stores for simulate.shards = {len(ranges)}")
+    totals = np.zeros(s.n)
+    with atomic_path(patterns_path) as tmp:
+        photons = _photons_store(s, tmp, s.n, s.attrs)
+        for path, (i0, i1) in zip(shard_paths, ranges):
+            part = zarr.open_group(str(path), mode="r")
+            if part.attrs.get("frame_start") != i0 or part["photons"].shape[0] != i1 - i0:
+                raise ValueError(f"shard store {path} does not hold frames {i0}…{i1 - 1} of this config")
+            for c0 in range(0, i1 - i0, chunk):
+                block = part["photons"][c0:c0 + chunk]
+                photons[i0 + c0:i0 + c0 + len(block)] = block
+                totals[i0 + c0:i0 + c0 + len(block)] = block.sum((1, 2))
+        zarr.consolidate_metadata(tmp)
+    return _summary(s, totals, t0, _write_truth(s, truth_path, t0))
 
 
 def grid_of(patterns: xr.Dataset) -> Grid:

@@ -1,8 +1,34 @@
-rule simulate:
-    """Noisy diffraction patterns of config['sample'] (one structure or a heterogeneous
-    sample, sample.kind) plus the ground truth."""
+SHARDS = config["simulate"]["shards"]
+
+
+rule simulate_shard:
+    """simulate.shards > 1: one shard of frames (whole Zarr chunks) as its own job."""
     input:
         sample=sample_files(config),
+    output:
+        shard=temp(directory(P["shard"])),
+    wildcard_constraints:
+        shard=r"\d+",
+    log:
+        f"{LOGS}/simulate_shard_{{shard}}.log",
+    benchmark:
+        f"{BENCH}/simulate_shard_{{shard}}.tsv"
+    conda:
+        "../envs/spiflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/simulate_shard.py"
+
+
+rule simulate:
+    """Noisy diffraction patterns of config['sample'] (one structure or a heterogeneous
+    sample, sample.kind) plus the ground truth; with simulate.shards > 1 it gathers the
+    shards chunk by chunk (the shard stores are temporary)."""
+    input:
+        sample=sample_files(config),
+        shards=expand(P["shard"], shard=range(SHARDS)) if SHARDS > 1 else [],
     output:
         patterns=directory(P["patterns"]),
         truth=directory(P["truth"]),
