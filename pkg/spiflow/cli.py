@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.stage in FORMAT_STAGES:
         return _run_format(args, config, P["patterns"])
-    f = {k: v.format(method=method, plot="{plot}") for k, v in P.items()}
+    f = {k: v.format(method=method, plot="{plot}", shard="{shard}") for k, v in P.items()}
     try:
         if args.stage == "simulate":
             pipeline.stage_simulate(config, f["patterns"], f["truth"], progress=progress)
