@@ -336,6 +336,11 @@ class _Engine:
         self._buf = torch.empty(2 * self.M * data.block, dtype=dtype, device=device)
         self._vals = torch.empty((2, min(self.chunk, self.M), len(q_valid)), dtype=dtype, device=device)
 
+    def release(self) -> None:
+        """Free the work buffers (up to ``memory_budget_gb``) once the global iterations are
+        done, so that the local refinement's own (also within the budget) do not add to them."""
+        self._buf = self._vals = None
+
     def iterate(self, W: torch.Tensor, gain: torch.Tensor, beta: float, update_gain: bool):
         """One E + gain + M pass with model W (n, n, n) and gains (frames,).
 
@@ -548,6 +553,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     else:
         _, _, _, best, pmax, weight = engine.iterate(W, gain, last_beta, update_gain=False)
         quat = torch.as_tensor(engine.quats).to(device, dtype)[best]
+    engine.release()
     done = int(ckpt["local_done"]) if local else 0
     q_t, s_t = torch.as_tensor(qv).to(device, dtype), torch.as_tensor(sv).to(device, dtype)
     for k in range(done, len(steps)):
