@@ -344,5 +344,7 @@ def test_orientation_errors_modulo_the_particle_symmetry():
     err2 = orientation_errors(qe2, qt, symmetry=ops)[0]
     plain = orientation_errors(matrix_to_quaternion(r_true @ quaternion_to_matrix(tilt)).numpy(), qt)[0]
     assert abs(np.median(err2) - np.median(plain)) < 0.1 and err2.max() < 4
+    np.testing.assert_array_equal(orientation_errors(qe2, qt, symmetry=point_group("C1"))[0],
+                                  orientation_errors(qe2, qt)[0])  # C1: the plain fit
     with pytest.raises(ValueError, match="symmetry"):
         orientation_errors(qe, qt, symmetry=np.ones((2, 3, 3)))

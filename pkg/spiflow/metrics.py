@@ -209,36 +209,29 @@ def orientation_errors(q_est, q_true, robust_fraction: float = 0.5, symmetry=Non
     ops = np.eye(3)[None] if symmetry is None else _array(symmetry, "symmetry", np.float64)
     if ops.ndim != 3 or ops.shape[1:] != (3, 3) or not np.allclose(ops @ ops.transpose(0, 2, 1), np.eye(3), atol=1e-6):
         raise ValueError(f"symmetry must be (K, 3, 3) orthogonal matrices, got shape {ops.shape}")
-    ops = np.concatenate([np.eye(3)[None], ops[np.linalg.det(ops) > 0]])
+    ops = ops[np.linalg.det(ops) > 0]  # proper rotations; the identity once
+    ops = np.concatenate([np.eye(3)[None], ops[~np.all(np.isclose(ops, np.eye(3)), axis=(1, 2))]])
     r_est = quaternion_to_matrix(torch.from_numpy(qe))
     r_true = quaternion_to_matrix(torch.from_numpy(qt))
     sym_true = r_true[:, None] @ torch.from_numpy(ops)[None]  # (N, K, 3, 3): R_true g
     q_sym = matrix_to_quaternion(sym_true)
     n, k = len(qe), max(1, int(np.ceil(robust_fraction * len(qe))))
 
-    def errors(G):  # (N,) min over g, and the best g of each frame
-        e = angle_between(q_sym, matrix_to_quaternion(r_est @ G)[:, None])
-        return e.min(1)
+    def angles(G):  # (N, K): ∠(R_true_i g, R_est_i G) in degrees
+        return angle_between(q_sym, matrix_to_quaternion(r_est @ G)[:, None])
 
-    def fit(G):  # alternate: each frame's best g, then G from the closest half
-        for _ in range(3):
-            e = angle_between(q_sym, matrix_to_quaternion(r_est @ G)[:, None])
-            best, g = e.min(1)
-            rel = r_est.transpose(-1, -2) @ sym_true[torch.arange(n), g]
-            G = mean_rotation(rel)
-            G = mean_rotation(rel[torch.argsort(errors(G)[0])[:k]])
-        return G
+    def refit(rel):  # G from all frames, then from the robust_fraction closest
+        G = mean_rotation(rel)
+        return mean_rotation(rel[torch.argsort(angles(G).min(1).values)[:k]])
 
     if len(ops) == 1:
-        rel = r_est.transpose(-1, -2) @ r_true
-        G = mean_rotation(rel)
-        G = mean_rotation(rel[torch.argsort(errors(G)[0])[:k]])
+        G = refit(r_est.transpose(-1, -2) @ r_true)
     else:
         picks = np.random.default_rng(0).choice(n, size=min(candidates, n), replace=False)
-        guesses = [r_est[i].T @ r_true[i] for i in picks]
-        G = min(guesses, key=lambda g: float(errors(g)[0].median()))
-        G = fit(G)
-    return errors(G)[0].numpy(), G.numpy()
+        G = min((r_est[i].T @ r_true[i] for i in picks), key=lambda g: float(angles(g).min(1).values.median()))
+        for _ in range(3):  # alternate: each frame's nearest symmetry mate, then G
+            G = refit(r_est.transpose(-1, -2) @ sym_true[torch.arange(n), angles(G).argmin(1)])
+    return angles(G).min(1).values.numpy(), G.numpy()
 
 
 def gain_pearson(est, true) -> float:
