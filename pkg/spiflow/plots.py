@@ -229,12 +229,13 @@ def plot_emc_log(log_df: pd.DataFrame, path) -> None:
         y = log_df[col].to_numpy(dtype=float)
         if col == "rms_change" and np.all(y[np.isfinite(y)] > 0) and np.isfinite(y).any():
             ax.set_yscale("log")
-    if "step_deg" in log_df.columns and log_df["step_deg"].notna().any():  # local refinement (spiflow.refine)
+    has_local = "step_deg" in log_df.columns and log_df["step_deg"].notna().any()  # spiflow.refine
+    if has_local:
         local = log_df.loc[log_df["step_deg"].notna(), "iteration"]
         for ax in axes.flat:
             ax.axvspan(local.min() - 0.5, local.max() + 0.5, color="0.9", zorder=0,
                        label="local refinement (β: hard, MI: log J)")
-    if starts.nunique() > 1 or "step_deg" in log_df.columns:
+    if starts.nunique() > 1 or has_local:
         axes.flat[0].legend(fontsize=6)
     for ax in axes[1]:
         ax.set_xlabel("iteration")

@@ -14,7 +14,10 @@ photons (rounded, clipped at 0), as integrating detectors report them.
 Patterns are written chunk by chunk into ``patterns.zarr``; ground truth (quaternions,
 gains, intensity volume on the reconstruction grid, electron density) into ``truth.zarr``.
 Every random stream derives from ``dataset.seed``; frame i's noise from (seed, i) alone,
-so results do not depend on chunking.
+so results do not depend on chunking. That also makes sharding exact: with
+``simulate.shards`` > 1, :func:`simulate_shard` writes the frames of one
+:func:`shard_ranges` range (whole chunks) into its own store and :func:`gather_shards`
+copies them, chunk by chunk, into ``patterns.zarr``: the same bytes as :func:`simulate`.
 
 Heterogeneous samples (``sample.kind`` interpolation, mixture, nanoparticles; built by
 :func:`build_sample` with :mod:`spiflow.hetero`): frame i has its own conformation
