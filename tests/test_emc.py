@@ -162,6 +162,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(data, tmp_path):
     full = _run(data, config=dict(iterations=4), log_path=tmp_path / "a.csv", checkpoint_path=tmp_path / "a.pt")
     log, ckpt = tmp_path / "b.csv", tmp_path / "b.pt"
     _run(data, config=dict(iterations=2), log_path=log, checkpoint_path=ckpt)  # "interrupted" after 2
+    log.unlink()  # as Snakemake removes an interrupted job's outputs: the rows come from the checkpoint
     resumed = _run(data, config=dict(iterations=4), log_path=log, checkpoint_path=ckpt)
     np.testing.assert_array_equal(resumed.intensity, full.intensity)
     np.testing.assert_array_equal(resumed.gain, full.gain)
@@ -170,11 +171,16 @@ def test_checkpoint_resume_equals_uninterrupted_run(data, tmp_path):
     cols = ["iteration", "beta", "log_likelihood", "rms_change", "mutual_info", "mean_max_probability"]
     pd.testing.assert_frame_equal(resumed.log[cols], full.log[cols])
     state = torch.load(ckpt, weights_only=True)
-    assert state["iteration"] == 4 and set(state) == {"iteration", "start", "model", "gain", "beta", "fingerprint"}
+    assert state["iteration"] == 4 and set(state) == {"iteration", "start", "model", "gain", "beta", "fingerprint",
+                                                 "log_rows"}
     # A finished run re-invoked: same result, nothing appended.
     again = _run(data, config=dict(iterations=4), log_path=log, checkpoint_path=ckpt)
     np.testing.assert_array_equal(again.intensity, full.intensity)
     assert len(pd.read_csv(log)) == 4
+    # Other data of the same shape (another seed or sample): the checkpoint is not used.
+    other_data = {**data, "photons": data["photons"][::-1].copy()}
+    with pytest.warns(UserWarning, match="different settings"):
+        _run(other_data, config=dict(iterations=1), checkpoint_path=tmp_path / "a.pt")
     # Different settings: the checkpoint is not used.
     with pytest.warns(UserWarning, match="different settings"):
         other = _run(data, config=dict(iterations=1, seed=1), log_path=log, checkpoint_path=ckpt)

@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,12 +57,14 @@ import torch
 from tqdm import tqdm
 
 from .grid import Grid, friedel_symmetrize
-from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
+from .io import (RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint,
+                 validate_detector_inputs)
 from .rotation import canonical, quaternion_to_matrix
 from .refine import ASSIGNMENTS, local_iteration, step_schedule
 from .sampling import COVERING_RADIUS_DEG, so3_sampling
 from .slicing import grid_coordinates, grid_coordinates_t, merge_model, merge_ratio, slice_model
 
+log = logging.getLogger(__name__)
 LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mutual_info",
                "mean_max_probability", "gain_std", "seconds", "step_deg", "moved_fraction"]
 PHOTON_FORMATS = ("dense", "sparse", "auto")
@@ -426,12 +428,12 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
     return profile * (1 + 0.1 * np.random.default_rng(seed).random(profile.shape))
 
 
-def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int) -> str:
+def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int, data: str) -> str:
     keys = ["num_div", "seed", "beta_start", "beta_factor", "beta_every", "beta_max", "update_gain",
             "orientation_min_radius_voxels", "n_starts", "trial_iterations", "start_frames", "start_num_div", "dtype",
             "refine_step_end_deg", "refine_radius_steps", "refine_assignment"]
     fp = {k: getattr(config, k) for k in keys}
-    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid))
+    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), data=data)
     return json.dumps(fp, sort_keys=True)
 
 
@@ -461,9 +463,10 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     β NaN for hard assignment. checkpoint_path: written atomically after every iteration
     with ``{iteration, model, gain, beta, fingerprint}`` (local iterations add the
     orientations, probability_max, weight and ``local_done``); if it exists with the same
-    fingerprint (num_div, grid, data shape, valid-pixel count, seed, β schedule,
-    update_gain, dtype, local search settings) the run resumes from it, the CSV is cut
-    back to that iteration, and a finished run only repeats the final global E-step (or
+    fingerprint (num_div, grid, data shape, valid-pixel count, the data's per-frame photon
+    totals (:func:`spiflow.io.data_digest`), seed, β schedule, update_gain, dtype, local
+    search settings) the run resumes from it, the CSV is rewritten from the checkpoint's
+    rows (:class:`spiflow.io.RunLog`: complete even if the CSV was deleted), and a finished run only repeats the final global E-step (or
     nothing, after local refinement). A different fingerprint restarts from scratch
     (UserWarning). progress: tqdm bar.
 
@@ -509,23 +512,25 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
     engine = _Engine(data, qv, sv, n_orient, grid, config, device, dtype)
-    fp = _fingerprint(config, grid, photons.shape, len(qv))
+    fp = _fingerprint(config, grid, photons.shape, len(qv), data_digest(n_frame))
 
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
-    rows = _prepare_log(log_path, None if ckpt is None else int(ckpt["iteration"]))
+    rows = RunLog(log_path, LOG_COLUMNS, ckpt)
     g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
     gain = torch.as_tensor(g0).to(device, dtype)
     best_start = 0
     if ckpt is not None:
         start, best_start = int(ckpt["iteration"]), int(ckpt["start"])
+        log.info("EMC resumes from checkpoint %s after iteration %d", checkpoint_path, start)
         W, gain = ckpt["model"].to(device, dtype), ckpt["gain"].to(device, dtype)
     elif config.trial_iterations > 0:
         W, best_start = _random_starts(photons, pixels, qv, sv, n_orient, grid, config, device, dtype,
-                                       rows, log_path, progress)
+                                       rows, progress)
         start = config.trial_iterations
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": start, "start": best_start, "model": W.cpu(),
-                                              "gain": gain.cpu(), "beta": config.beta(start), "fingerprint": fp})
+                                              "gain": gain.cpu(), "beta": config.beta(start), "fingerprint": fp,
+                                              "log_rows": rows.state()})
     else:
         W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed)).to(device, dtype)
 
@@ -538,10 +543,11 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": it, "start": best_start, "model": W.cpu(),
                                               "gain": gain.cpu(), "beta": config.beta(it), "fingerprint": fp,
+                                              "log_rows": rows.state(),
                                               **{k: v.cpu() if torch.is_tensor(v) else v for k, v in extra.items()}})
 
     for it in range(start + 1, config.iterations + 1) if not local else ():
-        W, gain = _step(engine, W, gain, it, best_start, config, rows, log_path)
+        W, gain = _step(engine, W, gain, it, best_start, config, rows)
         checkpoint(it)
         bar.update(1)
         bar.set_postfix(beta=f"{config.beta(it):.3g}", loglik=f"{rows[-1]['log_likelihood']:.4g}",
@@ -569,30 +575,22 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
                "beta": config.beta_max if config.refine_assignment == "soft" else np.nan, **res.stats,
                "rms_change": change, "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
                "seconds": time.perf_counter() - t0, "step_deg": float(steps[k])}
-        _log_row(rows, row, log_path)
+        rows.append(row)
         checkpoint(it, quaternion=quat, probability_max=pmax, weight=weight, local_done=k + 1)
         bar.update(1)
         bar.set_postfix(step=f"{steps[k]:.2g}°", loglik=f"{row['log_likelihood']:.4g}",
                         moved=f"{row['moved_fraction']:.2f}")
     bar.close()
 
-    log = pd.read_csv(log_path) if log_path is not None else pd.DataFrame(rows, columns=LOG_COLUMNS)
+    log_df = rows.frame()
     return EMCResult(intensity=W.cpu().numpy().astype(np.float32),
                      weight=weight.cpu().numpy().astype(np.float32),
                      quaternion=canonical(quat.double()).cpu().numpy(),
                      gain=gain.double().cpu().numpy(),
-                     probability_max=pmax.double().cpu().numpy(), log=log)
+                     probability_max=pmax.double().cpu().numpy(), log=log_df)
 
 
-def _log_row(rows: list, row: dict, log_path) -> None:
-    """Append one iteration's row (columns :data:`LOG_COLUMNS`, missing ones NaN) to ``rows``
-    and to the CSV at ``log_path``."""
-    rows.append({k: row.get(k, np.nan) for k in LOG_COLUMNS})
-    if log_path is not None:
-        pd.DataFrame([rows[-1]], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
-
-
-def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig, rows: list, log_path):
+def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig, rows: RunLog):
     """Iteration ``it`` (1-based) of the schedule: one :meth:`_Engine.iterate` pass, logged.
     Returns the new (W, gain)."""
     t0, beta = time.perf_counter(), config.beta(it)
@@ -603,11 +601,11 @@ def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig
     row = {"iteration": it, "start": start_index, "beta": beta, **stats, "rms_change": change,
            "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
            "seconds": time.perf_counter() - t0}
-    _log_row(rows, row, log_path)
+    rows.append(row)
     return W_new, gain
 
 
-def _random_starts(photons, pixels, qv, sv, n_orient, grid, config: EMCConfig, device, dtype, rows, log_path,
+def _random_starts(photons, pixels, qv, sv, n_orient, grid, config: EMCConfig, device, dtype, rows: RunLog,
                    progress) -> tuple[torch.Tensor, int]:
     """The first ``start_iterations`` of the schedule from ``n_starts`` seeded initial models
     on the first ``start_frames`` frames at ``start_num_div`` (see :class:`EMCConfig`).
@@ -635,25 +633,9 @@ def _random_starts(photons, pixels, qv, sv, n_orient, grid, config: EMCConfig, d
         W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed + k)).to(device, dtype)
         gain = torch.as_tensor(g0).to(device, dtype)
         for it in range(1, config.trial_iterations + 1):
-            W, gain = _step(engine, W, gain, it, k, trial, rows, log_path)
+            W, gain = _step(engine, W, gain, it, k, trial, rows)
             bar.update(1)
         if rows[-1]["log_likelihood"] > best[0]:
             best = (rows[-1]["log_likelihood"], W, k)
     bar.close()
     return best[1], best[2]
-
-
-def _prepare_log(log_path, keep_until: int | None) -> list:
-    """Start the CSV (header only), or cut an existing one back to ``keep_until`` rows' iterations.
-
-    Returns the in-memory rows kept (used when there is no CSV)."""
-    if log_path is None:
-        return []
-    old = None
-    if keep_until is not None and Path(log_path).exists():
-        old = pd.read_csv(log_path)
-        old = old[old["iteration"] <= keep_until]
-    old = pd.DataFrame(old if old is not None else [], columns=LOG_COLUMNS)
-    with atomic_path(log_path) as tmp:
-        old.to_csv(tmp, index=False)
-    return old.to_dict("records")

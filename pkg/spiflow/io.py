@@ -1,5 +1,5 @@
-"""Small shared helpers: device choice, atomic writes of stores and files, checkpoints, the
-check of a reconstruction's detector inputs.
+"""Small shared helpers: device choice, atomic writes of stores and files, checkpoints and
+the per-iteration logs kept in them, the check of a reconstruction's detector inputs.
 
 Every stage writes its outputs into a temporary sibling path and renames it into place
 only when complete, so an interrupted or failed stage never leaves a half-written store.
@@ -7,12 +7,15 @@ only when complete, so an interrupted or failed stage never leaves a half-writte
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import os
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 
@@ -167,3 +170,70 @@ def save_checkpoint(path, state: dict) -> None:
     """Write ``state`` (tensors, numbers, strings) to ``path`` atomically (:func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def _plain(v):
+    """A log value as a plain Python number or string (checkpoints load with weights_only)."""
+    if isinstance(v, (np.generic, torch.Tensor)):
+        v = v.item()
+    if isinstance(v, (bool, int, str)) or v is None:
+        return v
+    return float(v)
+
+
+class RunLog:
+    """The per-iteration (or per-epoch) CSV log of a resumable stage: EMC, M-TIP, selfsup, VAE.
+
+    ``path``: the CSV (or None: rows kept in memory only); ``columns``: its columns, in
+    order (a row's missing ones are NaN, extra ones dropped). The rows live in memory
+    and go into the stage's checkpoint (:meth:`state`, key ``log_rows``), so a run resumed
+    from ``checkpoint`` rewrites the CSV from it even when the CSV was removed or
+    half-written: Snakemake deletes the outputs of an interrupted job before it reruns it,
+    and a kill can cut the CSV mid-line. For a checkpoint without ``log_rows`` (older
+    spiflow) the existing CSV is cut back to ``key`` ≤ ``checkpoint[key]``. Without a
+    checkpoint the CSV starts with the header only. Every rewrite is atomic; :meth:`append`
+    adds one line.
+    """
+
+    def __init__(self, path, columns, checkpoint: dict | None = None, key: str = "iteration"):
+        self.path, self.columns = (None if path is None else Path(path)), list(columns)
+        rows = [] if checkpoint is None else checkpoint.get("log_rows")
+        if rows is None:
+            rows = []
+            if self.path is not None and self.path.exists():
+                old = pd.read_csv(self.path)
+                rows = old[old[key] <= int(checkpoint[key])].to_dict("records")
+        self.rows = [self._row(r) for r in rows]
+        if self.path is not None:
+            with atomic_path(self.path) as tmp:
+                self.frame().to_csv(tmp, index=False)
+
+    def _row(self, row: dict) -> dict:
+        return {k: _plain(row.get(k, math.nan)) for k in self.columns}
+
+    def append(self, row: dict) -> dict:
+        """Add one row (to memory and as a line of the CSV); returns it as stored."""
+        self.rows.append(self._row(row))
+        if self.path is not None:
+            pd.DataFrame([self.rows[-1]], columns=self.columns).to_csv(self.path, mode="a", header=False,
+                                                                        index=False)
+        return self.rows[-1]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+    def state(self) -> list:
+        """The rows for the checkpoint (``log_rows``): a list of dicts of plain values."""
+        return [dict(r) for r in self.rows]
+
+    def frame(self) -> pd.DataFrame:
+        """The rows as a DataFrame with :attr:`columns`."""
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+
+def data_digest(frame_totals) -> str:
+    """SHA-1 of the frames' photon totals (``frames``,) rounded to whole photons: a cheap
+    identity of a data set for checkpoint fingerprints, so that a checkpoint of other data
+    of the same shape (another sample, seed or import) is never resumed."""
+    totals = np.rint(np.asarray(frame_totals, dtype=np.float64)).astype(np.int64)
+    return hashlib.sha1(totals.tobytes()).hexdigest()

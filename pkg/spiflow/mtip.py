@@ -58,7 +58,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,7 +66,7 @@ from tqdm import tqdm
 
 from .emc import _Data
 from .grid import Grid, friedel_symmetrize
-from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
+from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .phasing import _gaussian_filter
 from .rotation import angle_between, canonical, multiply, quaternion_to_matrix, random_quaternions
 from .sampling import angular_step_deg, so3_sampling
@@ -300,24 +299,12 @@ class _Problem:
         return cand[torch.arange(B, device=self.device), self._distance(S, K, floor).argmin(1)]
 
 
-def _fingerprint(config: MTIPConfig, grid: Grid, shape, n_valid: int, init) -> str:
+def _fingerprint(config: MTIPConfig, grid: Grid, shape, n_valid: int, init, data: str) -> str:
     skip = ("iterations", "device", "orientation_chunk", "memory_budget_gb")
     fp = {k: v for k, v in asdict(config).items() if k not in skip}
-    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid),
+    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), data=data,
               init=None if init is None else hashlib.sha1(np.ascontiguousarray(init).tobytes()).hexdigest())
     return json.dumps(fp, sort_keys=True)
-
-
-def _prepare_log(log_path, keep_until: int | None) -> list:
-    """Start the CSV (header only) or cut it back to iterations <= ``keep_until``; returns its rows."""
-    old = pd.DataFrame([], columns=LOG_COLUMNS)
-    if log_path is not None and keep_until is not None and Path(log_path).exists():
-        old = pd.read_csv(log_path)
-        old = old[old["iteration"] <= keep_until]
-    if log_path is not None:
-        with atomic_path(log_path) as tmp:
-            old.to_csv(tmp, index=False)
-    return old.to_dict("records")
 
 
 def _setup(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig):
@@ -407,7 +394,7 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | N
     problem, n_frame, klogs = _setup(photons, valid, q, pixel_factor, grid, config)
     frames, device, dtype = len(n_frame), problem.device, problem.dtype
     init = None if init_quaternions is None else _quaternions(init_quaternions, frames, "init_quaternions")
-    fp = _fingerprint(config, grid, photons.shape, len(problem.q), init)
+    fp = _fingerprint(config, grid, photons.shape, len(problem.q), init, data_digest(n_frame))
     # a frame "changed" when it moved by more than half the finest search step
     threshold = angular_step_deg(config.num_div) / 2 ** (config.refine_steps + 1)
 
@@ -422,7 +409,7 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | N
         g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
         gain, rho, support = torch.as_tensor(g0).to(device, dtype), None, None
         dist = torch.full((frames,), float("nan"), dtype=dtype, device=device)
-    rows = _prepare_log(log_path, start if ckpt is not None else None)
+    rows = RunLog(log_path, LOG_COLUMNS, ckpt)
 
     bar = tqdm(total=config.iterations, initial=min(start, config.iterations), disable=not progress, desc="M-TIP")
     it = start
@@ -442,19 +429,18 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | N
                "support_fraction": support.double().mean().item(),
                "gain_std": gain.double().std().item() if frames > 1 else 0.0, "seconds": time.perf_counter() - t0}
         rows.append(row)
-        if log_path is not None:
-            pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": it, "quaternion": quat.cpu(), "gain": gain.cpu(),
                                                "distance": dist.cpu(), "rho": rho.cpu(), "support": support.cpu(),
-                                               "converged": converged, "fingerprint": fp})
+                                               "converged": converged, "fingerprint": fp,
+                                               "log_rows": rows.state()})
         bar.update(1)
         bar.set_postfix(change=f"{change:.3f}", distance=f"{d:.4g}", phasing=f"{err:.3f}")
     bar.close()
 
     W, weight = problem.merge(quaternion_to_matrix(quat), gain)
     phased = torch.fft.fftshift(torch.fft.fftn(rho).abs() ** 2, dim=_AXES) * grid.voxel_size ** 6
-    log = pd.read_csv(log_path) if log_path is not None else pd.DataFrame(rows, columns=LOG_COLUMNS)
+    log = rows.frame()
     quat = canonical(quat.double() / quat.double().norm(dim=1, keepdim=True))
     f32 = lambda x: x.cpu().numpy().astype(np.float32)  # noqa: E731
     return MTIPResult(intensity=f32(W), weight=f32(weight), phased_intensity=f32(phased),

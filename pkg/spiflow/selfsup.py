@@ -49,7 +49,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -61,7 +60,7 @@ from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from .grid import Grid
-from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
+from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .nets import FriedelSiren, ResNetEncoder, VoxelVolume, rotation_6d_to_matrix
 from .rotation import matrix_to_quaternion
 
@@ -340,9 +339,10 @@ def _lr_factor(step: int, warm: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _fingerprint(config: SelfSupConfig, grid: Grid, shape, n_valid: int, world: int) -> str:
+def _fingerprint(config: SelfSupConfig, grid: Grid, shape, n_valid: int, world: int, data: str) -> str:
     fp = {k: v for k, v in asdict(config).items() if k not in ("epochs", "device", "amp", "memory_budget_gb")}
-    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), world=world)
+    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), world=world,
+              data=data)
     return json.dumps(fp, sort_keys=True)
 
 
@@ -409,7 +409,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(
         s, config.warmup_epochs * steps, config.epochs * steps, config.min_lr / config.lr))
 
-    fp = _fingerprint(config, grid, photons.shape, len(qv), world)
+    fp = _fingerprint(config, grid, photons.shape, len(qv), world, data_digest(n_frame))
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start = int(ckpt["epoch"])
@@ -417,7 +417,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
-    rows = _prepare_log(log_path if rank == 0 else None, start if ckpt is not None else None)
+    rows = RunLog(log_path if rank == 0 else None, LOG_COLUMNS, ckpt, key="epoch")
 
     bar = tqdm(total=config.epochs * steps, initial=min(start, config.epochs) * steps,
                disable=not progress or rank != 0, desc="selfsup")
@@ -434,12 +434,11 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
         row = {"epoch": epoch, "loss": (acc[0] / acc[1]).item(), "lr": lr,
                "patterns_per_second": acc[1].item() / seconds, "seconds": seconds}
         rows.append(row)
-        if rank == 0 and log_path is not None:
-            pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
         if rank == 0 and checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "fingerprint": fp})
+                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "fingerprint": fp,
+                "log_rows": rows.state()})
         bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4g}")
     bar.close()
 
@@ -447,7 +446,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
         for b in model.buffers():
             dist.broadcast(b, 0)
     result = _infer(model, stream, inputs, grid, config, device, amp)
-    log = pd.read_csv(log_path) if (rank == 0 and log_path is not None) else pd.DataFrame(rows, columns=LOG_COLUMNS)
+    log = rows.frame()
     if own_group:
         dist.destroy_process_group()
     return SelfSupResult(log=log, **result)
@@ -492,16 +491,3 @@ def _infer(model: SelfSupModel, stream: FrameStream, inputs: _Inputs, grid: Grid
     return {"intensity": intensity.astype(np.float32), "quaternion": quat, "gain": gain / scale}
 
 
-def _prepare_log(log_path, keep_until: int | None) -> list:
-    """Start the CSV (header only) or cut an existing one back to epochs <= ``keep_until``;
-    returns the rows kept."""
-    if log_path is None:
-        return []
-    old = None
-    if keep_until is not None and Path(log_path).exists():
-        old = pd.read_csv(log_path)
-        old = old[old["epoch"] <= keep_until]
-    old = pd.DataFrame(old if old is not None else [], columns=LOG_COLUMNS)
-    with atomic_path(log_path) as tmp:
-        old.to_csv(tmp, index=False)
-    return old.to_dict("records")

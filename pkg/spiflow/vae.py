@@ -49,7 +49,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -60,7 +59,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from .grid import Grid, slice_volume
-from .io import atomic_path, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
+from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .slicing import grid_coordinates
 from .nets import matrix_to_rotation_6d
 from .rotation import canonical, quaternion_to_matrix
@@ -429,11 +428,12 @@ class _Batches:
         return self.image(Kw).view(len(idx), L, 2, *self.shape), self.cond[win]
 
 
-def _fingerprint(cfg: VAEConfig, grid: Grid, shape, n_valid: int, quats, gains) -> str:
+def _fingerprint(cfg: VAEConfig, grid: Grid, shape, n_valid: int, quats, gains, data: str) -> str:
     fp = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "device", "memory_budget_gb")}
     h = hashlib.sha256(np.ascontiguousarray(quats, dtype=np.float64).tobytes()
                        + np.ascontiguousarray(gains, dtype=np.float64).tobytes()).hexdigest()
-    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), inputs=h)
+    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), inputs=h,
+              data=data)
     return json.dumps(fp, sort_keys=True)
 
 
@@ -470,9 +470,10 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     mgrid = model_grid(grid, cfg)
     cache = frames * len(qv) * 4 <= cfg.memory_budget_gb * 1e9
     stream = FrameStream(photons, valid, cfg.chunk_frames, cfg.batch_size, cfg.seed, cache)
-    sum_counts = np.zeros(len(qv))
-    for _, K in stream.sequential(cfg.chunk_frames):  # validates all counts
+    sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
+    for idx, K in stream.sequential(cfg.chunk_frames):  # validates all counts
         sum_counts += K.double().sum(0).numpy()
+        n_frame[np.asarray(idx)] = K.double().sum(1).numpy()
     if sum_counts.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
     profile = _radial_profile(sum_counts, qv, sv, gains.sum(), mgrid, cfg.radial_baseline).numpy()
@@ -488,13 +489,13 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     s_t = torch.as_tensor(sv, dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    fp = _fingerprint(cfg, grid, photons.shape, len(qv), quats, gains)
+    fp = _fingerprint(cfg, grid, photons.shape, len(qv), quats, gains, data_digest(n_frame))
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start = int(ckpt["epoch"])
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-    rows = _prepare_log(log_path, start if ckpt is not None else None)
+    rows = RunLog(log_path, LOG_COLUMNS, ckpt, key="epoch")
 
     steps = stream.batches
     bar = tqdm(total=cfg.epochs * steps, initial=min(start, cfg.epochs) * steps, disable=not progress, desc="vae")
@@ -525,17 +526,16 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
                "beta": beta, "lr": opt.param_groups[0]["lr"], "patterns_per_second": acc[3] / seconds,
                "seconds": seconds}
         rows.append(row)
-        if log_path is not None:
-            pd.DataFrame([row], columns=LOG_COLUMNS).to_csv(log_path, mode="a", header=False, index=False)
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"epoch": epoch, "model": model.state_dict(),
-                                               "optimizer": opt.state_dict(), "fingerprint": fp})
+                                               "optimizer": opt.state_dict(), "fingerprint": fp,
+                                               "log_rows": rows.state()})
         bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4g}", kl=f"{row['kl']:.3g}")
     bar.close()
 
     z_mu, z_logvar = encode_frames(model, stream, batches, max(cfg.batch_size, 256))
     model = model.cpu().eval()
-    log = pd.read_csv(log_path) if log_path is not None else pd.DataFrame(rows, columns=LOG_COLUMNS)
+    log = rows.frame()
     return VAEResult(z_mu=z_mu, z_logvar=z_logvar, decoder=model.decoder, model=model, grid=mgrid, log=log)
 
 
@@ -550,20 +550,6 @@ def encode_frames(model: VAEModel, stream: FrameStream, batches: _Batches, batch
         m, v = model.encoder(*batches(idx, K.to(batches.device)))
         mu[idx], lv[idx] = m.double().cpu().numpy(), v.double().cpu().numpy()
     return mu, lv
-
-
-def _prepare_log(log_path, keep_until: int | None) -> list:
-    """Start the CSV (header only) or cut an existing one back to epochs <= ``keep_until``."""
-    if log_path is None:
-        return []
-    old = None
-    if keep_until is not None and Path(log_path).exists():
-        old = pd.read_csv(log_path)
-        old = old[old["epoch"] <= keep_until]
-    old = pd.DataFrame(old if old is not None else [], columns=LOG_COLUMNS)
-    with atomic_path(log_path) as tmp:
-        old.to_csv(tmp, index=False)
-    return old.to_dict("records")
 
 
 # ---------------------------------------------------------------- analysis
