@@ -11,8 +11,11 @@ from spiflow import config as cfg
 from spiflow.detector import Detector, reconstruction_grid
 from spiflow.grid import Grid, structure_factor_to_density
 from spiflow.io import atomic_path
+from spiflow.rotation import quaternion_to_matrix as quaternion_to_matrix_t
 from spiflow.scattering import form_factor, structure_factor, structure_factor_grid
-from spiflow.simulate import draw_gains, expected_counts, gather_shards, shard_ranges, simulate, simulate_shard
+from spiflow.simulate import (SliceTransform, draw_gains, expected_counts, gather_shards, shard_ranges, simulate,
+                              simulate_shard)
+from spiflow.slicing import bspline_coefficients, grid_coordinates, slice_bspline, slice_channels, slice_model
 from spiflow.structure import Atoms, read_structure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,6 +284,91 @@ def test_failed_stage_leaves_no_half_written_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pdb"):
         simulate(c, tmp_path / "s" / "patterns.zarr", tmp_path / "s" / "truth.zarr", progress=False)
     assert not (tmp_path / "s" / "patterns.zarr").exists()
+
+
+def test_bspline_slicing_reproduces_samples_and_cubics():
+    """slice_channels is slice_model per channel; slice_bspline of bspline_coefficients
+    returns the samples at the voxels and any cubic polynomial exactly (inside the margin)."""
+    grid = Grid(25, 0.01)
+    g = torch.Generator().manual_seed(0)
+    x = torch.as_tensor(grid.q_points() / grid.q_max, dtype=torch.float32)  # (n, n, n, 3) in [-1, 1]
+    cubic = 1 + x[..., 0] - 2 * x[..., 1] ** 2 + 0.5 * x[..., 0] * x[..., 1] * x[..., 2] + x[..., 2] ** 3
+    vols = torch.stack([cubic, torch.rand((25,) * 3, generator=g)])
+    rot = quaternion_to_matrix_t(torch.randn(3, 4, generator=g, dtype=torch.float64)).float()
+    q = (torch.rand(50, 3, generator=g) - 0.5) * 0.05  # |q| < 0.044: 7.6+ voxels inside the faces (q_max 0.12)
+    coords = grid_coordinates(q, rot, grid)
+    np.testing.assert_allclose(slice_channels(vols, coords)[1].numpy(), slice_model(vols[1], coords).numpy(), rtol=1e-6)
+    coef = torch.as_tensor(bspline_coefficients(vols.numpy()), dtype=torch.float32)
+    # at voxel centres: the samples themselves
+    idx = torch.tensor([[3, 7, 12], [12, 12, 12], [20, 5, 9]])
+    at_voxels = torch.as_tensor(grid.q_axis, dtype=torch.float32)[idx] / grid.q_max
+    got = slice_bspline(coef, at_voxels.flip(-1)[None])  # grid_sample order (z, y, x)
+    np.testing.assert_allclose(got[1, 0].numpy(), vols[1][idx[:, 0], idx[:, 1], idx[:, 2]].numpy(), atol=1e-5)
+    # off the voxels: cubic polynomials exactly, the trilinear slice not
+    xs = (torch.as_tensor(q, dtype=torch.float64) @ rot.double()) / grid.q_max  # (R, P, 3) (x, y, z)
+    want = 1 + xs[..., 0] - 2 * xs[..., 1] ** 2 + 0.5 * xs[..., 0] * xs[..., 1] * xs[..., 2] + xs[..., 2] ** 3
+    np.testing.assert_allclose(slice_bspline(coef, coords)[0].numpy(), want.numpy(), atol=1e-4)  # float32
+    assert np.abs(slice_channels(vols, coords)[0].numpy() - want.numpy()).max() > 1e-3
+
+
+def slice_detector():
+    """The default job's geometry (1.3 mm pixels at 0.1 m, 6 keV), a 24² px centre: the
+    accuracy of the slice transform depends on dq × particle radius, which this keeps."""
+    det = Detector(24, 1.3e-3, 0.1, 6000.0, beam_stop_radius_m=2e-3)
+    return det, det.q(), det.pixel_factor(), det.valid()
+
+
+def test_slice_transform_matches_exact_path():
+    """Median / 99th-percentile relative error of the expected counts against the exact NUFFT
+    path (valid pixels with counts >= 1 % of the mean), within the documented figures."""
+    atoms = read_structure(PDB)
+    det, q, pf, valid = slice_detector()
+    grid = reconstruction_grid(q, valid)
+    quats = np.random.default_rng(4).normal(size=(6, 4))
+    exact = expected_counts(atoms, q, pf, quats, 1.0, method="nufft", device=torch.device("cpu"), eps=1e-9)[:, valid]
+    sel = exact >= 0.01 * exact.mean()
+
+    def rel(k, interpolation):
+        mu = SliceTransform(atoms, q, grid, k, interpolation).expected_counts(pf, quats, 1.0)[:, valid]
+        r = np.abs(mu - exact)[sel] / exact[sel]
+        return np.median(r), np.percentile(r, 99)
+
+    med, p99 = rel(1, "cubic")  # documented 1.1e-3 / 7.2e-3 on the 40² px default
+    assert med < 2.5e-3 and p99 < 1.5e-2
+    med2, p992 = rel(2, "cubic")  # documented 6e-5 / 4e-4
+    assert med2 < 2e-4 and p992 < 1.5e-3
+    med_lin, _ = rel(2, "linear")  # documented 2.8e-2 median: O(h²) against O(h⁴)
+    assert 5e-3 < med_lin < 6e-2
+
+
+def test_slice_simulate_chunking_truth_and_bad_values(tmp_path):
+    """transform slice: the same patterns for any chunking, the truth intensity is |F|² on the
+    reconstruction grid (the fine grid's voxels), and bad settings name their config key."""
+    base = {"detector": {"n_pixels": 24, "pixel_size_m": 1.3e-3},
+            "simulate": {"transform": "slice", "slice_oversampling": 2, "slice_interpolation": "linear"}}
+    c = small_config(tmp_path, **base)
+    out = simulate(c, tmp_path / "a" / "patterns.zarr", tmp_path / "a" / "truth.zarr", progress=False)
+    assert out["mean_photons"] == pytest.approx(500, rel=0.2)
+    c2 = small_config(tmp_path, **base, dataset={"chunk_frames": 7})
+    simulate(c2, tmp_path / "b" / "patterns.zarr", tmp_path / "b" / "truth.zarr", progress=False)
+    a, b = (xr.open_zarr(tmp_path / d / "patterns.zarr") for d in ("a", "b"))
+    np.testing.assert_array_equal(a.photons.values, b.photons.values)
+    truth = xr.open_zarr(tmp_path / "a" / "truth.zarr")
+    grid = Grid(int(a.attrs["recon_grid_n"]), float(a.attrs["recon_grid_dq"]))
+    ref = np.abs(structure_factor_grid(read_structure(PDB), grid, eps=1e-9)) ** 2
+    np.testing.assert_allclose(truth.intensity.values, ref, rtol=2e-4, atol=1e-5 * ref.max())
+    det, q, _, valid = slice_detector()
+    atoms = read_structure(PDB)
+    with pytest.raises(ValueError, match="simulate.slice_oversampling"):
+        SliceTransform(atoms, q, reconstruction_grid(q, valid), 0)
+    with pytest.raises(ValueError, match="simulate.slice_interpolation"):
+        SliceTransform(atoms, q, reconstruction_grid(q, valid), 1, "quintic")
+    with pytest.raises(ValueError, match="simulate.slice_oversampling"):
+        small_config(tmp_path, simulate={"transform": "slice", "slice_oversampling": 1.5})
+    nano = small_config(tmp_path, sample={"kind": "nanoparticles"}, simulate={"transform": "slice"})
+    with pytest.raises(ValueError, match="simulate.transform"):
+        simulate(nano, tmp_path / "n" / "patterns.zarr", tmp_path / "n" / "truth.zarr", progress=False)
+    assert not (tmp_path / "n" / "patterns.zarr").exists()
 
 
 def test_config_defaults_file_matches_schema():

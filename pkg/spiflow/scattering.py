@@ -86,29 +86,41 @@ def structure_factor(atoms: Atoms, q: np.ndarray | torch.Tensor, method: str = "
     return F
 
 
-def structure_factor_grid(atoms: Atoms, grid: Grid, eps: float = 1e-9) -> np.ndarray:
-    """``F(q)`` on every voxel of the centred cubic ``grid``, complex128 (n, n, n), electrons.
+def structure_factor_grid(atoms: Atoms, grid: Grid, eps: float = 1e-9, single: bool = False) -> np.ndarray:
+    """``F(q)`` on every voxel of the centred cubic ``grid``, (n, n, n) electrons: complex128,
+    or complex64 with ``single`` (the NUFFT then runs in single precision with upsampling
+    1.25, 1.5–3× faster measured on 57³–73³, to a floor near 1e-5 whatever ``eps``: measured
+    on 2CEX at 59³, max error 6.5e-6 of max |F|, median relative error 8e-6; double at
+    eps 1e-6: 2e-8, 4e-8).
 
     Type-1 NUFFT with modes k = −n//2 … n//2 at source points ``2π dq r_j`` (exact
     periodicity of exp(i k x) makes any particle size admissible; the particle should
-    still fit in the real-space box 1/dq to avoid aliasing of the density).
+    still fit in the real-space box 1/dq to avoid aliasing of the density), one transform
+    per element, each times its IT92 form factor at the voxel's |q| (exact at the voxels).
     """
     import finufft
 
     elements, strengths = _element_strengths(atoms)
     x = 2 * math.pi * grid.dq * atoms.positions
+    real, cplx = (np.float32, np.complex64) if single else (np.float64, np.complex128)
+    x, strengths = x.astype(real), strengths.astype(cplx)
+    # single: upsampling 1.25 (the FFT 4x smaller than at 2.0; measured fastest, finufft's own
+    # choice is often 2.0 in single precision), whose kernel finufft caps at width 8 (the
+    # accuracy stated above; showwarn=0 drops its note saying so); double: finufft's choice
+    opts = {"upsampfac": 1.25, "showwarn": 0} if single else {}
     out = finufft.nufft3d1(x[:, 0].copy(), x[:, 1].copy(), x[:, 2].copy(), strengths,
-                           (grid.n, grid.n, grid.n), eps=eps, isign=1)
+                           (grid.n, grid.n, grid.n), eps=eps, isign=1, **opts)
     qn = grid.q_norm()
-    F = np.zeros((grid.n,) * 3, dtype=np.complex128)
+    F = np.zeros((grid.n,) * 3, dtype=cplx)
     for e, name in enumerate(elements):
-        F += form_factor(name, qn) * out[e]
+        F += form_factor(name, qn).astype(real) * out[e]
     return F
 
 
 def _choose_method(method: str, device: torch.device) -> str:
     if method not in ("auto", "nufft", "direct"):
-        raise ValueError(f"simulate.transform must be 'auto', 'nufft' or 'direct', got {method!r}")
+        raise ValueError(f"simulate.transform must be 'auto', 'nufft' or 'direct' here (per-pixel transforms; "
+                         f"'slice' is spiflow.simulate.SliceTransform), got {method!r}")
     if method != "auto":
         return method
     try:
