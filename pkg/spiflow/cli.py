@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
     pipeline.configure_threads(args.threads)
+    pipeline.stop_on_sigterm()
     P = pipeline.layout(args.results, config["run"])
     progress = not args.quiet
     method = getattr(args, "method", None)

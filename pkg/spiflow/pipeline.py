@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -340,13 +341,27 @@ def configure_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, SLURM at a job's time limit, Snakemake cancelling a job) raise
+    ``SystemExit(143)`` in the main thread instead of ending the process at once, so that
+    half-written temporaries (:func:`spiflow.io.atomic_path`) are removed and the rule's log
+    says why it stopped. Checkpoints are written atomically either way."""
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 @contextlib.contextmanager
 def snakemake_stage(smk):
     """Run a stage inside a Snakemake ``script:``: threads from the rule, log to ``log[0]``.
 
     Standard error (progress bars, warnings, tracebacks) and Python logging go to the rule's
     log file; an exception is logged there and re-raised so Snakemake marks the job failed.
+    SIGTERM ends the stage as an exception too (:func:`stop_on_sigterm`).
     """
+    stop_on_sigterm()
     configure_threads(smk.threads)
     log_path = Path(smk.log[0]) if smk.log else None
     if log_path is None:

@@ -1,0 +1,130 @@
+"""Interrupting a run and rerunning it: Ctrl-C, a killed job, SIGKILL of everything, SIGTERM.
+
+One tiny workflow (EMC only, long enough to interrupt) goes through, in turn:
+1. Ctrl-C (SIGINT to Snakemake's process group) during EMC: Snakemake leaves its
+   incomplete-output markers, a plain rerun refuses to start (IncompleteFilesException);
+2. ``--rerun-incomplete``: EMC resumes from its checkpoint; during it the EMC job alone gets
+   SIGTERM (a SLURM time limit): the job fails, Snakemake removes its outputs;
+3. a plain rerun resumes again; during it everything is killed with SIGKILL (a lost node);
+4. ``--unlock`` (the lock a killed Snakemake may leave), then ``--rerun-incomplete`` runs
+   to the end.
+Afterwards the simulated data were never rewritten, EMC resumed three times from later and
+later checkpoints, and its log holds every iteration exactly once.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from test_workflow import ROOT, TINY
+
+ITERATIONS = 400
+CONFIG = {**TINY, "run": "intr", "reconstruction": {"methods": ["emc"]},
+          "emc": {"num_div": 3, "iterations": ITERATIONS, "beta_every": 150, "refine_iterations": 2}}
+
+
+def _start(work, *args):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(work),
+           "--cores", "2", "--configfile", str(work / "c.yaml"), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["iteration"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def _wait_for_checkpoint(proc, path: Path, after: int, timeout: float = 240) -> int:
+    """Wait until the EMC checkpoint is past iteration ``after``; returns its iteration."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        it = _checkpoint_iteration(path)
+        if after < it < ITERATIONS - 100:
+            return it
+        if proc.poll() is not None:
+            raise AssertionError(f"snakemake ended early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no EMC checkpoint appeared in time")
+
+
+def _job_pids(session: int, name: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == session and name in (d / "cmdline").read_text():
+                    pids.append(int(d.name))
+            except (OSError, ProcessLookupError):
+                pass
+    return pids
+
+
+def _finish(proc, timeout=300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to find the EMC job")
+def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(CONFIG))
+    r = tmp_path / "results" / "intr"
+    ckpt, emc_log = r / "recon" / "emc" / "checkpoint.pt", r / "recon" / "emc" / "emc_log.csv"
+
+    # 1. Ctrl-C during EMC
+    proc = _start(tmp_path)
+    k1 = _wait_for_checkpoint(proc, ckpt, 0)
+    patterns_written = (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns
+    os.killpg(proc.pid, signal.SIGINT)
+    rc, _ = _finish(proc, 120)
+    assert rc != 0 and (tmp_path / ".snakemake" / "incomplete").exists()
+    rc, out = _finish(_start(tmp_path))
+    assert rc != 0 and "IncompleteFilesException" in out and "emc" in out
+
+    # 2. --rerun-incomplete; the EMC job alone gets SIGTERM
+    proc = _start(tmp_path, "--rerun-incomplete")
+    k2 = _wait_for_checkpoint(proc, ckpt, k1)
+    log2 = (r / "logs" / "orient_emc.log").read_text()
+    pids = _job_pids(proc.pid, "orient_emc")
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    rc, out = _finish(proc)
+    assert pids and rc != 0 and "Error in rule orient_emc" in out, (pids, out[-3000:])
+    assert "SystemExit: 143" in (r / "logs" / "orient_emc.log").read_text()
+
+    # 3. plain rerun (Snakemake cleaned up the failed job); SIGKILL to everything
+    proc = _start(tmp_path)
+    k3 = _wait_for_checkpoint(proc, ckpt, k2)
+    log3 = (r / "logs" / "orient_emc.log").read_text()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+    # 4. a killed Snakemake may leave its lock and incomplete markers: --unlock, then
+    # --rerun-incomplete to the end
+    assert _finish(_start(tmp_path, "--unlock"))[0] == 0
+    rc, out = _finish(_start(tmp_path, "--rerun-incomplete"))
+    assert rc == 0, out[-3000:]
+    log4 = (r / "logs" / "orient_emc.log").read_text()
+    assert not re.search(r"^(local)?rule simulate:", out, re.M)  # finished work is never redone
+    assert (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns == patterns_written
+
+    resumed = [int(line.rsplit(" ", 1)[1]) for log in (log2, log3, log4) for line in log.splitlines()
+               if "EMC resumes from checkpoint" in line]
+    assert len(resumed) == 3 and resumed[0] >= k1 and resumed[1] >= k2 and resumed[2] >= k3
+    assert resumed == sorted(resumed) and resumed[0] < resumed[2]
+    log = pd.read_csv(emc_log)
+    main = log[log.iteration > CONFIG["emc"].get("start_iterations", 21)]
+    assert list(main.iteration) == list(range(main.iteration.min(), ITERATIONS + 3))  # + 2 local iterations
+    assert not log.duplicated(["iteration", "start"]).any()
+    assert pd.read_csv(r / "evaluate" / "summary.csv").set_index("method").loc["emc"].notna().all()
