@@ -108,19 +108,18 @@ def _bspline_taps(u: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     returns positions (2, ..., 3) (normalised) and weights (2, ..., 3) with, per axis,
     ``Σ_m c_{i+m} β³(t − m) = g0 lerp(c, h0) + g1 lerp(c, h1)`` (Sigg & Hadwiger, "Fast
     third-order texture filtering", GPU Gems 2, ch. 20 (2005), eqs. 20.2–20.4)."""
-    x = (u + 1) * (0.5 * (n - 1))
+    a = 0.5 * (n - 1)
+    x = u * a + a
     i = torch.floor(x)
     t = x - i
+    # from the B-spline weights w0..w3 of t: g0 = w0 + w1 = (5 − 3t − 3t² + 2t³)/6, g1 = 1 − g0,
+    # h0 = i − 1 + w1/g0 with w1 = (4 − 6t² + 3t³)/6, h1 = i + 1 + w3/g1 with w3 = t³/6
     t2 = t * t
     t3 = t2 * t
-    w1 = (4 - 6 * t2 + 3 * t3) / 6
-    w3 = t3 / 6
-    g0 = (1 - t) ** 3 / 6 + w1
-    g1 = 1 - g0
+    p0 = 2 * t3 - 3 * t2 - 3 * t + 5  # 6 g0
     s = 2.0 / (n - 1)
-    h0 = (i - 1 + w1 / g0) * s - 1
-    h1 = (i + 1 + w3 / g1) * s - 1
-    return torch.stack([h0, h1]), torch.stack([g0, g1])
+    h = torch.stack([(3 * t3 - 6 * t2 + 4) / p0 + (i - 1), t3 / (6 - p0) + (i + 1)]) * s - 1
+    return h, torch.stack([p0 / 6, 1 - p0 / 6])
 
 
 def slice_bspline(coefficients: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
