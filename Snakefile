@@ -7,8 +7,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 import spiflow.config
-from spiflow.pipeline import layout, vae_orientations_source
-from spiflow.simulate import check_sample, sample_files, shard_ranges
+from spiflow.pipeline import check_run, halfset_inputs, layout, vae_orientations_source
+from spiflow.simulate import sample_files, shard_ranges
 
 min_version("8.0")
 
@@ -20,8 +20,8 @@ configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
 validate(config, str(spiflow.config.SCHEMA_PATH))
-try:  # a bad sample or shard count stops the workflow at once, naming its config key
-    check_sample(config)
+try:  # a bad sample, CXI file, method choice or shard count stops the workflow at once, naming its config key
+    check_run(config)
     shard_ranges(config["dataset"]["n_patterns"], config["dataset"]["chunk_frames"], config["simulate"]["shards"])
 except (FileNotFoundError, ValueError) as exc:
     raise WorkflowError(str(exc))
@@ -31,6 +31,7 @@ P = layout("results", RUN)
 LOGS = f"results/{RUN}/logs"
 BENCH = f"results/{RUN}/benchmarks"
 METHODS = config["reconstruction"]["methods"]
+CXI = config["cxi"]["path"]  # measured data in: no truth store (evaluate reports PRTF and half-set FSC)
 GPU = 1 if config["device"].startswith("cuda") else 0
 # method vae is evaluated by its own rule (latent analysis); every other method by rule evaluate
 PLAIN_METHODS = "|".join(m for m in METHODS if m != "vae") or "(?!x)x"
@@ -38,6 +39,7 @@ PLAIN_METHODS = "|".join(m for m in METHODS if m != "vae") or "(?!x)x"
 
 wildcard_constraints:
     method="|".join(METHODS),
+    half="1|2",
 
 
 include: "workflow/rules/simulate.smk"

@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from spiflow import cli
+from spiflow import cli, formats
 from spiflow.pipeline import SUMMARY_COLUMNS, SUMMARY_EXTRA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_workflow_end_to_end(tiny_run):
     r = tiny_run / "results" / "tiny"
     summary = pd.read_csv(r / "evaluate" / "summary.csv")
-    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert list(summary.columns) == SUMMARY_COLUMNS + ["prtf_resolution_angstrom"]  # PRTF: every run
     assert sorted(summary.method) == sorted(TINY["reconstruction"]["methods"])
     truth_row = summary.set_index("method").loc["truth"]
     assert truth_row.orientation_error_median_deg < 1e-6 and truth_row.gain_pearson == pytest.approx(1.0)
@@ -127,6 +127,42 @@ def test_bad_config_stops_at_once_naming_the_key(tmp_path):
     res = snakemake(tmp_path, "-n", check=False)
     assert res.returncode != 0 and "sample.path" in res.stdout + res.stderr
     assert not (tmp_path / "results").exists()
+    for bad, key in [(dict(TINY, cxi={"path": str(tmp_path / "absent.cxi")}), "cxi.path"),
+                     (dict(TINY, cxi={"path": str(ROOT / "Snakefile")}), "reconstruction.methods"),  # truth, no truth
+                     (dict(TINY, evaluate={"half_sets": ["emc"]}, reconstruction={"methods": ["truth"]}),
+                      "evaluate.half_sets")]:
+        (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
+        res = snakemake(tmp_path, "-n", check=False)
+        assert res.returncode != 0 and key in res.stdout + res.stderr, key
+
+
+@pytest.mark.slow
+def test_measured_data_without_truth_gives_halfset_fsc_and_prtf(tiny_run, tmp_path):
+    """A CXI file in (here the tiny run's own patterns, exported): no truth store; evaluate
+    reports the PRTF and the half-set FSC; EMC on the imported data equals EMC on the original."""
+    formats.export_cxi(tiny_run / "results" / "tiny" / "simulate" / "patterns.zarr", tmp_path / "run.cxi")
+    cfg = dict(TINY, run="measured", cxi={"path": str(tmp_path / "run.cxi")}, reconstruction={"methods": ["emc"]},
+               evaluate={**TINY["evaluate"], "half_sets": ["emc"]})
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, configfile="m.yaml")
+    log = out.stdout + out.stderr
+    assert "rule import_cxi:" in log and "rule simulate:" not in log
+    assert log.count("rule orient_half:") == 2 and log.count("rule phase_half:") == 2
+    r = tmp_path / "results" / "measured"
+    assert not (r / "simulate" / "truth.zarr").exists()
+    assert not (r / "simulate" / "half1").exists()  # the half-set patterns are temporary
+    row = pd.read_csv(r / "evaluate" / "summary.csv").set_index("method").loc["emc"]
+    assert all(np.isnan(row[c]) for c in SUMMARY_COLUMNS[1:-1])  # nothing to compare with
+    for c in ("prtf_resolution_angstrom", "halfset_resolution_fsc0143_angstrom", "halfset_resolution_fsc05_angstrom"):
+        assert 0 < row[c] < 200, c
+    assert row.halfset_resolution_fsc05_angstrom >= row.halfset_resolution_fsc0143_angstrom
+    fsc = pd.read_csv(r / "evaluate" / "emc" / "halfset_fsc.csv")
+    assert list(fsc.columns)[:3] == ["q_inv_angstrom", "resolution_angstrom", "fsc"] and fsc.fsc.iloc[1] > 0.5
+    for png in ("emc/prtf.png", "emc/intensity_sections.png", "fsc.png"):
+        assert (r / "evaluate" / png).stat().st_size > 1000
+    ours = xr.open_zarr(r / "recon" / "emc" / "intensity.zarr").intensity.values
+    theirs = xr.open_zarr(tiny_run / "results" / "tiny" / "recon" / "emc" / "intensity.zarr").intensity.values
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6 * theirs.max())
 
 
 def test_cli_config_and_errors(tmp_path, capsys):
@@ -182,7 +218,7 @@ def test_tiny_heterogeneous_workflow_with_vae(tmp_path):
                                   xr.open_zarr(r / "recon" / "emc" / "orientations.zarr").quaternion.values)
     assert xr.open_zarr(r / "recon" / "vae" / "intensity.zarr").intensity.shape == truth.intensity.shape
     summary = pd.read_csv(r / "evaluate" / "summary.csv")
-    assert list(summary.columns) == SUMMARY_COLUMNS + SUMMARY_EXTRA
+    assert list(summary.columns) == SUMMARY_COLUMNS + [c for c in SUMMARY_EXTRA if not c.startswith("halfset")]
     assert sorted(summary.method) == ["truth", "vae"]
     row = summary.set_index("method").loc["vae"]
     assert 0 <= row.latent_spearman <= 1 and np.isfinite(row.state_resolution_fsc05_angstrom_mean)

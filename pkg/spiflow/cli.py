@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.stage in FORMAT_STAGES:
         return _run_format(args, config, P["patterns"])
-    f = {k: v.format(method=method, plot="{plot}", shard="{shard}") for k, v in P.items()}
+    f = {k: v.format(method=method, plot="{plot}", shard="{shard}", half="{half}") for k, v in P.items()}
     try:
         if args.stage == "simulate":
             pipeline.stage_simulate(config, f["patterns"], f["truth"], progress=progress)
@@ -157,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.stage_phase(config, f["intensity"], f["density"], f["density_mrc"], f["phase_log"])
         elif args.stage == "evaluate":
             vae = method == "vae"
-            pipeline.stage_evaluate(config, method, f["truth"], f["patterns"], f["intensity"],
+            truth = None if config["cxi"]["path"] else f["truth"]  # measured data: no truth
+            pipeline.stage_evaluate(config, method, truth, f["patterns"], f["intensity"],
                                     f["orientations"], f["density"], f["eval_dir"],
                                     latent=f["latent"] if vae else None, decoder=f["vae_decoder"] if vae else None)
         elif args.stage == "summary":
             methods = config["reconstruction"]["methods"]
             pipeline.stage_summary(config, [P["metrics"].format(method=m) for m in methods],
-                                   [P["fsc"].format(method=m) for m in methods], f["patterns"], f["summary"],
+                                   [] if config["cxi"]["path"] else [P["fsc"].format(method=m) for m in methods],
+                                   f["patterns"], f["summary"],
                                    f["emc_log"] if "emc" in methods else None)
     except (FileNotFoundError, ValueError) as exc:
         print(f"spiflow {args.stage}: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import xarray as xr
 import yaml
 import zarr
 
-from . import metrics, plots
+from . import halfsets, metrics, plots
 from .align import align_density, align_intensity_rotation, rotate_volume
 from .emc import EMCConfig, run_emc
 from .mtip import MTIPConfig, run_mtip
@@ -29,7 +29,7 @@ from .grid import Grid
 from .io import atomic_path, intensity_dataset, open_dataset, orientations_dataset, write_dataset
 from .phasing import PhasingConfig, phase
 from .selfsup import SelfSupConfig, run_selfsup
-from .simulate import gather_shards, grid_of, simulate, simulate_shard
+from .simulate import check_sample, gather_shards, grid_of, simulate, simulate_shard
 from .symmetry import point_group
 from .vae import VAEConfig, decode, latent_dataset, run_vae
 from . import latent as latent_eval
@@ -45,6 +45,7 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "patterns": "simulate/patterns.zarr",
         "truth": "simulate/truth.zarr",
         "shard": "simulate/shards/{shard}.zarr",  # simulate.shards > 1, removed once gathered
+        "half_patterns": "simulate/half{half}/patterns.zarr",  # evaluate.half_sets, temporary
         "intensity": "recon/{method}/intensity.zarr",
         "orientations": "recon/{method}/orientations.zarr",
         "emc_log": "recon/emc/emc_log.csv",
@@ -53,11 +54,20 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "recon_checkpoint": "recon/{method}/checkpoint.pt",
         "latent": "recon/vae/latent.zarr",
         "vae_decoder": "recon/vae/decoder.pt",
+        "half_intensity": "recon/{method}/half{half}/intensity.zarr",  # evaluate.half_sets
+        "half_orientations": "recon/{method}/half{half}/orientations.zarr",
+        "half_log": "recon/{method}/half{half}/log.csv",
+        "half_checkpoint": "recon/{method}/half{half}/checkpoint.pt",
         "density": "phase/{method}/density.zarr",
+        "half_density": "phase/{method}/half{half}/density.zarr",
+        "half_density_mrc": "phase/{method}/half{half}/density.mrc",
+        "half_phase_log": "phase/{method}/half{half}/phase_log.csv",
         "density_mrc": "phase/{method}/density.mrc",
         "phase_log": "phase/{method}/phase_log.csv",
         "fsc": "evaluate/{method}/fsc.csv",
         "metrics": "evaluate/{method}/metrics.json",
+        "prtf": "evaluate/{method}/prtf.csv",
+        "halfset_fsc": "evaluate/{method}/halfset_fsc.csv",
         "eval_dir": "evaluate/{method}",
         "eval_plot": "evaluate/{method}/{plot}.png",
         "vae_states": "evaluate/vae/states",
@@ -65,6 +75,29 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "summary": "evaluate/summary.csv",
         "run_config": "evaluate/config.yaml",
     }.items()}
+
+
+def check_run(config: dict) -> None:
+    """Fail fast (at workflow start) on settings that cannot work together, naming the keys:
+    with ``cxi.path`` (measured data, no truth) the file must exist and neither the
+    ``truth`` oracle nor ``vae`` (its latent analysis compares with true conformations) may
+    be among ``reconstruction.methods``; ``evaluate.half_sets`` must be among the methods.
+    Without ``cxi.path``, the sample (:func:`spiflow.simulate.check_sample`).
+    Raises ValueError or FileNotFoundError."""
+    methods = config["reconstruction"]["methods"]
+    extra = sorted(set(config["evaluate"]["half_sets"]) - set(methods))
+    if extra:
+        raise ValueError(f"evaluate.half_sets: {extra} not in reconstruction.methods {methods}")
+    cxi = config["cxi"]["path"]
+    if cxi is None:
+        check_sample(config)
+        return
+    if not Path(cxi).is_file():
+        raise FileNotFoundError(f"cxi.path: CXI file not found: {cxi}")
+    bad = [m for m in methods if m in ("truth", "vae")]
+    if bad:
+        raise ValueError(f"reconstruction.methods: {bad} need simulated data (a truth), but cxi.path is set; "
+                         f"use emc, mtip, selfsup, mtip_selfsup")
 
 
 def stage_simulate(config: dict, patterns: str, truth: str, progress: bool = True,
@@ -79,6 +112,25 @@ def stage_simulate(config: dict, patterns: str, truth: str, progress: bool = Tru
 def stage_simulate_shard(config: dict, shard: int, path: str, progress: bool = True) -> dict:
     """simulate one shard of frames (``simulate.shards`` > 1) into its own store."""
     return simulate_shard(config, shard, path, progress=progress)
+
+
+def stage_import_cxi(config: dict, patterns: str) -> dict:
+    """import_cxi: the CXI file ``cxi.path`` as the run's ``patterns.zarr`` (no truth store);
+    see :func:`spiflow.formats.import_cxi`. Errors name the file (ValueError, FileNotFoundError)."""
+    from .formats import import_cxi
+
+    c = config["cxi"]
+    out = import_cxi(c["path"], patterns, photon_energy_ev=c["photon_energy_ev"], polarization=c["polarization"],
+                     fluence_photons_per_angstrom2=c["fluence_photons_per_angstrom2"],
+                     grid_oversampling=config["reconstruction"]["grid_oversampling"],
+                     round_counts=c["round_counts"], chunk_frames=config["dataset"]["chunk_frames"])
+    log.info("imported %s: %d frames %s", c["path"], out["frames"], out["shape"])
+    return out
+
+
+def stage_split_halves(config: dict, patterns: str, halves: list[str]) -> list[int]:
+    """split_halves: the even and odd frames as two stores (:func:`spiflow.halfsets.split_halves`)."""
+    return halfsets.split_halves(patterns, halves, config["dataset"]["chunk_frames"])
 
 
 def stage_recon_truth(config: dict, truth: str, patterns: str, intensity: str, orientations: str) -> None:
@@ -118,15 +170,16 @@ def _write_recon(W, measured, quaternion, gain, grid: Grid, scale: float, attrs:
 
 
 def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str,
-              checkpoint: str, progress: bool = True) -> None:
+              checkpoint: str, progress: bool = True, seed_offset: int = 0) -> None:
     """orient with EMC: streams photons from the Zarr chunks; never reads the truth.
 
     The model W (photons per unit pixel factor) becomes electrons² through the nominal
-    fluence J of the patterns' metadata: ``I = W / (J r_e²)``.
+    fluence J of the patterns' metadata: ``I = W / (J r_e²)``. seed_offset: added to
+    ``dataset.seed`` (half set h runs with offset h, so the halves share no random start).
     """
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
-    cfg = EMCConfig(**config["emc"], seed=config["dataset"]["seed"], device=config["device"])
+    cfg = EMCConfig(**config["emc"], seed=config["dataset"]["seed"] + seed_offset, device=config["device"])
     res = run_emc(photons, valid, q, pf, grid, cfg, log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
     attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
              "iterations": cfg.iterations, "refine_iterations": cfg.refine_iterations}
@@ -135,13 +188,13 @@ def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, lo
 
 
 def stage_mtip(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str, checkpoint: str,
-               prior: str | None = None, progress: bool = True) -> None:
+               prior: str | None = None, progress: bool = True, seed_offset: int = 0) -> None:
     """orient with M-TIP (:mod:`spiflow.mtip`), from random orientations or, with ``prior``
     (an orientations store, e.g. ``recon/selfsup``), seeded with its quaternions: the
-    method ``mtip_selfsup``. Never reads the truth."""
+    method ``mtip_selfsup``. Never reads the truth. seed_offset: as for :func:`stage_emc`."""
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
-    cfg = MTIPConfig(**config["mtip"], seed=config["dataset"]["seed"], device=config["device"])
+    cfg = MTIPConfig(**config["mtip"], seed=config["dataset"]["seed"] + seed_offset, device=config["device"])
     init = open_dataset(prior, "prior orientations store").quaternion.values if prior else None
     res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init, log_path=log_csv,
                    checkpoint_path=checkpoint, progress=progress)
@@ -165,6 +218,16 @@ def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str
     measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
     attrs = {"method": "selfsup", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs}
     _write_recon(res.intensity, measured, res.quaternion, res.gain, grid, scale, attrs, intensity, orientations)
+
+
+def halfset_inputs(config: dict, P: dict, method: str) -> dict[str, str]:
+    """The half-set intensity and density stores that rule evaluate reads for ``method``
+    (keys ``half_intensity_1``, ``half_intensity_2``, ``half_density_1``, ``half_density_2``),
+    or none when it is not in ``evaluate.half_sets``."""
+    if method not in config["evaluate"]["half_sets"]:
+        return {}
+    return {f"half_{kind}_{h}": P[f"half_{kind}"].format(method=method, half=h)
+            for kind in ("intensity", "density") for h in (1, 2)}
 
 
 def vae_config(config: dict) -> VAEConfig:
@@ -212,15 +275,18 @@ def stage_vae(config: dict, patterns: str, source: str, intensity: str, orientat
     _write_recon(W, measured, src.quaternion.values, src.gain.values, grid, scale, attrs, intensity, orientations)
 
 
-def stage_phase(config: dict, intensity: str, density: str, density_mrc: str, log_csv: str) -> None:
-    """phase: iterative phasing of a reconstruction's intensity (never reads the truth)."""
+def stage_phase(config: dict, intensity: str, density: str, density_mrc: str, log_csv: str,
+                seed_offset: int = 0) -> None:
+    """phase: iterative phasing of a reconstruction's intensity (never reads the truth);
+    random initial phases from ``dataset.seed`` + ``seed_offset`` (the half set's number for
+    half-set reconstructions, so that the halves share no starting phases)."""
     t0 = time.perf_counter()
     ds = open_dataset(intensity, "intensity store")
     n = ds.sizes["qx"]
     grid = Grid(n, float(ds.qx.values[1] - ds.qx.values[0]))
     measured = ds["measured"].values if "measured" in ds else None
     res = phase(ds.intensity.values, grid, PhasingConfig(**config["phase"]), measured=measured,
-                seed=config["dataset"]["seed"], device=config["device"])
+                seed=config["dataset"]["seed"] + seed_offset, device=config["device"])
     out = xr.Dataset({"density": (("x", "y", "z"), res.density), "support": (("x", "y", "z"), res.support)},
                      coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis},
                      attrs={"method": ds.attrs.get("method", ""), "wall_seconds": time.perf_counter() - t0,
@@ -243,10 +309,11 @@ def write_mrc(path, density: np.ndarray, voxel_size: float) -> None:
         mrc.header.origin = (-c * voxel_size,) * 3
 
 
-def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensity: str,
+def stage_evaluate(config: dict, method: str, truth: str | None, patterns: str, intensity: str,
                    orientations: str, density: str, out_dir: str, latent: str | None = None,
-                   decoder: str | None = None) -> dict:
-    """evaluate one method: align to the truth, FSC, intensity CC, orientation and gain errors.
+                   decoder: str | None = None, halves: dict | None = None) -> dict:
+    """evaluate one method: PRTF and half-set FSC (need no truth), and against the truth
+    FSC, intensity CC, orientation and gain errors.
 
     Rotation: EMC's frame is arbitrary; ``A`` with ``I_rec(q) ≈ I_true(A q)`` is found from
     the intensities and undone on intensity and density (``ρ_rec(r) = ρ_true(A r)``). The
@@ -256,13 +323,54 @@ def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensi
     ``evaluate.symmetry`` (the particle's point group). With ``latent`` and ``decoder`` (method ``vae``) the latent
     analysis of :func:`spiflow.latent.evaluate_latent` is added (files in ``out_dir``, its
     numbers in metrics.json: ``latent_spearman``, per-state FSC resolutions, …).
+
+    Without a truth (``truth`` None: measured data) the truth columns are NaN and the plots
+    show the reconstruction alone. Always: ``prtf.csv`` (and ``prtf.png``, with the half-set FSC) and
+    ``prtf_resolution_angstrom`` (:mod:`spiflow.halfsets`). With ``halves``
+    (``{"intensity": [store 1, store 2], "density": [store 1, store 2]}``: the method run on
+    each half of the frames) ``halfset_fsc.csv`` and the ``halfset_*`` numbers.
     """
-    tr = open_dataset(truth, "truth store")
     rec = open_dataset(intensity, "intensity store")
     ori = open_dataset(orientations, "orientations store")
     den = open_dataset(density, "density store")
-    grid = Grid(tr.sizes["qx"], float(tr.qx.values[1] - tr.qx.values[0]))
+    grid = Grid(rec.sizes["qx"], float(rec.qx.values[1] - rec.qx.values[0]))
     measured = rec["measured"].values if "measured" in rec else np.ones(rec.intensity.shape, bool)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"method": method, **{c: np.nan for c in SUMMARY_COLUMNS[1:]},
+              "wall_seconds": float(rec.attrs.get("wall_seconds", np.nan) + den.attrs.get("wall_seconds", np.nan))}
+    prtf = halfsets.prtf_table(den)
+    result["prtf_resolution_angstrom"] = halfsets.prtf_resolution(prtf)
+    with atomic_path(out / "prtf.csv") as tmp:
+        prtf.to_csv(tmp, index=False)
+    curves = {"PRTF": prtf.rename(columns={"prtf": "fsc"})}
+    if halves:
+        h_int = [open_dataset(f, "half-set intensity store") for f in halves["intensity"]]
+        h_den = [open_dataset(f, "half-set density store") for f in halves["density"]]
+        m2 = h_int[1]["measured"].values if "measured" in h_int[1] else None
+        table, info = halfsets.halfset_fsc(h_den[0].density.values, h_den[1].density.values,
+                                           h_int[0].intensity.values, h_int[1].intensity.values, grid, m2,
+                                           config["evaluate"]["align_num_div"])
+        result.update(info)
+        with atomic_path(out / "halfset_fsc.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        curves["half-set FSC"] = table
+    plots.plot_fsc(curves, out / "prtf.png", ylabel="PRTF, half-set FSC",
+                   levels=((0.5, "--"), (halfsets.HALFSET_THRESHOLD, ":"), (halfsets.PRTF_THRESHOLD, "-.")))
+    if truth is not None:
+        result.update(_evaluate_against_truth(config, method, open_dataset(truth, "truth store"), patterns, rec,
+                                              ori, den, grid, measured, out, latent, decoder))
+    else:  # the reconstruction alone
+        plots.plot_intensity_sections(None, rec.intensity.values, grid, out / "intensity_sections.png",
+                                      f"{method}: reconstructed intensity (no truth)")
+        plots.plot_density_slices(None, den.density.values, grid, out / "density_slices.png")
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _evaluate_against_truth(config, method, tr, patterns, rec, ori, den, grid, measured, out, latent, decoder):
+    """The truth columns of :func:`stage_evaluate`, its fsc.csv and comparison plots."""
     if method == "truth":
         A, rot_cc = np.eye(3), 1.0
     else:
@@ -276,18 +384,14 @@ def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensi
     table = metrics.fsc(rho_al, tr.density.values, grid)
     errors, _ = metrics.orientation_errors(ori.quaternion.values, tr.quaternion.values,
                                            symmetry=point_group(config["evaluate"]["symmetry"]))
-    out = Path(out_dir)
     result = {
-        "method": method,
         "resolution_fsc05_angstrom": metrics.resolution_at(table, 0.5),
         "resolution_fsc0143_angstrom": metrics.resolution_at(table, 0.143),
         "intensity_cc": metrics.intensity_cc(I_al, tr.intensity.values, meas_al, grid),
         "orientation_error_median_deg": float(np.median(errors)),
         "gain_pearson": metrics.gain_pearson(ori.gain.values, tr.gain.values),
-        "wall_seconds": float(rec.attrs.get("wall_seconds", np.nan) + den.attrs.get("wall_seconds", np.nan)),
         "rotation_cc": float(rot_cc), "density_cc": float(reg["cc"]), "inverted": bool(reg["inverted"]),
     }
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "fsc.csv") as tmp:
         table.to_csv(tmp, index=False)
     plots.plot_intensity_sections(tr.intensity.values, I_al, grid, out / "intensity_sections.png",
@@ -299,8 +403,6 @@ def stage_evaluate(config: dict, method: str, truth: str, patterns: str, intensi
         scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
         result.update(latent_eval.evaluate_latent(config, tr, open_dataset(latent, "latent store"), decoder,
                                                   measured, A, scale, out))
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -309,7 +411,8 @@ SUMMARY_COLUMNS = ["method", "resolution_fsc05_angstrom", "resolution_fsc0143_an
 # after the SPEC.md columns, when a method reports them (vae): |Spearman ρ| of latent PC1
 # with the first true conformation parameter, PC1's share of the latent variance, and the
 # mean FSC-0.5 resolution of the recovered states against their matching true states
-SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resolution_fsc05_angstrom_mean"]
+SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resolution_fsc05_angstrom_mean",
+                 "prtf_resolution_angstrom", "halfset_resolution_fsc0143_angstrom", "halfset_resolution_fsc05_angstrom"]
 
 
 def stage_summary(config: dict, metric_files: list[str], fsc_files: list[str], patterns: str,
@@ -317,12 +420,20 @@ def stage_summary(config: dict, metric_files: list[str], fsc_files: list[str], p
     """One table comparing every method (SPEC.md columns, then those of :data:`SUMMARY_EXTRA`
     that some method reports), the run's overview plots (``fsc.png``, ``patterns_montage.png``,
     ``emc_log.png`` with ``emc_log``) and its complete validated configuration
-    (``config.yaml``), all beside ``summary_csv``."""
+    (``config.yaml``), all beside ``summary_csv``. ``fsc.png`` shows the FSC against the
+    truth of every method in ``fsc_files``; without them (measured data) the half-set FSC
+    curves beside the metrics files, and the PRTFs where no method has half sets."""
     rows = [json.loads(Path(f).read_text()) for f in metric_files]
     df = pd.DataFrame(rows)
-    df = df[SUMMARY_COLUMNS + [c for c in SUMMARY_EXTRA if c in df]]
+    df = df[SUMMARY_COLUMNS + [c for c in SUMMARY_EXTRA if c in df and df[c].notna().any()]]
     out = Path(summary_csv).parent
-    plots.plot_fsc({r["method"]: pd.read_csv(f) for r, f in zip(rows, fsc_files)}, out / "fsc.png")
+    curves = {r["method"]: pd.read_csv(f) for r, f in zip(rows, fsc_files)}
+    for r, f in zip(rows, metric_files) if not curves else ():
+        if (Path(f).parent / "halfset_fsc.csv").exists():
+            curves[f"{r['method']} (half sets)"] = pd.read_csv(Path(f).parent / "halfset_fsc.csv")
+    for r, f in zip(rows, metric_files) if not curves else ():
+        curves[f"{r['method']} PRTF"] = pd.read_csv(Path(f).parent / "prtf.csv").rename(columns={"prtf": "fsc"})
+    plots.plot_fsc(curves, out / "fsc.png")
     pat = xr.open_zarr(patterns)
     k = min(config["evaluate"]["montage_frames"], pat.sizes["frame"])
     plots.plot_pattern_montage(pat.photons[:k].values, pat.valid.values, out / "patterns_montage.png")

@@ -67,11 +67,14 @@ def _central_sections(v: np.ndarray, grid: Grid, project: bool = False) -> list[
     return [v[c], v[:, c], v[:, :, c]]
 
 
-def plot_fsc(tables: dict[str, pd.DataFrame], path) -> None:
-    """FSC of every method vs q (bottom axis, Å⁻¹; top axis labelled in Å), with 0.5 and 0.143 lines.
+def plot_fsc(tables: dict[str, pd.DataFrame], path, ylabel: str = "FSC",
+             levels=((0.5, "--"), (0.143, ":"))) -> None:
+    """FSC of every method vs q (bottom axis, Å⁻¹; top axis labelled in Å), with threshold lines.
 
-    tables: method name → DataFrame with ``q_inv_angstrom`` and ``fsc`` (as from
-    :func:`spiflow.metrics.fsc`). Raises ValueError for no tables or missing columns.
+    tables: curve name → DataFrame with ``q_inv_angstrom`` and ``fsc`` (as from
+    :func:`spiflow.metrics.fsc`; a PRTF renamed to ``fsc`` plots alike). levels: (value,
+    line style) of the horizontal threshold lines, by default 0.5 and 0.143.
+    Raises ValueError for no tables or missing columns.
     """
     if not tables:
         raise ValueError("plot_fsc: no FSC tables given")
@@ -84,13 +87,13 @@ def plot_fsc(tables: dict[str, pd.DataFrame], path) -> None:
         ax.plot(t["q_inv_angstrom"], t["fsc"], marker=".", label=name)
         q_max = max(q_max, float(t["q_inv_angstrom"].max()))
         f_min = min(f_min, float(np.nanmin(t["fsc"], initial=0.0)) - 0.05)
-    for level, style in ((0.5, "--"), (0.143, ":")):
-        ax.axhline(level, color="grey", ls=style, lw=1, label=f"FSC = {level}")
+    for level, style in levels:
+        ax.axhline(level, color="grey", ls=style, lw=1, label=f"{ylabel} = {level:.3g}")
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xlim(0, q_max if q_max > 0 else 1)
     ax.set_ylim(f_min, 1.05)
     ax.set_xlabel("q (Å⁻¹)")
-    ax.set_ylabel("FSC")
+    ax.set_ylabel(ylabel)
     top = ax.secondary_xaxis("top")
     ticks = [x for x in ax.get_xticks() if 0 < x <= ax.get_xlim()[1]]
     top.set_xticks(ticks, labels=[f"{1 / x:.3g}" for x in ticks])
@@ -103,12 +106,14 @@ def plot_fsc(tables: dict[str, pd.DataFrame], path) -> None:
 def plot_intensity_sections(truth, recon, grid: Grid, path, title: str = "") -> None:
     """Central sections qx = 0, qy = 0, qz = 0 of truth (top row) and reconstruction (bottom).
 
-    truth, recon: (n, n, n) intensities on ``grid``. Log colour scale, each row spanning
-    five decades below its own maximum (EMC's overall scale is arbitrary); values ≤ 0 are
-    left blank. Axes in Å⁻¹. Raises ValueError for shape mismatch.
+    truth, recon: (n, n, n) intensities on ``grid``; truth None (measured data): the
+    reconstruction's row alone. Log colour scale, each row spanning five decades below its
+    own maximum (EMC's overall scale is arbitrary); values ≤ 0 are left blank. Axes in Å⁻¹.
+    Raises ValueError for shape mismatch.
     """
-    vols = {"truth": _np(truth).astype(float), "reconstruction": _np(recon).astype(float)}
-    fig, axes = _figure("intensity_sections", 2, 3)
+    vols = {"truth": truth, "reconstruction": recon}
+    vols = {k: _np(v).astype(float) for k, v in vols.items() if v is not None}
+    fig, axes = _figure("intensity_sections", len(vols), 3)
     q = grid.q_axis
     ext = [q[0] - grid.dq / 2, q[-1] + grid.dq / 2] * 2
     for row, (label, v) in enumerate(vols.items()):
@@ -133,11 +138,12 @@ def plot_density_slices(truth, recon, grid: Grid, path, project: bool = False) -
     """Central slices x = 0, y = 0, z = 0 (or projections with ``project``) of true and
     reconstructed density (rows), axes in Å, one linear colour scale per row.
 
-    truth, recon: (n, n, n) real densities in e/Å³ on the real grid of ``grid``.
-    Raises ValueError for shape mismatch.
+    truth, recon: (n, n, n) real densities in e/Å³ on the real grid of ``grid``; truth None
+    (measured data): the reconstruction's row alone. Raises ValueError for shape mismatch.
     """
-    vols = {"truth": np.real(_np(truth)).astype(float), "reconstruction": np.real(_np(recon)).astype(float)}
-    fig, axes = _figure("density_slices", 2, 3)
+    vols = {"truth": truth, "reconstruction": recon}
+    vols = {k: np.real(_np(v)).astype(float) for k, v in vols.items() if v is not None}
+    fig, axes = _figure("density_slices", len(vols), 3)
     r = grid.r_axis
     h = grid.voxel_size / 2
     ext = [r[0] - h, r[-1] + h] * 2

@@ -1,18 +1,21 @@
-EVAL_PLOTS = ["intensity_sections", "density_slices", "orientation_errors"]
+EVAL_PLOTS = ["intensity_sections", "density_slices", "prtf"] + ([] if CXI else ["orientation_errors"])
 LATENT_PLOTS = ["latent_pca", "latent_traversal"]
 
 
 rule evaluate:
-    """Align one method to the truth; FSC, intensity CC, orientation and gain errors, plots
-    (every method but vae, which has rule evaluate_vae)."""
+    """PRTF and, for evaluate.half_sets, the half-set FSC; with a truth (simulated data) also
+    the alignment to it, FSC, intensity CC, orientation and gain errors; plots (every method
+    but vae, which has rule evaluate_vae)."""
     input:
-        truth=P["truth"],
+        unpack(lambda wc: halfset_inputs(config, P, wc.method)),
+        truth=[] if CXI else P["truth"],
         patterns=P["patterns"],
         intensity=P["intensity"],
         orientations=P["orientations"],
         density=P["density"],
     output:
-        fsc=P["fsc"],
+        fsc=[] if CXI else P["fsc"],
+        prtf=P["prtf"],
         metrics=P["metrics"],
         plots=[report(P["eval_plot"].format(method="{method}", plot=p), caption="../report/method_plot.rst",
                       category="Methods", subcategory="{method}", labels={"method": "{method}", "figure": p})
@@ -46,6 +49,7 @@ rule evaluate_vae:
         decoder=P["vae_decoder"],
     output:
         fsc=P["fsc"].format(method="vae"),
+        prtf=P["prtf"].format(method="vae"),
         metrics=P["metrics"].format(method="vae"),
         plots=[report(P["eval_plot"].format(method="vae", plot=p), category="Methods", subcategory="vae",
                       caption="../report/latent.rst" if p.startswith("latent") else "../report/method_plot.rst",
@@ -69,7 +73,7 @@ rule summary:
     """One table comparing every method on the same data, with the overview plots."""
     input:
         metrics=expand(P["metrics"], method=METHODS),
-        fsc=expand(P["fsc"], method=METHODS),
+        fsc=[] if CXI else expand(P["fsc"], method=METHODS),
         patterns=P["patterns"],
         emc_log=[P["emc_log"]] if "emc" in METHODS else [],
     output:

@@ -69,3 +69,29 @@ rule orient_mtip:
         gpu=GPU,
     script:
         "../scripts/orient_mtip.py"
+
+
+rule orient_half:
+    """evaluate.half_sets: EMC or M-TIP on one half of the frames (seed + half), for the half-set FSC."""
+    input:
+        patterns=P["half_patterns"],
+    output:
+        intensity=directory(P["half_intensity"]),
+        orientations=directory(P["half_orientations"]),
+        log_csv=P["half_log"],
+    wildcard_constraints:
+        method="emc|mtip",
+    log:
+        f"{LOGS}/orient_{{method}}_half{{half}}.log",
+    benchmark:
+        f"{BENCH}/orient_{{method}}_half{{half}}.tsv"
+    params:
+        checkpoint=P["half_checkpoint"],
+    conda:
+        "../envs/spiflow.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=lambda wc: int(config[wc.method]["memory_budget_gb"] * 1024 * 2 + 2000),
+        gpu=GPU,
+    script:
+        "../scripts/orient_half.py"

@@ -1,45 +1,85 @@
 SHARDS = config["simulate"]["shards"]
 
 
-rule simulate_shard:
-    """simulate.shards > 1: one shard of frames (whole Zarr chunks) as its own job."""
-    input:
-        sample=sample_files(config),
-    output:
-        shard=temp(directory(P["shard"])),
-    wildcard_constraints:
-        shard=r"\d+",
-    log:
-        f"{LOGS}/simulate_shard_{{shard}}.log",
-    benchmark:
-        f"{BENCH}/simulate_shard_{{shard}}.tsv"
-    conda:
-        "../envs/spiflow.yaml"
-    threads: 2
-    resources:
-        mem_mb=4000,
-    script:
-        "../scripts/simulate_shard.py"
+if CXI:
+
+    rule import_cxi:
+        """Measured data in: the CXI file cxi.path as the run's patterns store (no truth)."""
+        input:
+            cxi=CXI,
+        output:
+            patterns=directory(P["patterns"]),
+        log:
+            f"{LOGS}/import_cxi.log",
+        benchmark:
+            f"{BENCH}/import_cxi.tsv"
+        conda:
+            "../envs/spiflow.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+        script:
+            "../scripts/import_cxi.py"
+
+else:
+
+    rule simulate_shard:
+        """simulate.shards > 1: one shard of frames (whole Zarr chunks) as its own job."""
+        input:
+            sample=sample_files(config),
+        output:
+            shard=temp(directory(P["shard"])),
+        wildcard_constraints:
+            shard=r"\d+",
+        log:
+            f"{LOGS}/simulate_shard_{{shard}}.log",
+        benchmark:
+            f"{BENCH}/simulate_shard_{{shard}}.tsv"
+        conda:
+            "../envs/spiflow.yaml"
+        threads: 2
+        resources:
+            mem_mb=4000,
+        script:
+            "../scripts/simulate_shard.py"
 
 
-rule simulate:
-    """Noisy diffraction patterns of config['sample'] (one structure or a heterogeneous
-    sample, sample.kind) plus the ground truth; with simulate.shards > 1 it gathers the
-    shards chunk by chunk (the shard stores are temporary)."""
+    rule simulate:
+        """Noisy diffraction patterns of config['sample'] (one structure or a heterogeneous
+        sample, sample.kind) plus the ground truth; with simulate.shards > 1 it gathers the
+        shards chunk by chunk (the shard stores are temporary)."""
+        input:
+            sample=sample_files(config),
+            shards=expand(P["shard"], shard=range(SHARDS)) if SHARDS > 1 else [],
+        output:
+            patterns=directory(P["patterns"]),
+            truth=directory(P["truth"]),
+        log:
+            f"{LOGS}/simulate.log",
+        benchmark:
+            f"{BENCH}/simulate.tsv"
+        conda:
+            "../envs/spiflow.yaml"
+        threads: 2
+        resources:
+            mem_mb=4000,
+        script:
+            "../scripts/simulate.py"
+
+
+rule split_halves:
+    """evaluate.half_sets: the even and odd frames as two temporary patterns stores."""
     input:
-        sample=sample_files(config),
-        shards=expand(P["shard"], shard=range(SHARDS)) if SHARDS > 1 else [],
+        patterns=P["patterns"],
     output:
-        patterns=directory(P["patterns"]),
-        truth=directory(P["truth"]),
+        half1=temp(directory(P["half_patterns"].format(half=1))),
+        half2=temp(directory(P["half_patterns"].format(half=2))),
     log:
-        f"{LOGS}/simulate.log",
-    benchmark:
-        f"{BENCH}/simulate.tsv"
+        f"{LOGS}/split_halves.log",
     conda:
         "../envs/spiflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=2000,
     script:
-        "../scripts/simulate.py"
+        "../scripts/split_halves.py"
