@@ -269,6 +269,42 @@ def test_bad_inputs_name_the_culprit(tmp_path):
         cfg.validate({"beam": {"photon_energy_ev": 0}})
 
 
+def test_fuzzed_structure_files_give_only_clean_named_errors(tmp_path):
+    """Random bytes, truncations, byte mutations and shuffled lines of a real PDB and mmCIF
+    file: read_structure either returns finite atoms or raises ValueError naming the file."""
+    rng = np.random.default_rng(0)
+    pdb = (ROOT / "data" / "2cex.pdb").read_bytes()
+    st = gemmi.read_structure(str(ROOT / "data" / "2cex.pdb"))
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(tmp_path / "good.cif"))
+    outcomes = []
+    for ext, blob in ((".pdb", pdb), (".cif", (tmp_path / "good.cif").read_bytes())):
+        cases = [rng.bytes(int(rng.integers(0, 4000))) for _ in range(8)]
+        cases += [blob[:int(len(blob) * f)] for f in np.linspace(0.01, 0.99, 8)]
+        for _ in range(10):
+            b = bytearray(blob)
+            for i in rng.integers(0, len(b), 20):
+                b[i] = int(rng.integers(32, 127))
+            cases.append(bytes(b))
+        lines = blob.split(b"\n")
+        for _ in range(4):
+            head = lines[: len(lines) // 2]
+            rng.shuffle(head)
+            cases.append(b"\n".join(head + lines[len(lines) // 2:]))
+        for k, data in enumerate(cases):
+            path = tmp_path / f"case{k}{ext}"
+            path.write_bytes(data)
+            try:
+                atoms = read_structure(path)
+            except ValueError as exc:
+                assert path.name in str(exc), str(exc)
+                outcomes.append("error")
+            else:
+                assert len(atoms) > 0 and np.isfinite(atoms.positions).all()
+                outcomes.append("atoms")
+    assert outcomes.count("error") >= 16  # at least every random-bytes case
+
+
 def test_failed_stage_leaves_no_half_written_store(tmp_path):
     target = tmp_path / "out.zarr"
     target.mkdir()

@@ -165,6 +165,26 @@ def test_measured_data_without_truth_gives_halfset_fsc_and_prtf(tiny_run, tmp_pa
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6 * theirs.max())
 
 
+def test_corrupt_or_incomplete_patterns_store_is_named(tmp_path, capsys):
+    """A photons chunk cut short, or missing (Zarr would read zeros), stops EMC with an
+    error naming the store; nothing is written."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(dict(TINY, reconstruction={"methods": ["emc"]})))
+    args = ["--configfile", str(tmp_path / "c.yaml"), "--results", str(tmp_path / "results"), "--quiet"]
+    assert cli.main(["simulate", *args]) == 0
+    store = tmp_path / "results" / "tiny" / "simulate" / "patterns.zarr"
+    chunk = store / "photons" / "c" / "1" / "0" / "0"
+    good = chunk.read_bytes()
+    for damage, words in ((good[: len(good) // 2], "cannot read photons"), (None, "1 of 3 photon chunks are missing")):
+        chunk.unlink()
+        if damage is not None:
+            chunk.write_bytes(damage)
+        capsys.readouterr()
+        assert cli.main(["emc", *args]) == 1
+        err = capsys.readouterr().err
+        assert str(store) in err and words in err, err
+        assert not (tmp_path / "results" / "tiny" / "recon" / "emc" / "intensity.zarr").exists()
+
+
 def test_cli_config_and_errors(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"emc": {"num_div": 3}}))

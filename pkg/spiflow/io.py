@@ -85,6 +85,46 @@ def open_dataset(path: str | os.PathLike, role: str = "store") -> xr.Dataset:
         raise ValueError(f"cannot read {role} {path}: {exc}") from exc
 
 
+class PhotonFrames:
+    """The ``photons (frame, y, x)`` array of a patterns store, read lazily (Zarr chunks) by
+    slicing ``frames[i0:i1]``, with errors that name the store.
+
+    Opening checks that every chunk exists: Zarr reads a missing chunk as zeros, so a
+    truncated copy of a store would otherwise pass as frames without photons. A chunk that
+    cannot be decoded (corrupt, cut short) raises ValueError naming the store and the
+    frames when it is read. Attributes ``shape``, ``dtype``, ``chunks`` as the Zarr array's.
+    Raises FileNotFoundError for a missing store, ValueError for one without photons or
+    with missing chunks.
+    """
+
+    def __init__(self, patterns: str | os.PathLike):
+        import zarr
+
+        self.path = Path(patterns)
+        if not self.path.exists():
+            raise FileNotFoundError(f"patterns store not found: {self.path}")
+        try:
+            self.array = zarr.open_group(str(self.path), mode="r")["photons"]
+            missing = self.array.nchunks - self.array.nchunks_initialized
+        except Exception as exc:
+            raise ValueError(f"patterns store {self.path}: cannot open its photons array: {exc}") from exc
+        if missing:
+            raise ValueError(f"patterns store {self.path}: {missing} of {self.array.nchunks} photon chunks are "
+                             f"missing (an incomplete copy?)")
+        self.shape, self.dtype, self.chunks = self.array.shape, self.array.dtype, self.array.chunks
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        try:
+            return self.array[key]
+        except Exception as exc:
+            raise ValueError(f"patterns store {self.path}: cannot read photons[{key}]: "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
 def intensity_dataset(intensity: np.ndarray, q_axis: np.ndarray, measured: np.ndarray | None = None,
                       attrs: dict | None = None) -> xr.Dataset:
     """The ``intensity (qx, qy, qz)`` store of SPEC.md, with an optional ``measured`` mask.

@@ -19,14 +19,13 @@ import pandas as pd
 import torch
 import xarray as xr
 import yaml
-import zarr
 
 from . import halfsets, metrics, plots
 from .align import align_density, align_intensity_rotation, rotate_volume
 from .emc import EMCConfig, run_emc
 from .mtip import MTIPConfig, run_mtip
 from .grid import Grid
-from .io import atomic_path, intensity_dataset, open_dataset, orientations_dataset, write_dataset
+from .io import PhotonFrames, atomic_path, intensity_dataset, open_dataset, orientations_dataset, write_dataset
 from .phasing import PhasingConfig, phase
 from .selfsup import SelfSupConfig, run_selfsup
 from .simulate import check_sample, gather_shards, grid_of, simulate, simulate_shard
@@ -152,8 +151,8 @@ def stage_recon_truth(config: dict, truth: str, patterns: str, intensity: str, o
 
 def _patterns(patterns: str):
     """(dataset, grid, lazily read Zarr photons, valid, q, pixel_factor, scale J r_e²)."""
+    photons = PhotonFrames(patterns)  # checks that no chunk is missing; read errors name the store
     pat = xr.open_zarr(patterns)
-    photons = zarr.open_group(patterns, mode="r")["photons"]
     scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
     return (pat, grid_of(pat), photons, pat.valid.values, pat.q.values.astype(np.float64),
             pat.pixel_factor.values.astype(np.float64), scale)
