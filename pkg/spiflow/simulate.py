@@ -227,11 +227,6 @@ def expected_counts(atoms: Atoms, q: np.ndarray, pixel_factor: np.ndarray, quats
     return scale * pixel_factor * np.abs(F) ** 2
 
 
-#: ``simulate.slice_oversampling`` and ``simulate.slice_interpolation`` when the config has
-#: none (config.schema.yaml documents them; their defaults live here, see :class:`SliceTransform`).
-SLICE_DEFAULTS = {"slice_oversampling": 1, "slice_interpolation": "cubic"}
-
-
 class SliceTransform:
     """``simulate.transform: slice``: the molecular transform F computed once on a fine cubic
     grid, then read at every frame's rotated pixels ``R_iᵀ q_p`` by interpolation on the
@@ -405,8 +400,7 @@ def _setup(config: dict) -> _Setup:
             raise ValueError(f"simulate.transform: slice needs one structure (sample.kind structure), not "
                              f"sample.kind {cfg_s['kind']!r}, whose frames each have their own atoms; "
                              "use auto, nufft or direct")
-        opts = {key: cfg_sim.get(key, value) for key, value in SLICE_DEFAULTS.items()}
-        slicer = SliceTransform(atoms, q, grid, opts["slice_oversampling"], opts["slice_interpolation"], device,
+        slicer = SliceTransform(atoms, q, grid, cfg_sim["slice_oversampling"], cfg_sim["slice_interpolation"], device,
                                 cfg_sim["nufft_eps"])
 
     def expected(quats_, params_, scale):  # (B, ny, nx) expected photons at gain 1
