@@ -12,6 +12,7 @@ One tiny workflow up to EMC (long enough to interrupt) goes through, in turn:
 Afterwards the simulated data were never rewritten, EMC resumed three times from later and
 later checkpoints, and its log holds every iteration exactly once.
 """
+import contextlib
 import os
 import re
 import signal
@@ -97,7 +98,11 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     proc = _start(tmp_path)
     k1 = _wait_for_checkpoint(proc, ckpt, 0)
     patterns_written = (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns
+    jobs = _job_pids(proc.pid, "orient_emc")  # a terminal's Ctrl-C reaches the job too, whatever its group
     os.killpg(proc.pid, signal.SIGINT)
+    for pid in jobs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
     _finish(proc, 120)  # Snakemake's own exit status after Ctrl-C varies (asyncio shutdown)
     assert not (r / "recon" / "emc" / "intensity.zarr").exists()
     refused = [_refuses(tmp_path, "IncompleteFilesException")]
