@@ -29,7 +29,7 @@ import zarr
 from . import metrics
 from .align import align_density, align_intensity_rotation, rotate_volume
 from .grid import Grid
-from .io import atomic_path, open_dataset
+from .io import PhotonFrames, atomic_path, open_dataset
 
 PRTF_THRESHOLD = 1 / math.e
 HALFSET_THRESHOLD = 0.143
@@ -42,23 +42,20 @@ def split_halves(patterns, halves: list, chunk_frames: int | None = None) -> lis
     a store of the same layout (every array but ``photons`` copied, attrs too, plus
     ``half_set`` 1 or 2; its ``frame`` coordinate holds the source's frame indices), photons
     streamed chunk by chunk (``chunk_frames`` per chunk, default the source's), written
-    atomically. Returns the two frame counts. Raises ValueError for fewer than 2 frames or
-    a store without ``photons``, naming the store.
+    atomically. Returns the two frame counts. Raises ValueError naming the store for fewer
+    than 2 frames, no ``photons``, or missing or corrupt chunks (:class:`spiflow.io.PhotonFrames`).
     """
     src_path = Path(patterns)
-    src = zarr.open_group(str(src_path), mode="r")
-    if "photons" not in src:
-        raise ValueError(f"patterns store {src_path}: no 'photons' array")
-    photons = src["photons"]
+    photons = PhotonFrames(src_path)  # no missing chunk; read errors name the store
     n = photons.shape[0]
     if n < 2:
         raise ValueError(f"patterns store {src_path}: {n} frame(s), a half-set split needs at least 2")
     chunk = int(chunk_frames or photons.chunks[0])
     ds = xr.open_zarr(src_path)
+    static = ds.drop_vars([v for v in ds.variables if "frame" in ds[v].dims])
     counts = []
     for h, out in enumerate(halves):
         frames = np.arange(h, n, 2)
-        static = ds.drop_vars([v for v in ds.variables if "frame" in ds[v].dims])
         static.attrs.update(half_set=h + 1, source_patterns=str(src_path))
         with atomic_path(out) as tmp:
             static.to_zarr(tmp, mode="w", consolidated=False)
@@ -67,7 +64,7 @@ def split_halves(patterns, halves: list, chunk_frames: int | None = None) -> lis
             dst = g.create_array("photons", shape=(len(frames),) + photons.shape[1:], dtype=photons.dtype,
                                  chunks=(min(chunk, len(frames)),) + photons.shape[1:],
                                  dimension_names=["frame", "y", "x"], fill_value=0,
-                                 attributes=dict(photons.attrs))
+                                 attributes=dict(photons.array.attrs))
             step = 2 * chunk  # source frames per output chunk
             for j, i0 in enumerate(range(h, n, step)):
                 block = np.asarray(photons[i0:min(n, i0 + step)])[::2]

@@ -104,7 +104,13 @@ class PhotonFrames:
         if not self.path.exists():
             raise FileNotFoundError(f"patterns store not found: {self.path}")
         try:
-            self.array = zarr.open_group(str(self.path), mode="r")["photons"]
+            group = zarr.open_group(str(self.path), mode="r")
+        except Exception as exc:
+            raise ValueError(f"patterns store {self.path}: cannot open it: {exc}") from exc
+        if "photons" not in group:
+            raise ValueError(f"patterns store {self.path}: no 'photons' array")
+        try:
+            self.array = group["photons"]
             missing = self.array.nchunks - self.array.nchunks_initialized
         except Exception as exc:
             raise ValueError(f"patterns store {self.path}: cannot open its photons array: {exc}") from exc
