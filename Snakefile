@@ -42,6 +42,13 @@ wildcard_constraints:
     half="1|2",
 
 
+# Rules of a few seconds run where Snakemake runs, not as cluster jobs (each SLURM job costs a
+# queue wait and a Python start-up): the truth restricted to the detector's q range, the table.
+localrules:
+    recon_truth,
+    summary,
+
+
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/orient.smk"
 include: "workflow/rules/train.smk"

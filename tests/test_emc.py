@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from spiflow import emc
+from spiflow import emc, slicing_cpu
 from spiflow.emc import EMCConfig, LOG_COLUMNS, choose_photon_format, compress, run_emc
 from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
@@ -104,7 +104,9 @@ def test_recovers_orientations_gains_and_model(data):
     assert res.probability_max.shape == (200,) and (res.probability_max <= 1 + 1e-6).all()
 
 
-def test_fused_kernels_equal_grid_slice_and_merge():
+@pytest.mark.parametrize("kernel", ["numba", "grid_sample"])
+def test_fused_kernels_equal_grid_slice_and_merge(kernel, monkeypatch):
+    monkeypatch.setattr(slicing_cpu, "ENABLED", kernel == "numba" and slicing_cpu.numba is not None)
     grid = Grid(9, 0.1)
     g = torch.Generator().manual_seed(0)
     vol = torch.rand((9, 9, 9), generator=g, dtype=torch.float64)
@@ -112,13 +114,39 @@ def test_fused_kernels_equal_grid_slice_and_merge():
     rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(5, np.random.default_rng(1))))
     points, coords = rotated_points(q, rot), grid_coordinates(q, rot, grid)
     torch.testing.assert_close(slice_model(vol, coords), slice_volume(vol, points, grid))
-    values = torch.rand((2, 5, 30), generator=g, dtype=torch.float64)
-    accum = torch.zeros((2, 9, 9, 9), dtype=torch.float64)
-    merge_model(accum, coords, values)
-    for c in range(2):
-        ref = torch.zeros((9, 9, 9), dtype=torch.float64)
-        merge_into(ref, points, values[c], grid)
-        torch.testing.assert_close(accum[c], ref)
+    for ch in (1, 2, 3):  # 2 has its own unrolled branch in the numba merge
+        values = torch.rand((ch, 5, 30), generator=g, dtype=torch.float64)
+        accum = torch.zeros((ch, 9, 9, 9), dtype=torch.float64)
+        merge_model(accum, coords, values)
+        for c in range(ch):
+            ref = torch.zeros((9, 9, 9), dtype=torch.float64)
+            merge_into(ref, points, values[c], grid)
+            torch.testing.assert_close(accum[c], ref)
+
+
+@pytest.mark.skipif(slicing_cpu.numba is None, reason="numba not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_kernels_equal_grid_sample_at_faces_and_beyond(dtype, monkeypatch):
+    """Points on and across the faces (cells partly outside), far outside, NaN; the transposed
+    (P, R) layout of the sparse path; several threads' copies of the merge summed."""
+    g = torch.Generator().manual_seed(4)
+    n = 11
+    vol = torch.rand((n, n, n), generator=g, dtype=torch.float64).to(dtype)
+    coords = ((torch.rand((7, 300, 3), generator=g, dtype=torch.float64) - 0.5) * 2.4).to(dtype)
+    coords[0, :3] = torch.tensor([[1.0, 0.3, -1.0], [-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]], dtype=dtype)
+    coords[1, :2, 0] = torch.tensor([float("nan"), 5.0], dtype=dtype)
+    values = torch.rand((2, 7, 300), generator=g, dtype=torch.float64).to(dtype)
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(slicing_cpu, "ENABLED", on)
+        accum = torch.zeros((2, n, n, n), dtype=dtype)
+        merge_model(accum, coords, values)
+        out[on] = slice_model(vol, coords), slice_model(vol, coords.transpose(0, 1)), accum
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, **tol)
+    assert out[True][0][1, 0] == 0 and out[True][0][1, 1] == 0  # NaN and far outside read 0
+    assert out[True][2].sum() < values.sum()  # what falls outside merges nothing
 
 
 def test_one_hot_probabilities_merge_back_the_model(data):

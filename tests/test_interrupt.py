@@ -47,17 +47,27 @@ def _checkpoint_iteration(path: Path) -> int:
         return 0
 
 
-def _wait_for_checkpoint(proc, path: Path, after: int, timeout: float = 240) -> int:
-    """Wait until the EMC checkpoint is past iteration ``after``; returns its iteration."""
+def _wait_for_checkpoint(proc, path: Path, after: int, log: Path | None = None, timeout: float = 240) -> int:
+    """Wait until this run's EMC job has written a checkpoint past iteration ``after``; returns
+    its iteration. With ``log`` (removed before the run started) the job must first have logged
+    its resume, and the checkpoint must be past that: a job of the previous run, still ending
+    after its SIGTERM, may write one more checkpoint before this run's job starts."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
+        resumed = _resumed(log.read_text()) if log is not None and log.exists() else []
+        floor = max([after, *resumed])
         it = _checkpoint_iteration(path)
-        if after < it < ITERATIONS - 100:
+        if (log is None or resumed) and floor < it < ITERATIONS - 100:
             return it
         if proc.poll() is not None:
             raise AssertionError(f"snakemake ended early:\n{proc.stdout.read()[-3000:]}")
         time.sleep(0.05)
     raise AssertionError("no EMC checkpoint appeared in time")
+
+
+def _resumed(log_text: str) -> list[int]:
+    """The iterations after which the EMC log says it resumed."""
+    return [int(line.rsplit(" ", 1)[1]) for line in log_text.splitlines() if "EMC resumes from checkpoint" in line]
 
 
 def _job_pids(session: int, name: str) -> list[int]:
@@ -93,6 +103,7 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(CONFIG))
     r = tmp_path / "results" / "intr"
     ckpt, emc_log = r / "recon" / "emc" / "checkpoint.pt", r / "recon" / "emc" / "emc_log.csv"
+    job_log = r / "logs" / "orient_emc.log"  # removed before each rerun: then it is that run's own
 
     # 1. Ctrl-C during EMC
     proc = _start(tmp_path)
@@ -108,20 +119,22 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     refused = [_refuses(tmp_path, "IncompleteFilesException")]
 
     # 2. --rerun-incomplete; the EMC job alone gets SIGTERM
+    job_log.unlink()
     proc = _start(tmp_path, "--rerun-incomplete")
-    k2 = _wait_for_checkpoint(proc, ckpt, k1)
-    log2 = (r / "logs" / "orient_emc.log").read_text()
+    k2 = _wait_for_checkpoint(proc, ckpt, k1, job_log)
+    log2 = job_log.read_text()
     pids = _job_pids(proc.pid, "orient_emc")
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     rc, out = _finish(proc)
     assert pids and rc != 0 and "Error in rule orient_emc" in out, (pids, out[-3000:])
-    assert "SystemExit: 143" in (r / "logs" / "orient_emc.log").read_text()
+    assert "SystemExit: 143" in job_log.read_text()
 
     # 3. plain rerun (Snakemake cleaned up the failed job); SIGKILL to everything
+    job_log.unlink()
     proc = _start(tmp_path)
-    k3 = _wait_for_checkpoint(proc, ckpt, k2)
-    log3 = (r / "logs" / "orient_emc.log").read_text()
+    k3 = _wait_for_checkpoint(proc, ckpt, k2, job_log)
+    log3 = job_log.read_text()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     refused.append(_refuses(tmp_path, "LockException", "IncompleteFilesException"))
@@ -130,14 +143,14 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     # 4. a killed Snakemake may leave its lock and incomplete markers: --unlock, then
     # --rerun-incomplete to the end
     assert _finish(_start(tmp_path, "--unlock"))[0] == 0
+    job_log.unlink()
     rc, out = _finish(_start(tmp_path, "--rerun-incomplete"))
     assert rc == 0, out[-3000:]
-    log4 = (r / "logs" / "orient_emc.log").read_text()
+    log4 = job_log.read_text()
     assert not re.search(r"^(local)?rule simulate:", out, re.M)  # finished work is never redone
     assert (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns == patterns_written
 
-    resumed = [int(line.rsplit(" ", 1)[1]) for log in (log2, log3, log4) for line in log.splitlines()
-               if "EMC resumes from checkpoint" in line]
+    resumed = [it for log in (log2, log3, log4) for it in _resumed(log)]
     assert len(resumed) == 3 and resumed[0] >= k1 and resumed[1] >= k2 and resumed[2] >= k3
     assert resumed == sorted(resumed) and resumed[0] < resumed[2]
     log = pd.read_csv(emc_log)

@@ -1,4 +1,5 @@
 """One tiny end-to-end Snakemake run, single-stage reruns, the CLI, and bad input at start-up."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import xarray as xr
 import yaml
 
 from spiflow import cli, formats
-from spiflow.pipeline import SUMMARY_COLUMNS, SUMMARY_EXTRA
+from spiflow.config import load_config
+from spiflow.pipeline import SUMMARY_COLUMNS, SUMMARY_EXTRA, check_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -94,10 +96,15 @@ def test_report_holds_every_method_and_the_config(tiny_run):
 def test_rerun_one_stage_leaves_upstream_untouched(tiny_run):
     r = tiny_run / "results" / "tiny"
     before = (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns
-    snakemake(tiny_run, "--forcerun", "phase", "--until", "phase")
+    density = r / "phase" / "emc" / "density.zarr"
+    phased = (density / "zarr.json").stat().st_mtime_ns
+    out = snakemake(tiny_run, str(density.relative_to(tiny_run)), "--forcerun", "phase")  # one method's phase
+    assert re.findall(r"^rule (\w+):", out.stdout + out.stderr, re.M) == ["phase"]
+    assert (density / "zarr.json").stat().st_mtime_ns > phased
     assert (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns == before
-    out = snakemake(tiny_run, "-n")  # everything downstream of phase is now out of date, nothing upstream
-    assert "simulate" not in out.stdout.split("Job stats:")[-1]
+    out = snakemake(tiny_run, "-n")  # everything downstream of it is now out of date, nothing upstream
+    jobs = out.stdout.split("Job stats:")[-1]
+    assert "simulate" not in jobs and "orient_emc" not in jobs and "evaluate" in jobs and "summary" in jobs
 
 
 def test_sharded_simulate_runs_as_separate_jobs(tmp_path):
@@ -118,6 +125,7 @@ def test_sharded_simulate_runs_as_separate_jobs(tmp_path):
 
 
 def test_bad_config_stops_at_once_naming_the_key(tmp_path):
+    # through Snakemake: the schema (an unknown method) and check_run (a missing sample)
     bad = dict(TINY, reconstruction={"methods": ["truth", "magic"]})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
     res = snakemake(tmp_path, "-n", check=False)
@@ -127,13 +135,14 @@ def test_bad_config_stops_at_once_naming_the_key(tmp_path):
     res = snakemake(tmp_path, "-n", check=False)
     assert res.returncode != 0 and "sample.path" in res.stdout + res.stderr
     assert not (tmp_path / "results").exists()
+    # the Snakefile's other start-up checks, as it calls them (check_run on the validated config)
     for bad, key in [(dict(TINY, cxi={"path": str(tmp_path / "absent.cxi")}), "cxi.path"),
                      (dict(TINY, cxi={"path": str(ROOT / "Snakefile")}), "reconstruction.methods"),  # truth, no truth
                      (dict(TINY, evaluate={"half_sets": ["emc"]}, reconstruction={"methods": ["truth"]}),
                       "evaluate.half_sets")]:
-        (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
-        res = snakemake(tmp_path, "-n", check=False)
-        assert res.returncode != 0 and key in res.stdout + res.stderr, key
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(key)):
+            check_run(load_config(ROOT / "config" / "config.yaml", tmp_path / "bad.yaml"))
 
 
 @pytest.mark.slow

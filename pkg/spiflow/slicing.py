@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import slicing_cpu
 from .grid import Grid, friedel_symmetrize, rotated_points
 
 #: voxels between the grid's faces and the points :func:`slice_bspline` reads: the prefilter
@@ -68,8 +69,11 @@ def _batched(coords: torch.Tensor, pieces: int) -> torch.Tensor:
 def slice_model(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Trilinear slices (C, P) of ``volume`` (n, n, n) at ``coords`` (C, P, 3) of
     :func:`grid_coordinates`; equal to :func:`spiflow.grid.slice_volume` at ``R_rᵀ q_p`` (the
-    same trilinear weights, corners outside the grid read 0), as one fused kernel (on CPU one
-    batch entry per thread: :func:`_pieces`)."""
+    same trilinear weights, corners outside the grid read 0), as one fused kernel: on CPU the
+    numba kernel of :mod:`spiflow.slicing_cpu` (grid_sample where it does not apply, one batch
+    entry per thread: :func:`_pieces`), on CUDA grid_sample."""
+    if slicing_cpu.available(volume, coords):
+        return slicing_cpu.slice_trilinear(volume, coords)
     C, P = coords.shape[:2]
     B = _pieces(coords)
     out = F.grid_sample(volume.expand(B, 1, *volume.shape), _batched(coords, B), mode="bilinear",
@@ -143,8 +147,13 @@ def merge_model(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor)
     """``accum[c] += merge(values[c])`` for channels c: accum (ch, n, n, n), values (ch, C, P).
 
     The adjoint of :func:`slice_model` (grid_sample's input gradient), equal to
-    :func:`spiflow.grid.merge_into` at ``R_rᵀ q_p`` but one fused pass for all channels (on
-    CPU into one copy of accum per thread, then summed: :func:`_pieces`)."""
+    :func:`spiflow.grid.merge_into` at ``R_rᵀ q_p`` but one fused pass for all channels: on
+    CPU the numba kernel of :mod:`spiflow.slicing_cpu` (else grid_sample's input gradient),
+    into one copy of accum per thread (at most :data:`MERGE_COPIES_BYTES`), then summed; on
+    CUDA grid_sample's input gradient."""
+    if slicing_cpu.available(accum, coords, values):
+        slicing_cpu.merge_trilinear(accum, coords, values, MERGE_COPIES_BYTES)
+        return
     ch, C, P = values.shape
     B = _pieces(coords, accum.numel() * accum.element_size())
     per = -(-C // B)
