@@ -12,7 +12,7 @@ from spiflow.emc import EMCConfig, LOG_COLUMNS, choose_photon_format, compress, 
 from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
 from spiflow.sampling import angular_step_deg, local_rotations
-from spiflow.slicing import grid_coordinates, merge_model, slice_model
+from spiflow.slicing import grid_coordinates, merge_model, merge_rotated, slice_model, slice_rotated
 
 torch.set_num_threads(2)
 
@@ -145,6 +145,17 @@ def test_numba_kernels_equal_grid_sample_at_faces_and_beyond(dtype, monkeypatch)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, **tol)
+    # the rotating kernels (no coordinates in memory) against the same with coordinates
+    grid = Grid(n, 0.1)
+    q = ((torch.rand((300, 3), generator=g, dtype=torch.float64) - 0.5) * 2.4 * grid.q_max).to(dtype)  # some beyond
+    rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(7, np.random.default_rng(2)))).to(dtype)
+    coords = grid_coordinates(q, rot, grid)
+    acc_rot, acc = torch.zeros((2, n, n, n), dtype=dtype), torch.zeros((2, n, n, n), dtype=dtype)
+    merge_rotated(acc_rot, q, rot, grid, values)
+    merge_model(acc, coords, values)
+    torch.testing.assert_close(slice_rotated(vol, q, rot, grid), slice_model(vol, coords), **tol)
+    torch.testing.assert_close(acc_rot, acc, **tol)
+    assert (coords.abs() > 1).any() and acc.sum() > 0
     assert out[True][0][1, 0] == 0 and out[True][0][1, 1] == 0  # NaN and far outside read 0
     assert out[True][2].sum() < values.sum()  # what falls outside merges nothing
 

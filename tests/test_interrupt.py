@@ -119,7 +119,7 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     refused = [_refuses(tmp_path, "IncompleteFilesException")]
 
     # 2. --rerun-incomplete; the EMC job alone gets SIGTERM
-    job_log.unlink()
+    job_log.unlink(missing_ok=True)
     proc = _start(tmp_path, "--rerun-incomplete")
     k2 = _wait_for_checkpoint(proc, ckpt, k1, job_log)
     log2 = job_log.read_text()
@@ -131,7 +131,7 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     assert "SystemExit: 143" in job_log.read_text()
 
     # 3. plain rerun (Snakemake cleaned up the failed job); SIGKILL to everything
-    job_log.unlink()
+    job_log.unlink(missing_ok=True)
     proc = _start(tmp_path)
     k3 = _wait_for_checkpoint(proc, ckpt, k2, job_log)
     log3 = job_log.read_text()
@@ -143,7 +143,7 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     # 4. a killed Snakemake may leave its lock and incomplete markers: --unlock, then
     # --rerun-incomplete to the end
     assert _finish(_start(tmp_path, "--unlock"))[0] == 0
-    job_log.unlink()
+    job_log.unlink(missing_ok=True)
     rc, out = _finish(_start(tmp_path, "--rerun-incomplete"))
     assert rc == 0, out[-3000:]
     log4 = job_log.read_text()

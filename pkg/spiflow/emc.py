@@ -62,7 +62,7 @@ from .io import (RunLog, data_digest, load_checkpoint, resolve_device, save_chec
 from .rotation import canonical, quaternion_to_matrix
 from .refine import ASSIGNMENTS, local_iteration, step_schedule
 from .sampling import COVERING_RADIUS_DEG, so3_sampling
-from .slicing import grid_coordinates, grid_coordinates_t, merge_model, merge_ratio, slice_model
+from .slicing import merge_ratio, merge_rotated, slice_rotated
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mutual_info",
@@ -220,7 +220,7 @@ def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_val
     """
     accum = torch.zeros((2,) + (grid.n,) * 3, dtype=counts.dtype, device=counts.device)
     values = torch.stack([prob @ counts, (prob @ gain)[:, None] * s_valid[None, :]])
-    merge_model(accum, grid_coordinates(q_valid, rotations, grid), values)
+    merge_rotated(accum, q_valid, rotations, grid, values)
     return merge_ratio(accum[0], accum[1]), friedel_symmetrize(accum[1])
 
 
@@ -370,18 +370,15 @@ class _Engine:
             P = self._buf[M * b:2 * M * b].view(M, b)
             for r0 in range(0, M, C):  # expand: L_ri without the r-independent terms
                 r1 = min(M, r0 + C)
-                if sparse:  # slices as (P, C); Σ_{p: K_ip > 0} K_ip log W_rp = (K_o log S_o)ᵀ
-                    S = slice_model(W, grid_coordinates_t(self.q, self.rot[r0:r1], self.grid))
-                    torch.mv(S.T, self.s, out=s_dot[r0:r1])
-                    So = S[:po]
-                    torch.mv(So.T, so, out=s_dot_o[r0:r1])
-                    L[r0:r1] = torch.sparse.mm(K.ko, So.clamp_min_(self.tiny).log_()).T
+                S = slice_rotated(W, self.q, self.rot[r0:r1], self.grid)  # (C, P)
+                torch.mv(S, self.s, out=s_dot[r0:r1])
+                So = S[:, :po]
+                torch.mv(So, so, out=s_dot_o[r0:r1])
+                logS = So.clamp_min_(self.tiny).log_()
+                if sparse:  # Σ_{p: K_ip > 0} K_ip log W_rp = (K_o log S_oᵀ)ᵀ
+                    L[r0:r1] = torch.sparse.mm(K.ko, logS.T.contiguous()).T
                 else:
-                    S = slice_model(W, grid_coordinates(self.q, self.rot[r0:r1], self.grid))
-                    torch.mv(S, self.s, out=s_dot[r0:r1])
-                    So = S[:, :po]
-                    torch.mv(So, so, out=s_dot_o[r0:r1])
-                    torch.mm(So.clamp_min_(self.tiny).log_(), Ko.T, out=L[r0:r1])
+                    torch.mm(logS, Ko.T, out=L[r0:r1])
                 L[r0:r1].addr_(s_dot_o[r0:r1], g, alpha=-1)
             L.mul_(beta).add_(self.logw[:, None])
             lse = torch.logsumexp(L, 0)
@@ -397,16 +394,13 @@ class _Engine:
                 new_gain[i0:i1] = n_all / (s_dot @ P)
             for r0 in range(0, M, C):  # maximise: merge this block's photons
                 r1 = min(M, r0 + C)
-                if sparse:  # values and points as (P, C): Σ_i K_ip P_ri = Kᵀ Pᵀ
-                    vals = self._vals.view(-1)[:2 * (r1 - r0) * len(self.s)].view(2, len(self.s), r1 - r0)
-                    torch.addmm(vals[0], K.kt, P[r0:r1].T.contiguous(), beta=0, out=vals[0])
-                    torch.mul(self.s[:, None], (P[r0:r1] @ new_gain[i0:i1])[None, :], out=vals[1])
-                    merge_model(accum, grid_coordinates_t(self.q, self.rot[r0:r1], self.grid), vals)
+                vals = self._vals[:, :r1 - r0]
+                if sparse:  # Σ_i P_ri K_ip = (Kᵀ Pᵀ)ᵀ
+                    vals[0].copy_(torch.sparse.mm(K.kt, P[r0:r1].T.contiguous()).T)
                 else:
-                    vals = self._vals[:, :r1 - r0]
                     torch.mm(P[r0:r1], K, out=vals[0])
-                    torch.mul((P[r0:r1] @ new_gain[i0:i1])[:, None], self.s[None, :], out=vals[1])
-                    merge_model(accum, grid_coordinates(self.q, self.rot[r0:r1], self.grid), vals)
+                torch.mul((P[r0:r1] @ new_gain[i0:i1])[:, None], self.s[None, :], out=vals[1])
+                merge_rotated(accum, self.q, self.rot[r0:r1], self.grid, vals)
         scale = new_gain.mean() if update_gain else torch.ones((), dtype=dt, device=dev)
         W_new = merge_ratio(accum[0], accum[1]) * scale
         stats = {"log_likelihood": ll.mean().item(), "mutual_info": mi.mean().item(),

@@ -70,7 +70,7 @@ from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_check
 from .phasing import _gaussian_filter
 from .rotation import angle_between, canonical, multiply, quaternion_to_matrix, random_quaternions
 from .sampling import angular_step_deg, so3_sampling
-from .slicing import grid_coordinates, merge_model, merge_ratio, slice_model
+from .slicing import merge_ratio, merge_rotated, slice_rotated
 
 LOG_COLUMNS = ["iteration", "orientation_change", "data_distance", "phasing_error", "support_fraction",
                "gain_std", "seconds"]
@@ -202,7 +202,7 @@ class _Problem:
         accum = torch.zeros((2,) + (self.grid.n,) * 3, dtype=self.dtype, device=self.device)
         for i0, i1, K in self.data:
             vals = torch.stack([K, gain[i0:i1, None] * self.s.expand_as(K)])
-            merge_model(accum, grid_coordinates(self.q, rot[i0:i1], self.grid), vals)
+            merge_rotated(accum, self.q, rot[i0:i1], self.grid, vals)
         return merge_ratio(accum[0], accum[1]), friedel_symmetrize(accum[1])
 
     # -- 2. phase --------------------------------------------------------------------------------
@@ -274,14 +274,14 @@ class _Problem:
             best = torch.full((i1 - i0,), float("inf"), dtype=self.dtype, device=self.device)
             arg = torch.zeros(i1 - i0, dtype=torch.long, device=self.device)
             for r0 in range(0, M, C):  # global search, one orientation chunk at a time
-                S = slice_model(W, grid_coordinates(self.q, self.rot[r0:r0 + C], self.grid))
+                S = slice_rotated(W, self.q, self.rot[r0:r0 + C], self.grid)
                 val, idx = self._distance(S, K, floor).min(0)
                 better = val < best
                 best, arg = torch.where(better, val, best), torch.where(better, idx + r0, arg)
             q_blk = self.quats[arg]
             for k in range(self.cfg.refine_steps):
                 q_blk = self._refine(W, q_blk, K, floor, step / 2 ** (k + 1))
-            S = slice_model(W, grid_coordinates(self.q, quaternion_to_matrix(q_blk), self.grid))
+            S = slice_rotated(W, self.q, quaternion_to_matrix(q_blk), self.grid)
             quat[i0:i1] = canonical(q_blk)
             dist[i0:i1] = self._distance(S[:, None], K, floor)[:, 0]
             sdot[i0:i1] = S @ self.s
@@ -295,7 +295,7 @@ class _Problem:
         half[0] = 0
         cand = multiply(q_blk[:, None], torch.cat([half.cos(), half.sin() * axes], 1)[None])  # (B, 7, 4)
         B, P = len(q_blk), len(self.q)
-        S = slice_model(W, grid_coordinates(self.q, quaternion_to_matrix(cand.reshape(-1, 4)), self.grid)).view(B, 7, P)
+        S = slice_rotated(W, self.q, quaternion_to_matrix(cand.reshape(-1, 4)), self.grid).view(B, 7, P)
         return cand[torch.arange(B, device=self.device), self._distance(S, K, floor).argmin(1)]
 
 

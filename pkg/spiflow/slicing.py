@@ -3,9 +3,9 @@
 Every reconstruction method (EMC, M-TIP, the VAE) reads a model ``W`` on a
 :class:`~spiflow.grid.Grid` at ``R_rᵀ q_p`` (frame i records ``I(R_iᵀ q)``, SPEC.md) and
 merges photons back with the adjoint. These kernels are torch's ``grid_sample`` and its
-input gradient: the same trilinear weights as :func:`spiflow.grid.slice_volume` /
-:func:`spiflow.grid.merge_into` (corners outside the grid read 0 and merge nothing; tested)
-but 5–10× faster, on CPU and CUDA unchanged. :func:`slice_channels` slices several
+input gradient on CUDA, and numba kernels on CPU (:mod:`spiflow.slicing_cpu`): the same
+trilinear weights as :func:`spiflow.grid.slice_volume` / :func:`spiflow.grid.merge_into`
+(corners outside the grid read 0 and merge nothing; tested) but 5–10× faster. :func:`slice_channels` slices several
 channels at once and :func:`slice_bspline` interpolates tricubic B-splines with the same
 kernel (the simulate stage's ``slice`` transform).
 """
@@ -152,7 +152,7 @@ def merge_model(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor)
     into one copy of accum per thread (at most :data:`MERGE_COPIES_BYTES`), then summed; on
     CUDA grid_sample's input gradient."""
     if slicing_cpu.available(accum, coords, values):
-        slicing_cpu.merge_trilinear(accum, coords, values, MERGE_COPIES_BYTES)
+        slicing_cpu.merge_trilinear(accum, values, MERGE_COPIES_BYTES, coords=coords)
         return
     ch, C, P = values.shape
     B = _pieces(coords, accum.numel() * accum.element_size())
@@ -163,6 +163,30 @@ def merge_model(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor)
     grad = torch.ops.aten.grid_sampler_3d_backward(
         values, accum.expand(B, *accum.shape), _batched(coords, B), 0, 0, True, [True, False])[0]
     accum += grad[0] if B == 1 else grad.sum(0)
+
+
+def slice_rotated(volume: torch.Tensor, q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``slice_model(volume, grid_coordinates(q_valid, rotations, grid))``: slices (R, P) of
+    ``volume`` (n, n, n) at ``R_rᵀ q_p`` for rotations (R, 3, 3) and pixels q_valid (P, 3)
+    in Å⁻¹. On CPU the numba kernel rotates each pixel itself, so the (R, P, 3) coordinates
+    are never in memory (their batched 3 × 3 product cost as much as the slicing)."""
+    q_valid, rotations = q_valid.to(volume.dtype), rotations.to(volume.dtype)
+    if slicing_cpu.available(volume, q_valid, rotations):
+        return slicing_cpu.slice_trilinear(volume, q=q_valid, rs=slicing_cpu.scaled_rotations(rotations, grid.q_max))
+    return slice_model(volume, grid_coordinates(q_valid, rotations, grid))
+
+
+def merge_rotated(accum: torch.Tensor, q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid,
+                  values: torch.Tensor) -> None:
+    """``merge_model(accum, grid_coordinates(q_valid, rotations, grid), values)``: accum
+    (ch, n, n, n) += the merge of values (ch, R, P) at ``R_rᵀ q_p``, without the coordinates
+    in memory on CPU (:func:`slice_rotated`)."""
+    q_valid, rotations = q_valid.to(accum.dtype), rotations.to(accum.dtype)
+    if slicing_cpu.available(accum, q_valid, rotations, values):
+        slicing_cpu.merge_trilinear(accum, values, MERGE_COPIES_BYTES, q=q_valid,
+                                    rs=slicing_cpu.scaled_rotations(rotations, grid.q_max))
+        return
+    merge_model(accum, grid_coordinates(q_valid, rotations, grid), values)
 
 
 def merge_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -47,121 +47,175 @@ def _threads() -> int:
 
 if numba is not None:
     @njit(cache=True, inline="always")
-    def _cell(coords, a, b, h):
-        """Voxel coordinates (x, y, z) of point (a, b): grid_sample's unnormalisation."""
+    def _from_coords(coords, a, b, h):
+        """Voxel coordinates (x, y, z) of point (a, b) of grid_sample coordinates."""
         return (coords[a, b, 0] + 1.0) * h, (coords[a, b, 1] + 1.0) * h, (coords[a, b, 2] + 1.0) * h
 
     @njit(cache=True, inline="always")
-    def _weight(d, f):
-        return f if d else 1.0 - f
+    def _from_rotation(q, rs, a, b, h):
+        """Voxel coordinates of pixel b under rotation a: ``q_b · rs_a`` (grid_sample
+        coordinates, :func:`scaled_rotations`), unnormalised."""
+        q0, q1, q2 = q[b, 0], q[b, 1], q[b, 2]
+        return ((q0 * rs[a, 0, 0] + q1 * rs[a, 1, 0] + q2 * rs[a, 2, 0] + 1.0) * h,
+                (q0 * rs[a, 0, 1] + q1 * rs[a, 1, 1] + q2 * rs[a, 2, 1] + 1.0) * h,
+                (q0 * rs[a, 0, 2] + q1 * rs[a, 1, 2] + q2 * rs[a, 2, 2] + 1.0) * h)
 
-    @njit(parallel=True, cache=True, boundscheck=False)
-    def _slice(vol, coords, out):  # vol (n³,) flat, coords (A, B, 3), out (A, B)
-        n = int(round(vol.shape[0] ** (1.0 / 3.0)))
-        h, sy, sz = 0.5 * (n - 1), n, n * n
-        for a in prange(coords.shape[0]):
-            for b in range(coords.shape[1]):
-                x, y, z = _cell(coords, a, b, h)
-                acc = 0.0
-                if x >= 0.0 and x < n - 1 and y >= 0.0 and y < n - 1 and z >= 0.0 and z < n - 1:
-                    ix, iy, iz = int(x), int(y), int(z)  # the whole cell inside: no checks
-                    fx, fy, fz = x - ix, y - iy, z - iz
-                    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-                    o = iz * sz + iy * sy + ix
-                    acc = (gz * (gy * (gx * vol[o] + fx * vol[o + 1])
-                                 + fy * (gx * vol[o + sy] + fx * vol[o + sy + 1]))
-                           + fz * (gy * (gx * vol[o + sz] + fx * vol[o + sz + 1])
-                                   + fy * (gx * vol[o + sz + sy] + fx * vol[o + sz + sy + 1])))
-                elif x > -1.0 and x < n and y > -1.0 and y < n and z > -1.0 and z < n:
-                    ix, iy, iz = int(np.floor(x)), int(np.floor(y)), int(np.floor(z))
-                    fx, fy, fz = x - ix, y - iy, z - iz
-                    for dz in range(2):
-                        for dy in range(2):
-                            for dx in range(2):
-                                i, j, k = ix + dx, iy + dy, iz + dz
-                                if 0 <= i < n and 0 <= j < n and 0 <= k < n:
-                                    acc += (_weight(dz, fz) * _weight(dy, fy) * _weight(dx, fx)
-                                            * vol[k * sz + j * sy + i])
-                out[a, b] = acc
+    @njit(cache=True, inline="always")
+    def _face_corner(x, y, z, m, n, ch):
+        """Corner m (0 … 7, bits x, y, z) of the cell of a point whose cell crosses a face:
+        (flat index into an (n, n, n, ch) volume, trilinear weight), index −1 outside."""
+        ix, iy, iz = int(np.floor(x)), int(np.floor(y)), int(np.floor(z))
+        dx, dy, dz = m & 1, (m >> 1) & 1, (m >> 2) & 1
+        i, j, k = ix + dx, iy + dy, iz + dz
+        if i < 0 or i >= n or j < 0 or j >= n or k < 0 or k >= n:
+            return -1, 0.0
+        fx, fy, fz = x - ix, y - iy, z - iz
+        w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
+        return ((k * n + j) * n + i) * ch, w
+
+    @njit(cache=True, inline="always")
+    def _sample(vol, x, y, z, n):
+        """Trilinear value of vol (n³,) flat (z, y, x) at voxel coordinates (x, y, z)."""
+        if x >= 0.0 and x < n - 1 and y >= 0.0 and y < n - 1 and z >= 0.0 and z < n - 1:
+            ix, iy, iz = int(x), int(y), int(z)  # the whole cell inside: no checks
+            fx, fy, fz = x - ix, y - iy, z - iz
+            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+            sy, sz = n, n * n
+            o = iz * sz + iy * sy + ix
+            return (gz * (gy * (gx * vol[o] + fx * vol[o + 1]) + fy * (gx * vol[o + sy] + fx * vol[o + sy + 1]))
+                    + fz * (gy * (gx * vol[o + sz] + fx * vol[o + sz + 1])
+                            + fy * (gx * vol[o + sz + sy] + fx * vol[o + sz + sy + 1])))
+        acc = 0.0
+        if x > -1.0 and x < n and y > -1.0 and y < n and z > -1.0 and z < n:  # False for NaN
+            for m in range(8):
+                o, w = _face_corner(x, y, z, m, n, 1)
+                if o >= 0:
+                    acc += w * vol[o]
+        return acc
 
     @njit(cache=True, inline="always")
     def _add2(acc, o, w, v0, v1):
         acc[o] += w * v0
         acc[o + 1] += w * v1
 
+    @njit(cache=True, inline="always")
+    def _spread(acc, x, y, z, n, values, a, b):
+        """acc (n³ · ch,) flat (z, y, x, channel) += trilinear weights × values[:, a, b]."""
+        ch = values.shape[0]
+        if x >= 0.0 and x < n - 1 and y >= 0.0 and y < n - 1 and z >= 0.0 and z < n - 1:
+            ix, iy, iz = int(x), int(y), int(z)
+            fx, fy, fz = x - ix, y - iy, z - iz
+            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+            sx, sy, sz = ch, ch * n, ch * n * n
+            o = iz * sz + iy * sy + ix * sx
+            w0, w1, w2, w3 = gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx
+            w4, w5, w6, w7 = fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx
+            if ch == 2:  # EMC's numerator and denominator: unrolled, 2× faster
+                v0, v1 = values[0, a, b], values[1, a, b]
+                _add2(acc, o, w0, v0, v1)
+                _add2(acc, o + sx, w1, v0, v1)
+                _add2(acc, o + sy, w2, v0, v1)
+                _add2(acc, o + sy + sx, w3, v0, v1)
+                _add2(acc, o + sz, w4, v0, v1)
+                _add2(acc, o + sz + sx, w5, v0, v1)
+                _add2(acc, o + sz + sy, w6, v0, v1)
+                _add2(acc, o + sz + sy + sx, w7, v0, v1)
+                return
+            for c in range(ch):
+                v = values[c, a, b]
+                oc = o + c
+                acc[oc] += w0 * v
+                acc[oc + sx] += w1 * v
+                acc[oc + sy] += w2 * v
+                acc[oc + sy + sx] += w3 * v
+                acc[oc + sz] += w4 * v
+                acc[oc + sz + sx] += w5 * v
+                acc[oc + sz + sy] += w6 * v
+                acc[oc + sz + sy + sx] += w7 * v
+        elif x > -1.0 and x < n and y > -1.0 and y < n and z > -1.0 and z < n:
+            for m in range(8):
+                o, w = _face_corner(x, y, z, m, n, ch)
+                if o >= 0:
+                    for c in range(ch):
+                        acc[o + c] += w * values[c, a, b]
+
     @njit(parallel=True, cache=True, boundscheck=False)
-    def _merge(copies, coords, values):  # copies (T, n³ · ch) zeroed, (z, y, x, channel) order
-        T, ch = copies.shape[0], values.shape[0]
-        n = int(round((copies.shape[1] // ch) ** (1.0 / 3.0)))
-        h, sx, sy, sz = 0.5 * (n - 1), ch, ch * n, ch * n * n
-        A = coords.shape[0]
-        per = (A + T - 1) // T
+    def _slice_coords(vol, n, coords, out):  # vol (n³,), coords (A, B, 3), out (A, B)
+        h = 0.5 * (n - 1)
+        for a in prange(out.shape[0]):
+            for b in range(out.shape[1]):
+                x, y, z = _from_coords(coords, a, b, h)
+                out[a, b] = _sample(vol, x, y, z, n)
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _slice_rotations(vol, n, q, rs, out):  # q (B, 3), rs (A, 3, 3), out (A, B)
+        h = 0.5 * (n - 1)
+        for a in prange(out.shape[0]):
+            for b in range(out.shape[1]):
+                x, y, z = _from_rotation(q, rs, a, b, h)
+                out[a, b] = _sample(vol, x, y, z, n)
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _merge_coords(copies, n, coords, values):  # copies (T, n³ · ch) zeroed, values (ch, A, B)
+        T, A = copies.shape[0], values.shape[1]
+        h, per = 0.5 * (n - 1), (A + T - 1) // T
         for t in prange(T):
-            acc = copies[t]
             for a in range(t * per, min(A, (t + 1) * per)):
-                for b in range(coords.shape[1]):
-                    x, y, z = _cell(coords, a, b, h)
-                    if x >= 0.0 and x < n - 1 and y >= 0.0 and y < n - 1 and z >= 0.0 and z < n - 1:
-                        ix, iy, iz = int(x), int(y), int(z)
-                        fx, fy, fz = x - ix, y - iy, z - iz
-                        gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-                        o = iz * sz + iy * sy + ix * sx
-                        w0, w1, w2, w3 = gz * gy * gx, gz * gy * fx, gz * fy * gx, gz * fy * fx
-                        w4, w5, w6, w7 = fz * gy * gx, fz * gy * fx, fz * fy * gx, fz * fy * fx
-                        if ch == 2:  # EMC's numerator and denominator: unrolled, 2× faster
-                            v0, v1 = values[0, a, b], values[1, a, b]
-                            _add2(acc, o, w0, v0, v1)
-                            _add2(acc, o + sx, w1, v0, v1)
-                            _add2(acc, o + sy, w2, v0, v1)
-                            _add2(acc, o + sy + sx, w3, v0, v1)
-                            _add2(acc, o + sz, w4, v0, v1)
-                            _add2(acc, o + sz + sx, w5, v0, v1)
-                            _add2(acc, o + sz + sy, w6, v0, v1)
-                            _add2(acc, o + sz + sy + sx, w7, v0, v1)
-                            continue
-                        for c in range(ch):
-                            v = values[c, a, b]
-                            oc = o + c
-                            acc[oc] += w0 * v
-                            acc[oc + sx] += w1 * v
-                            acc[oc + sy] += w2 * v
-                            acc[oc + sy + sx] += w3 * v
-                            acc[oc + sz] += w4 * v
-                            acc[oc + sz + sx] += w5 * v
-                            acc[oc + sz + sy] += w6 * v
-                            acc[oc + sz + sy + sx] += w7 * v
-                    elif x > -1.0 and x < n and y > -1.0 and y < n and z > -1.0 and z < n:
-                        ix, iy, iz = int(np.floor(x)), int(np.floor(y)), int(np.floor(z))
-                        fx, fy, fz = x - ix, y - iy, z - iz
-                        for dz in range(2):
-                            for dy in range(2):
-                                for dx in range(2):
-                                    i, j, k = ix + dx, iy + dy, iz + dz
-                                    if 0 <= i < n and 0 <= j < n and 0 <= k < n:
-                                        w = _weight(dz, fz) * _weight(dy, fy) * _weight(dx, fx)
-                                        o = k * sz + j * sy + i * sx
-                                        for c in range(ch):
-                                            acc[o + c] += w * values[c, a, b]
+                for b in range(values.shape[2]):
+                    x, y, z = _from_coords(coords, a, b, h)
+                    _spread(copies[t], x, y, z, n, values, a, b)
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _merge_rotations(copies, n, q, rs, values):
+        T, A = copies.shape[0], values.shape[1]
+        h, per = 0.5 * (n - 1), (A + T - 1) // T
+        for t in prange(T):
+            for a in range(t * per, min(A, (t + 1) * per)):
+                for b in range(values.shape[2]):
+                    x, y, z = _from_rotation(q, rs, a, b, h)
+                    _spread(copies[t], x, y, z, n, values, a, b)
 
 
-def slice_trilinear(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples (A, B) of ``volume`` (n, n, n) at ``coords`` (A, B, 3) (module
-    docstring), in the volume's dtype."""
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def scaled_rotations(rotations: torch.Tensor, q_max: float) -> torch.Tensor:
+    """(R, 3, 3) matrices ``rs`` with grid_sample coordinates ``q_p · rs_r`` of ``R_rᵀ q_p``
+    (:func:`spiflow.slicing.grid_coordinates`: axes reordered (z, y, x), divided by q_max)."""
+    return (rotations[..., [2, 1, 0]] / q_max).contiguous()
+
+
+def slice_trilinear(volume: torch.Tensor, coords: torch.Tensor | None = None, q: torch.Tensor | None = None,
+                    rs: torch.Tensor | None = None) -> torch.Tensor:
+    """Trilinear samples of ``volume`` (n, n, n), in its dtype: (A, B) at ``coords``
+    (A, B, 3) (module docstring), or (R, P) at pixels ``q`` (P, 3) under ``rs`` (R, 3, 3) of
+    :func:`scaled_rotations` (no coordinates in memory)."""
     _threads()
-    out = torch.empty(coords.shape[:2], dtype=volume.dtype)
-    _slice(volume.detach().contiguous().view(-1).numpy(), coords.detach().contiguous().numpy(), out.numpy())
+    n, vol = volume.shape[-1], _np(volume).reshape(-1)
+    if coords is not None:
+        out = torch.empty(coords.shape[:2], dtype=volume.dtype)
+        _slice_coords(vol, n, _np(coords), out.numpy())
+    else:
+        out = torch.empty((rs.shape[0], q.shape[0]), dtype=volume.dtype)
+        _slice_rotations(vol, n, _np(q), _np(rs), out.numpy())
     return out
 
 
-def merge_trilinear(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor,
-                    copies_bytes: float) -> None:
-    """``accum[c] +=`` the trilinear merge of ``values[c]`` (ch, A, B) at ``coords``
-    (A, B, 3): accum (ch, n, n, n). One zeroed copy of accum per thread, at most
-    ``copies_bytes`` of them (then fewer threads), summed at the end; the copies hold the
-    channels of a voxel side by side, so that a point's updates share cache lines."""
+def merge_trilinear(accum: torch.Tensor, values: torch.Tensor, copies_bytes: float,
+                    coords: torch.Tensor | None = None, q: torch.Tensor | None = None,
+                    rs: torch.Tensor | None = None) -> None:
+    """``accum[c] +=`` the trilinear merge of ``values[c]`` (ch, A, B) at ``coords`` (A, B, 3),
+    or at pixels ``q`` (B, 3) under ``rs`` (A, 3, 3): accum (ch, n, n, n). One zeroed copy
+    of accum per thread, at most ``copies_bytes`` of them (then fewer threads), summed at the
+    end; the copies hold the channels of a voxel side by side, so that a point's updates
+    share cache lines."""
     ch, n = accum.shape[0], accum.shape[-1]
-    T = max(1, min(_threads(), coords.shape[0], int(copies_bytes // max(1, accum.numel() * accum.element_size()))))
+    T = max(1, min(_threads(), values.shape[1], int(copies_bytes // max(1, accum.numel() * accum.element_size()))))
     copies = torch.zeros((T, n ** 3 * ch), dtype=accum.dtype)
-    _merge(copies.numpy(), coords.detach().contiguous().numpy(), values.detach().contiguous().numpy())
+    if coords is not None:
+        _merge_coords(copies.numpy(), n, _np(coords), _np(values))
+    else:
+        _merge_rotations(copies.numpy(), n, _np(q), _np(rs), _np(values))
     merged = copies[0] if T == 1 else copies.sum(0)
     accum += merged.view(n, n, n, ch).permute(3, 0, 1, 2)
