@@ -15,7 +15,8 @@ from spiflow.rotation import quaternion_to_matrix as quaternion_to_matrix_t
 from spiflow.scattering import form_factor, structure_factor, structure_factor_grid
 from spiflow.simulate import (SliceTransform, draw_gains, expected_counts, gather_shards, shard_ranges, simulate,
                               simulate_shard)
-from spiflow.slicing import bspline_coefficients, grid_coordinates, slice_bspline, slice_channels, slice_model
+from spiflow.slicing import (bspline_coefficients, grid_coordinates, slice_bspline, slice_channels, slice_channels_rotated,
+                             slice_model)
 from spiflow.structure import Atoms, read_structure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,7 +334,8 @@ def test_bspline_slicing_reproduces_samples_and_cubics():
     rot = quaternion_to_matrix_t(torch.randn(3, 4, generator=g, dtype=torch.float64)).float()
     q = (torch.rand(50, 3, generator=g) - 0.5) * 0.05  # |q| < 0.044: 7.6+ voxels inside the faces (q_max 0.12)
     coords = grid_coordinates(q, rot, grid)
-    np.testing.assert_allclose(slice_channels(vols, coords)[1].numpy(), slice_model(vols[1], coords).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(slice_channels(vols, coords)[1].numpy(), slice_model(vols[1], coords).numpy(),
+                               rtol=1e-5, atol=1e-6)  # grid_sample against the numba kernel, float32
     coef = torch.as_tensor(bspline_coefficients(vols.numpy()), dtype=torch.float32)
     # at voxel centres: the samples themselves
     idx = torch.tensor([[3, 7, 12], [12, 12, 12], [20, 5, 9]])
@@ -345,6 +347,15 @@ def test_bspline_slicing_reproduces_samples_and_cubics():
     want = 1 + xs[..., 0] - 2 * xs[..., 1] ** 2 + 0.5 * xs[..., 0] * xs[..., 1] * xs[..., 2] + xs[..., 2] ** 3
     np.testing.assert_allclose(slice_bspline(coef, coords)[0].numpy(), want.numpy(), atol=1e-4)  # float32
     assert np.abs(slice_channels(vols, coords)[0].numpy() - want.numpy()).max() > 1e-3
+    # the one-kernel CPU path of the slice transform (64 taps read directly; rotations inside)
+    for cubic, volume, ref in ((True, coef, slice_bspline), (False, vols, slice_channels)):
+        np.testing.assert_allclose(slice_channels_rotated(volume, q, rot, grid, cubic).numpy(),
+                                   ref(volume, coords).numpy(), rtol=1e-4, atol=1e-5)
+    far = torch.tensor([[0.0, 0.0, 2 * grid.q_max], [grid.q_max, 0.0, 0.0]])  # beyond, and on a face
+    rf = torch.eye(3)[None]
+    for cubic, volume, ref in ((True, coef, slice_bspline), (False, vols, slice_channels)):
+        np.testing.assert_allclose(slice_channels_rotated(volume, far, rf, grid, cubic).numpy(),
+                                   ref(volume, grid_coordinates(far, rf, grid)).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def slice_detector():

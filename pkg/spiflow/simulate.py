@@ -61,7 +61,7 @@ from .grid import Grid, structure_factor_to_density
 from .io import atomic_path, intensity_dataset, orientations_dataset, resolve_device, write_dataset
 from .rotation import quaternion_to_matrix, random_quaternions
 from .scattering import form_factor, structure_factor, structure_factor_grid
-from .slicing import BSPLINE_MARGIN, bspline_coefficients, grid_coordinates, slice_bspline, slice_channels
+from .slicing import BSPLINE_MARGIN, bspline_coefficients, slice_channels_rotated
 from .structure import Atoms, read_structure
 
 log = logging.getLogger(__name__)
@@ -302,8 +302,7 @@ class SliceTransform:
         step = max(1, points // len(self.q))
         out = np.empty((len(quats), len(self.q)))
         for b0 in range(0, len(quats), step):
-            coords = grid_coordinates(self.q, rot[b0:b0 + step], self.fine)
-            F = (slice_bspline if self.interpolation == "cubic" else slice_channels)(self.volume, coords)
+            F = slice_channels_rotated(self.volume, self.q, rot[b0:b0 + step], self.fine, self.interpolation == "cubic")
             out[b0:b0 + step] = (F[0] ** 2 + F[1] ** 2).double().cpu().numpy()
         return out
 

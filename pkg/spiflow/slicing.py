@@ -143,6 +143,19 @@ def slice_bspline(coefficients: torch.Tensor, coords: torch.Tensor) -> torch.Ten
     return (vals.view(-1, 8, C, P) * w.view(8, C, P)).sum(1)
 
 
+def slice_channels_rotated(volume: torch.Tensor, q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid,
+                           cubic: bool) -> torch.Tensor:
+    """Every channel (ch, R, P) of ``volume`` (ch, n, n, n) at ``R_rᵀ q_p``: trilinear
+    (:func:`slice_channels`) or, with ``cubic``, the tricubic B-spline of coefficients
+    ``volume`` (:func:`slice_bspline`). On CPU one numba kernel (the B-spline's 64 taps read
+    directly, no coordinates in memory: :mod:`spiflow.slicing_cpu`)."""
+    q_valid, rotations = q_valid.to(volume.dtype), rotations.to(volume.dtype)
+    if slicing_cpu.available(volume, q_valid, rotations):
+        return slicing_cpu.slice_channels_rotated(volume, q_valid, slicing_cpu.scaled_rotations(rotations, grid.q_max),
+                                                  cubic)
+    return (slice_bspline if cubic else slice_channels)(volume, grid_coordinates(q_valid, rotations, grid))
+
+
 def merge_model(accum: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> None:
     """``accum[c] += merge(values[c])`` for channels c: accum (ch, n, n, n), values (ch, C, P).
 

@@ -176,6 +176,59 @@ if numba is not None:
                     _spread(copies[t], x, y, z, n, values, a, b)
 
 
+    @njit(cache=True, inline="always")
+    def _bspline_weights(x):
+        """(first tap, 4 weights) of the uniform cubic B-spline at coordinate x: taps
+        i − 1 … i + 2 for i = ⌊x⌋, weights β³(t + 1), β³(t), β³(t − 1), β³(t − 2), t = x − i."""
+        i = int(np.floor(x))
+        t = x - i
+        t2, u = t * t, 1.0 - t
+        return (i - 1, u * u * u / 6.0, (3.0 * t2 * t - 6.0 * t2 + 4.0) / 6.0,
+                (-3.0 * t2 * t + 3.0 * t2 + 3.0 * t + 1.0) / 6.0, t2 * t / 6.0)
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _channels_rotations(vol, n, q, rs, cubic, out):  # vol (ch, n³), out (ch, A, B)
+        ch, h = vol.shape[0], 0.5 * (n - 1)
+        sy, sz = n, n * n
+        for a in prange(out.shape[1]):
+            wx, wy, wz = np.empty(4), np.empty(4), np.empty(4)
+            for b in range(out.shape[2]):
+                x, y, z = _from_rotation(q, rs, a, b, h)
+                if not cubic:
+                    for c in range(ch):
+                        out[c, a, b] = _sample(vol[c], x, y, z, n)
+                    continue
+                if not (x > -3.0 and x < n + 2 and y > -3.0 and y < n + 2 and z > -3.0 and z < n + 2):
+                    for c in range(ch):
+                        out[c, a, b] = 0.0
+                    continue
+                ix, wx[0], wx[1], wx[2], wx[3] = _bspline_weights(x)
+                iy, wy[0], wy[1], wy[2], wy[3] = _bspline_weights(y)
+                iz, wz[0], wz[1], wz[2], wz[3] = _bspline_weights(z)
+                inside = ix >= 0 and ix + 3 < n and iy >= 0 and iy + 3 < n and iz >= 0 and iz + 3 < n
+                for c in range(ch):
+                    v = vol[c]
+                    acc = 0.0
+                    for k in range(4):
+                        kk = iz + k
+                        if not inside and (kk < 0 or kk >= n):
+                            continue
+                        for j in range(4):
+                            jj = iy + j
+                            if not inside and (jj < 0 or jj >= n):
+                                continue
+                            o = kk * sz + jj * sy
+                            w = wz[k] * wy[j]
+                            if inside:
+                                acc += w * (wx[0] * v[o + ix] + wx[1] * v[o + ix + 1]
+                                            + wx[2] * v[o + ix + 2] + wx[3] * v[o + ix + 3])
+                            else:
+                                for i in range(4):
+                                    if 0 <= ix + i < n:
+                                        acc += w * wx[i] * v[o + ix + i]
+                    out[c, a, b] = acc
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -219,3 +272,14 @@ def merge_trilinear(accum: torch.Tensor, values: torch.Tensor, copies_bytes: flo
         _merge_rotations(copies.numpy(), n, _np(q), _np(rs), _np(values))
     merged = copies[0] if T == 1 else copies.sum(0)
     accum += merged.view(n, n, n, ch).permute(3, 0, 1, 2)
+
+
+def slice_channels_rotated(volume: torch.Tensor, q: torch.Tensor, rs: torch.Tensor, cubic: bool) -> torch.Tensor:
+    """Every channel of ``volume`` (ch, n, n, n) at pixels ``q`` (P, 3) under ``rs`` (R, 3, 3)
+    of :func:`scaled_rotations`: (ch, R, P), trilinear, or with ``cubic`` the tricubic
+    B-spline whose coefficients ``volume`` holds (64 taps a point; taps outside read 0)."""
+    _threads()
+    ch, n = volume.shape[0], volume.shape[-1]
+    out = torch.empty((ch, rs.shape[0], q.shape[0]), dtype=volume.dtype)
+    _channels_rotations(_np(volume).reshape(ch, -1), n, _np(q), _np(rs), bool(cubic), out.numpy())
+    return out
