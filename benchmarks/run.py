@@ -460,7 +460,11 @@ def run(args) -> dict:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="spiflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine_info(device, threads)
-    info.update(mode=mode, load_start=load_average(), dragonfly_used=use_df)
+    from spiflow.slicing_cpu import compile_kernels
+    # numba compiles spiflow's CPU kernels once per source change (then loads them from its
+    # cache, about 1 s a process): done here, so that no measurement includes it
+    info.update(mode=mode, load_start=load_average(), dragonfly_used=use_df,
+                numba_seconds=compile_kernels() if device == "cpu" else 0.0)
     print(f"spiflow benchmarks ({mode}) on {info['device_name']}, {threads} threads, torch {info['torch']}; "
           f"load {info['load_start']:.2f}; Dragonfly {'yes' if use_df else 'no'}; work in {work}", flush=True)
     rec = Recorder(device, threads, args.max_load, args.max_wait)
@@ -653,7 +657,8 @@ def markdown(rows: list[dict], info: dict) -> str:
              f"device {info['device']} ({info['device_name']}); Python {info['python']}, torch {info['torch']}, "
              f"spiflow {info['spiflow']}, Dragonfly (dragonfly-spi) {info['dragonfly'] or 'not installed'}"
              f"{'' if info['dragonfly_used'] else ' (not run)'}; 1-minute load average {info['load_start']:.2f} "
-             f"at start, {info['load_end']:.2f} at end; {info['total_seconds']:.0f} s in all. "
+             f"at start, {info['load_end']:.2f} at end; {info['total_seconds']:.0f} s in all "
+             f"(of which {info['numba_seconds']:.1f} s compiling or loading the numba kernels before measuring). "
              f"Column load: the 1-minute load average when each measurement started → ended "
              f"(its own threads included at the end).", ""]
     lines += ["| section | problem | tool | variant | M | N | P (orient.) | photons | non-zero | value | unit | load |",

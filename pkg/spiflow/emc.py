@@ -69,8 +69,9 @@ LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mu
                "mean_max_probability", "gain_std", "seconds", "step_deg", "moved_fraction"]
 PHOTON_FORMATS = ("dense", "sparse", "auto")
 #: photon_format "auto" uses sparse blocks when at most this fraction of (frame, orientation
-#: pixel) entries is non-zero (benchmarks/README.md: the measured crossover on CPU).
-AUTO_SPARSE_DENSITY = 0.05
+#: pixel) entries is non-zero (benchmarks/README.md: on CPU, with the numba kernels, sparse
+#: was faster at 9 % non-zero, dense at 20 %).
+AUTO_SPARSE_DENSITY = 0.1
 
 
 @dataclass

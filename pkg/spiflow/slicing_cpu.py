@@ -1,13 +1,17 @@
-"""CPU kernels of :func:`spiflow.slicing.slice_model` and :func:`~spiflow.slicing.merge_model`.
+"""CPU kernels of the slicing and merging in :mod:`spiflow.slicing`, compiled with numba.
 
-torch's CPU 3D grid sampler is a generic scalar loop: measured on 2 AMD EPYC cores, its
-input gradient (the merge) costs about 180 ns per point and channel pair, 4× the forward,
-and made EMC on a large, sparsely lit detector slower than Dragonfly's C (benchmarks/). These
-are the same trilinear weights (``grid_sample(mode="bilinear", padding_mode="zeros",
-align_corners=True)``: a corner outside the grid reads 0 and receives nothing; a NaN point
-reads 0) compiled with numba (cached after the first call), parallel over the first
-point axis, each thread merging into its own copy of the volume. CUDA tensors keep
-grid_sample, which is parallel over points there.
+torch's CPU 3D grid sampler is a generic scalar loop: on 2 AMD EPYC cores its input
+gradient (the merge) cost about 180 ns a point for EMC's two channels, 4× the forward, and
+made EMC on a large, sparsely lit detector slower than Dragonfly's C (benchmarks/README.md).
+These kernels use the same trilinear weights as ``grid_sample(mode="bilinear",
+padding_mode="zeros", align_corners=True)`` (a corner outside the grid reads 0 and receives
+nothing; a NaN point reads 0; tested against it), are parallel over the first point axis
+(orientations), and merge into one copy of the volume per thread with a voxel's channels
+side by side. The ``*_rotations`` kernels rotate each pixel themselves (9 multiply-adds),
+so the (R, P, 3) coordinates are never stored; :func:`slice_channels_rotated` also reads
+the 64 taps of a tricubic B-spline directly. Compiled on first use and cached on disk by
+numba (about 10 s once, then about 1 s a process). CUDA tensors keep grid_sample, which is
+parallel over points there.
 
 Coordinates are grid_sample's: (..., 3) ordered (x, y, z) = (last, middle, first volume axis),
 −1 … 1 spanning voxel 0 … n − 1 (:func:`spiflow.slicing.grid_coordinates`).
@@ -40,6 +44,7 @@ def available(*tensors: torch.Tensor) -> bool:
 
 
 def _threads() -> int:
+    """numba's threads set to torch's (``spiflow.pipeline.configure_threads``); returns them."""
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
@@ -283,3 +288,24 @@ def slice_channels_rotated(volume: torch.Tensor, q: torch.Tensor, rs: torch.Tens
     out = torch.empty((ch, rs.shape[0], q.shape[0]), dtype=volume.dtype)
     _channels_rotations(_np(volume).reshape(ch, -1), n, _np(q), _np(rs), bool(cubic), out.numpy())
     return out
+
+
+def compile_kernels(dtypes=(torch.float32, torch.float64)) -> float:
+    """Compile (or load from numba's cache) every kernel for ``dtypes`` on tiny inputs, so
+    that a timing that follows measures no compilation; returns the seconds it took (0
+    without numba)."""
+    if numba is None:
+        return 0.0
+    import time
+    t0 = time.perf_counter()
+    for dt in dtypes:
+        vol, q, rs = torch.zeros((2, 4, 4, 4), dtype=dt), torch.zeros((3, 3), dtype=dt), torch.eye(3, dtype=dt)[None]
+        coords, values = torch.zeros((1, 3, 3), dtype=dt), torch.zeros((2, 1, 3), dtype=dt)
+        slice_trilinear(vol[0], coords=coords)
+        slice_trilinear(vol[0], q=q, rs=rs)
+        for ch in (1, 2):
+            merge_trilinear(vol[:ch].clone(), values[:ch], 1e9, coords=coords)
+            merge_trilinear(vol[:ch].clone(), values[:ch], 1e9, q=q, rs=rs)
+        for cubic in (False, True):
+            slice_channels_rotated(vol, q, rs, cubic)
+    return time.perf_counter() - t0
