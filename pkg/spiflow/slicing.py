@@ -30,15 +30,7 @@ def grid_coordinates(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid)
 
     grid_sample with ``align_corners=True`` maps −1 … 1 onto voxel 0 … n−1, i.e. onto
     q = −q_max … q_max, and orders the last axis (z, y, x) (fastest volume axis first)."""
-    return rotated_points(q_valid, rotations[..., [2, 1, 0]] / grid.q_max)
-
-
-def grid_coordinates_t(q_valid: torch.Tensor, rotations: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """:func:`grid_coordinates` in the transposed layout (P, R, 3), as one matmul (slices and
-    merge values of the sparse path are then (P, R), the layout its products use)."""
-    R = rotations.shape[0]
-    r = (rotations[..., [2, 1, 0]] / grid.q_max).permute(1, 0, 2).reshape(3, 3 * R)
-    return (q_valid.to(rotations.dtype) @ r).view(-1, R, 3)
+    return rotated_points(q_valid, slicing_cpu.scaled_rotations(rotations, grid.q_max))
 
 
 #: cap on the per-thread copies of the model that :func:`merge_model` accumulates into on CPU.
