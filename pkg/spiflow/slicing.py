@@ -5,7 +5,8 @@ Every reconstruction method (EMC, M-TIP, the VAE) reads a model ``W`` on a
 merges photons back with the adjoint. These kernels are torch's ``grid_sample`` and its
 input gradient on CUDA, and numba kernels on CPU (:mod:`spiflow.slicing_cpu`): the same
 trilinear weights as :func:`spiflow.grid.slice_volume` / :func:`spiflow.grid.merge_into`
-(corners outside the grid read 0 and merge nothing; tested) but 5–10× faster. :func:`slice_channels` slices several
+(corners outside the grid read 0 and merge nothing; tested) but much faster
+(benchmarks/README.md). :func:`slice_channels` slices several
 channels at once and :func:`slice_bspline` interpolates tricubic B-splines with the same
 kernel (the simulate stage's ``slice`` transform).
 """
@@ -174,7 +175,8 @@ def slice_rotated(volume: torch.Tensor, q_valid: torch.Tensor, rotations: torch.
     """``slice_model(volume, grid_coordinates(q_valid, rotations, grid))``: slices (R, P) of
     ``volume`` (n, n, n) at ``R_rᵀ q_p`` for rotations (R, 3, 3) and pixels q_valid (P, 3)
     in Å⁻¹. On CPU the numba kernel rotates each pixel itself, so the (R, P, 3) coordinates
-    are never in memory (their batched 3 × 3 product cost as much as the slicing)."""
+    are never in memory (in a profile their batched 3 × 3 product cost about two thirds of
+    grid_sample's slicing). Raises nothing of its own."""
     q_valid, rotations = q_valid.to(volume.dtype), rotations.to(volume.dtype)
     if slicing_cpu.available(volume, q_valid, rotations):
         return slicing_cpu.slice_trilinear(volume, q=q_valid, rs=slicing_cpu.scaled_rotations(rotations, grid.q_max))
@@ -185,7 +187,7 @@ def merge_rotated(accum: torch.Tensor, q_valid: torch.Tensor, rotations: torch.T
                   values: torch.Tensor) -> None:
     """``merge_model(accum, grid_coordinates(q_valid, rotations, grid), values)``: accum
     (ch, n, n, n) += the merge of values (ch, R, P) at ``R_rᵀ q_p``, without the coordinates
-    in memory on CPU (:func:`slice_rotated`)."""
+    in memory on CPU (:func:`slice_rotated`). Raises nothing of its own."""
     q_valid, rotations = q_valid.to(accum.dtype), rotations.to(accum.dtype)
     if slicing_cpu.available(accum, q_valid, rotations, values):
         slicing_cpu.merge_trilinear(accum, values, MERGE_COPIES_BYTES, q=q_valid,

@@ -1,8 +1,9 @@
 """CPU kernels of the slicing and merging in :mod:`spiflow.slicing`, compiled with numba.
 
-torch's CPU 3D grid sampler is a generic scalar loop: on 2 AMD EPYC cores its input
-gradient (the merge) cost about 180 ns a point for EMC's two channels, 4× the forward, and
-made EMC on a large, sparsely lit detector slower than Dragonfly's C (benchmarks/README.md).
+torch's CPU 3D grid sampler is a generic scalar loop: on one AMD EPYC core (beside another
+job) its input gradient (the merge) cost about 270 ns a point for EMC's two channels, 4× its
+forward and 2–3× this module's merge, and made EMC on a large, sparsely lit detector slower
+than Dragonfly's C (benchmarks/README.md).
 These kernels use the same trilinear weights as ``grid_sample(mode="bilinear",
 padding_mode="zeros", align_corners=True)`` (a corner outside the grid reads 0 and receives
 nothing; a NaN point reads 0; tested against it), are parallel over the first point axis
@@ -10,7 +11,7 @@ nothing; a NaN point reads 0; tested against it), are parallel over the first po
 side by side. The ``*_rotations`` kernels rotate each pixel themselves (9 multiply-adds),
 so the (R, P, 3) coordinates are never stored; :func:`slice_channels_rotated` also reads
 the 64 taps of a tricubic B-spline directly. Compiled on first use and cached on disk by
-numba (about 10 s once, then about 1 s a process). CUDA tensors keep grid_sample, which is
+numba (10–30 s once per change of this file, then about 1 s a process). CUDA tensors keep grid_sample, which is
 parallel over points there.
 
 Coordinates are grid_sample's: (..., 3) ordered (x, y, z) = (last, middle, first volume axis),
@@ -239,16 +240,18 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def scaled_rotations(rotations: torch.Tensor, q_max: float) -> torch.Tensor:
-    """(R, 3, 3) matrices ``rs`` with grid_sample coordinates ``q_p · rs_r`` of ``R_rᵀ q_p``
-    (:func:`spiflow.slicing.grid_coordinates`: axes reordered (z, y, x), divided by q_max)."""
+    """(R, 3, 3) matrices ``rs`` (Å) with grid_sample coordinates ``q_p · rs_r`` of ``R_rᵀ q_p``
+    (:func:`spiflow.slicing.grid_coordinates`: axes reordered (z, y, x), divided by q_max in
+    Å⁻¹), for rotations (R, 3, 3)."""
     return (rotations[..., [2, 1, 0]] / q_max).contiguous()
 
 
 def slice_trilinear(volume: torch.Tensor, coords: torch.Tensor | None = None, q: torch.Tensor | None = None,
                     rs: torch.Tensor | None = None) -> torch.Tensor:
     """Trilinear samples of ``volume`` (n, n, n), in its dtype: (A, B) at ``coords``
-    (A, B, 3) (module docstring), or (R, P) at pixels ``q`` (P, 3) under ``rs`` (R, 3, 3) of
-    :func:`scaled_rotations` (no coordinates in memory)."""
+    (A, B, 3) (module docstring), or (R, P) at pixels ``q`` (P, 3, Å⁻¹) under ``rs``
+    (R, 3, 3, Å) of :func:`scaled_rotations` (no coordinates in memory). CPU tensors of one
+    float dtype (:func:`available`); raises nothing of its own."""
     _threads()
     n, vol = volume.shape[-1], _np(volume).reshape(-1)
     if coords is not None:
@@ -267,7 +270,7 @@ def merge_trilinear(accum: torch.Tensor, values: torch.Tensor, copies_bytes: flo
     or at pixels ``q`` (B, 3) under ``rs`` (A, 3, 3): accum (ch, n, n, n). One zeroed copy
     of accum per thread, at most ``copies_bytes`` of them (then fewer threads), summed at the
     end; the copies hold the channels of a voxel side by side, so that a point's updates
-    share cache lines."""
+    share cache lines. Units are those of values; raises nothing of its own."""
     ch, n = accum.shape[0], accum.shape[-1]
     T = max(1, min(_threads(), values.shape[1], int(copies_bytes // max(1, accum.numel() * accum.element_size()))))
     copies = torch.zeros((T, n ** 3 * ch), dtype=accum.dtype)
@@ -282,7 +285,8 @@ def merge_trilinear(accum: torch.Tensor, values: torch.Tensor, copies_bytes: flo
 def slice_channels_rotated(volume: torch.Tensor, q: torch.Tensor, rs: torch.Tensor, cubic: bool) -> torch.Tensor:
     """Every channel of ``volume`` (ch, n, n, n) at pixels ``q`` (P, 3) under ``rs`` (R, 3, 3)
     of :func:`scaled_rotations`: (ch, R, P), trilinear, or with ``cubic`` the tricubic
-    B-spline whose coefficients ``volume`` holds (64 taps a point; taps outside read 0)."""
+    B-spline whose coefficients ``volume`` holds (64 taps a point; taps outside read 0;
+    weights of the uniform cubic B-spline, Unser 1999). Raises nothing of its own."""
     _threads()
     ch, n = volume.shape[0], volume.shape[-1]
     out = torch.empty((ch, rs.shape[0], q.shape[0]), dtype=volume.dtype)
