@@ -1,41 +1,20 @@
-"""Configuration: defaults and validation from one JSON schema (``config.schema.yaml``).
+"""Configuration files: read YAML files, merge them as Snakemake does, validate.
 
-The schema is the single source of every key, its type, range and default. The Snakefile
-validates with ``snakemake.utils.validate`` against the same file; the ``spiflow`` command
-line uses :func:`load_config`. ``config/config.yaml`` writes the defaults out for users.
+Every key, default and range is defined once, in :mod:`spiflow.settings`; this module only
+reads files (the ``spiflow`` command line uses :func:`load_config`; the Snakefile
+validates with ``snakemake.utils.validate`` against the schema generated from the same
+classes).
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
-import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+from .settings import SCHEMA_PATH, defaults, settings
 
-
-def schema() -> dict:
-    """The configuration JSON schema as a dict."""
-    with open(SCHEMA_PATH) as fh:
-        return yaml.safe_load(fh)
-
-
-def defaults() -> dict:
-    """A config dict holding every default of the schema."""
-    return fill_defaults({})
-
-
-def fill_defaults(config: dict, node: dict | None = None) -> dict:
-    """Return a copy of ``config`` with every missing key set to the schema default."""
-    node = schema() if node is None else node
-    out = copy.deepcopy(config)
-    for key, sub in node.get("properties", {}).items():
-        if key not in out and "default" in sub:
-            out[key] = copy.deepcopy(sub["default"])
-        if sub.get("type") == "object" and isinstance(out.get(key), dict):
-            out[key] = fill_defaults(out[key], sub)
-    return out
+__all__ = ["SCHEMA_PATH", "defaults", "load_config", "merge", "validate"]
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -50,17 +29,11 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def validate(config: dict) -> dict:
-    """Fill defaults and validate; returns the complete config.
+    """Fill defaults and validate (:func:`spiflow.settings.settings`); returns the complete config.
 
     Raises ValueError whose message names the offending key path (e.g. ``emc.num_div``).
     """
-    full = fill_defaults(config)
-    validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(full), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"  {'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors]
-        raise ValueError("invalid configuration:\n" + "\n".join(lines))
-    return full
+    return settings(config).model_dump()
 
 
 def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
