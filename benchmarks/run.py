@@ -191,7 +191,8 @@ def slice_accuracy(cfg: dict, options: dict, device: str, frames: int = 32) -> t
     import torch
     from spiflow.detector import reconstruction_grid
     from spiflow.rotation import random_quaternions
-    from spiflow.simulate import SliceTransform, build_sample, detector_from_config, expected_counts
+    from spiflow.scattering import expected_counts
+    from spiflow.simulate import SliceTransform, build_sample, detector_from_config
     atoms = build_sample(cfg)[1]
     det = detector_from_config(cfg)
     q, pf, valid = det.q(), det.pixel_factor(), det.valid()
@@ -261,7 +262,7 @@ out_photons_file = data/photons.emc
 def load_patterns(path: Path):
     import xarray as xr
     import zarr
-    from spiflow.simulate import grid_of
+    from spiflow.stores import grid_of
     pat = xr.open_zarr(path)
     photons = np.asarray(zarr.open_group(str(path), mode="r")["photons"])
     return (photons, pat.valid.values, pat.q.values.astype(np.float64), pat.pixel_factor.values.astype(np.float64),
@@ -374,7 +375,7 @@ def parse_dragonfly_log(path: Path) -> list[float]:
 def phase_bench(truth: Path, patterns: Path, restarts: int, iterations: int, device: str) -> dict:
     import xarray as xr
     from spiflow.phasing import PhasingConfig, phase
-    from spiflow.simulate import grid_of
+    from spiflow.stores import grid_of
     grid = grid_of(xr.open_zarr(patterns))
     intensity = xr.open_zarr(truth).intensity.values
     er = max(1, iterations // 14)  # 140 → RAAR:120, ER:10, then 10 final ER

@@ -11,8 +11,8 @@ from spiflow import cli
 from spiflow import config as cfg
 from spiflow import formats as F
 from spiflow.detector import Detector, wavelength_angstrom
-from spiflow.pipeline import write_mrc
 from spiflow.simulate import simulate
+from spiflow.stores import read_mrc, write_mrc
 
 ROOT = Path(__file__).resolve().parents[1]
 E_J = 6000.0 * F.ELEMENTARY_CHARGE
@@ -184,19 +184,19 @@ def test_dragonfly_bytes_match_handwritten_emc(tmp_path):
 
 def test_mrc_round_trip(tmp_path):
     vol = np.random.default_rng(1).normal(size=(7, 9, 11)).astype(np.float32)
-    F.write_mrc_volume(tmp_path / "v.mrc", vol, 2.5)
-    back = F.read_mrc(tmp_path / "v.mrc")
+    write_mrc(tmp_path / "v.mrc", vol, 2.5)
+    back = read_mrc(tmp_path / "v.mrc")
     np.testing.assert_array_equal(back.volume, vol)
     assert back.voxel_size == pytest.approx((2.5, 2.5, 2.5))
     assert back.origin == pytest.approx((-3 * 2.5, -4 * 2.5, -5 * 2.5))
     cube = np.random.default_rng(2).random((9, 9, 9))
-    write_mrc(tmp_path / "p.mrc", cube, 1.75)  # the pipeline's density writer: same convention
-    back = F.read_mrc(tmp_path / "p.mrc")
+    write_mrc(tmp_path / "p.mrc", cube, 1.75)  # a density: voxel size in Å
+    back = read_mrc(tmp_path / "p.mrc")
     np.testing.assert_allclose(back.volume, cube, rtol=1e-6)
     assert back.voxel_size == pytest.approx((1.75,) * 3) and back.origin == pytest.approx((-4 * 1.75,) * 3)
     for bad, voxel in [(np.zeros((3, 3)), 1.0), (np.full((3, 3, 3), np.nan), 1.0), (vol, 0.0)]:
         with pytest.raises(ValueError, match="w.mrc"):
-            F.write_mrc_volume(tmp_path / "w.mrc", bad, voxel)
+            write_mrc(tmp_path / "w.mrc", bad, voxel)
     assert no_leftovers(tmp_path, "w.mrc")
 
 
@@ -283,9 +283,9 @@ def test_random_and_truncated_files_fail_cleanly(patterns, tmp_path):
     good = tmp_path / "good.cxi"
     F.export_cxi(patterns, good)
     F.export_dragonfly(patterns, tmp_path / "good.emc", tmp_path / "good.det")
-    F.write_mrc_volume(tmp_path / "good.mrc", np.ones((5, 5, 5)), 1.0)
+    write_mrc(tmp_path / "good.mrc", np.ones((5, 5, 5)), 1.0)
     readers = {".cxi": lambda p: F.import_cxi(p, tmp_path / "x.zarr"), ".emc": F.read_dragonfly_photons,
-               ".det": F.read_dragonfly_detector, ".mrc": F.read_mrc}
+               ".det": F.read_dragonfly_detector, ".mrc": read_mrc}
     for ext, read in readers.items():
         blob = (tmp_path / f"good{ext}").read_bytes()
         for k, size in enumerate([0, 7, 1024, 5000]):

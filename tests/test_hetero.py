@@ -7,7 +7,8 @@ import pytest
 from scipy.spatial.distance import pdist
 
 from spiflow import hetero
-from spiflow.simulate import expected_counts
+from spiflow.scattering import expected_counts
+from spiflow.stores import conformation_dataset
 from spiflow.symmetry import atoms_invariant
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -118,7 +119,7 @@ def test_mixture_fractions_and_conformation_store():
     p = mix.draw(4000, np.random.default_rng(2))
     assert abs(p.mean() - 0.75) < 0.03 and set(np.unique(p)) == {0.0, 1.0}
     assert mix.atoms(p[0]) is (b if p[0, 0] else a) and mix.radius == b.radius
-    ds = hetero.conformation_dataset(p[:10], mix.parameter_names)
+    ds = conformation_dataset(p[:10], mix.parameter_names)
     assert ds["conformation"].dims == ("frame", "parameter") and list(ds["parameter"].values) == ["state"]
     with pytest.raises(ValueError, match="fractions"):
         hetero.Mixture((a, b), (1.0,))

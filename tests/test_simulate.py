@@ -12,9 +12,8 @@ from spiflow.detector import Detector, reconstruction_grid
 from spiflow.grid import Grid, structure_factor_to_density
 from spiflow.io import atomic_path
 from spiflow.rotation import quaternion_to_matrix as quaternion_to_matrix_t
-from spiflow.scattering import form_factor, structure_factor, structure_factor_grid
-from spiflow.simulate import (SliceTransform, draw_gains, expected_counts, gather_shards, shard_ranges, simulate,
-                              simulate_shard)
+from spiflow.scattering import expected_counts, form_factor, structure_factor, structure_factor_grid
+from spiflow.simulate import SliceTransform, draw_gains, gather_shards, shard_ranges, simulate, simulate_shard
 from spiflow.slicing import (bspline_coefficients, grid_coordinates, slice_bspline, slice_channels, slice_channels_rotated,
                              slice_model)
 from spiflow.structure import Atoms, read_structure

@@ -1,4 +1,4 @@
-"""Interoperable file formats: CXI (HDF5) in and out, Dragonfly photons and detector files, MRC.
+"""Interoperable file formats: CXI (HDF5) in and out, Dragonfly photons and detector files.
 
 **CXI** (Maia, Nature Methods 9, 854 (2012); "The CXI File Format for Coherent X-ray
 Imaging" v1.6, github.com/cxidb/CXI ``cxi_file_format.tex``). SI units throughout: lengths
@@ -37,11 +37,11 @@ divides it by its mean on reading). ``mask``: 0 = used for orientation and mergi
 1 = merged only, 2 = ignored (``src/detector.c``: ``mask < 1`` counts as relevant,
 ``mask < 2`` sets q_max); spiflow writes 0 for valid pixels and 2 for the others.
 
-**MRC** via ``mrcfile``: arrays indexed (x, y, z) are stored with x fastest, the origin at
-``−(n//2) · voxel`` so index ``n//2`` is the centre, as :func:`spiflow.pipeline.write_mrc`.
+MRC maps: :func:`spiflow.stores.write_mrc`, :func:`spiflow.stores.read_mrc`.
 
 Every writer streams frames chunk by chunk and writes into a temporary sibling that is
-renamed into place only when complete (:func:`spiflow.io.atomic_path`).
+renamed into place only when complete (:func:`spiflow.io.atomic_path`); patterns stores
+are written and read by :mod:`spiflow.stores`.
 """
 from __future__ import annotations
 
@@ -50,17 +50,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import h5py
-import mrcfile
 import numpy as np
-import xarray as xr
-import zarr
 
 from . import __version__
 from .detector import CLASSICAL_ELECTRON_RADIUS_ANGSTROM, Detector, reconstruction_grid, wavelength_angstrom
 from .io import atomic_path
+from .stores import open_patterns, write_patterns
 
 ELEMENTARY_CHARGE = 1.602176634e-19  # J per eV, exact (SI 2019)
 DETECTOR = "/entry_1/instrument_1/detector_1"
@@ -246,7 +243,7 @@ def _counts(block: np.ndarray, valid: np.ndarray, path, key: str, i0: int, round
 def import_cxi(cxi_path, out_zarr, *, photon_energy_ev: float | None = None, polarization: str | None = None,
                fluence_photons_per_angstrom2: float | None = None, grid_oversampling: float = 1.0,
                bad_bits: int | None = None, round_counts: bool = False, chunk_frames: int = 64) -> dict:
-    """Convert a CXI file into a spiflow ``patterns.zarr`` (the layout :func:`spiflow.simulate.simulate` writes).
+    """Convert a CXI file into a spiflow ``patterns.zarr`` (:func:`spiflow.stores.write_patterns`).
 
     Reads frames (frames, ny, nx) or one frame (ny, nx) from ``/entry_1/data_1/data`` or
     ``/entry_1/instrument_1/detector_1/data`` (counts, whole photons), the ``mask`` beside
@@ -254,11 +251,10 @@ def import_cxi(cxi_path, out_zarr, *, photon_energy_ev: float | None = None, pol
     geometry (``distance``, ``x_pixel_size``, ``y_pixel_size`` in m, optional
     ``corner_position``, ``basis_vectors``) and ``/entry_1/instrument_1/source_1/energy`` (J
     per CXI; its ``units`` attribute may say eV or keV; ``photon_energy_ev`` overrides).
-    Writes ``photons (frame, y, x)`` int32 (0 at invalid pixels), ``valid (y, x)`` bool,
-    ``q (y, x, axis)`` float32 Å⁻¹ on the Ewald sphere and ``pixel_factor (y, x)`` float32 sr
-    (solid angle × polarisation), attrs with the geometry and ``recon_grid_n``/``recon_grid_dq``
-    from :func:`spiflow.detector.reconstruction_grid`. Frames stream in chunks of
-    ``chunk_frames``; the store appears only when complete. No truth store.
+    Writes the photons (0 at invalid pixels), q on the Ewald sphere and the pixel factor of
+    that geometry, attrs with the geometry, the source file and ``recon_grid_n``/
+    ``recon_grid_dq`` from :func:`spiflow.detector.reconstruction_grid`. Frames stream in
+    chunks of ``chunk_frames``; the store appears only when complete. No truth store.
 
     polarization: ``"x"``, ``"y"`` or ``"unpolarized"``; default the file's spiflow attribute,
     else ``"x"``. The fluence is rarely known for measured data: without
@@ -335,57 +331,18 @@ def _import_open_cxi(f, path, out, photon_energy_ev, polarization, fluence, over
     for k, v in extra.items():  # a spiflow export: keep its other metadata (seed, config, ...)
         attrs.setdefault(k, v)
     total = 0
-    with atomic_path(out) as tmp:
-        _write_static(tmp, valid, q, pixel_factor, attrs)
-        photons = _photons_array(tmp, n, shape, chunk)
+    with write_patterns(out, valid, q, pixel_factor, attrs, n, chunk) as photons:
         for i0 in range(0, n, chunk):
             i1 = min(i0 + chunk, n)
             block = data[i0:i1] if data.ndim == 3 else data[()][None]
             counts = _counts(np.asarray(block), valid, path, key, i0, round_counts)
             photons[i0:i1] = counts
             total += int(counts.sum(dtype=np.int64))
-        zarr.consolidate_metadata(tmp)
     return {"frames": n, "shape": tuple(int(s) for s in shape), "grid_n": grid.n, "grid_dq": grid.dq,
             "mean_photons": total / n, "geometry": "square detector" if plain else "pixel positions"}
 
 
-def _write_static(tmp, valid, q, pixel_factor, attrs) -> None:
-    ny, nx = valid.shape
-    static = xr.Dataset(
-        {"valid": (("y", "x"), valid), "q": (("y", "x", "axis"), q.astype(np.float32)),
-         "pixel_factor": (("y", "x"), pixel_factor.astype(np.float32))},
-        coords={"y": np.arange(ny), "x": np.arange(nx), "axis": ["qx", "qy", "qz"]}, attrs=attrs)
-    static["q"].attrs["units"] = "1/angstrom"
-    static["pixel_factor"].attrs["units"] = "steradian (solid angle x polarisation factor)"
-    static.to_zarr(tmp, mode="w", consolidated=False)
-
-
-def _photons_array(tmp, n, shape, chunk):
-    root = zarr.open_group(tmp, mode="a")
-    root.create_array("frame", data=np.arange(n), dimension_names=["frame"])
-    return root.create_array("photons", shape=(n, *shape), dtype="int32", chunks=(min(chunk, n), *shape),
-                             dimension_names=["frame", "y", "x"], fill_value=0, attributes={"units": "photons"})
-
-
 # ---------------------------------------------------------------------------- store reading
-
-def _open_patterns(patterns_zarr):
-    """(static dataset loaded, photons zarr array) of a patterns store; clear errors."""
-    p = Path(patterns_zarr)
-    if not p.exists():
-        raise FileNotFoundError(f"patterns store not found: {p}")
-    try:
-        ds = xr.open_zarr(p, consolidated=None)
-        static = ds[["valid", "q", "pixel_factor"]].load()
-        photons = zarr.open_group(p, mode="r")["photons"]
-    except Exception as exc:  # zarr/xarray raise many types for damaged stores
-        raise ValueError(f"cannot read patterns store {p}: {exc}") from exc
-    ny, nx = static.valid.shape
-    if photons.ndim != 3 or photons.shape[1:] != (ny, nx) or static.q.shape != (ny, nx, 3):
-        raise ValueError(f"patterns store {p}: photons {photons.shape}, valid {(ny, nx)} and q "
-                         f"{static.q.shape} do not match")
-    return static, photons
-
 
 def _attr(attrs, key: str, where):
     if key not in attrs:
@@ -417,7 +374,7 @@ def export_cxi(patterns_zarr, cxi_path, chunk_frames: int = 64) -> None:
     the geometry. Raises FileNotFoundError / ValueError naming the store when it is missing,
     unreadable, inconsistent or holds negative counts; the CXI file appears only when complete.
     """
-    static, photons = _open_patterns(patterns_zarr)
+    static, photons = open_patterns(patterns_zarr)
     a = static.attrs
     ny, nx = static.valid.shape
     if "cxi_basis_vectors_m" in a:
@@ -461,7 +418,7 @@ def export_dragonfly(patterns_zarr, photons_path, detector_path, ewald_rad: floa
     when complete. Returns ``{"num_data", "num_pix", "ewald_rad", "detd"}``. Raises
     FileNotFoundError / ValueError naming the store (missing, unreadable, negative counts).
     """
-    static, photons = _open_patterns(patterns_zarr)
+    static, photons = open_patterns(patterns_zarr)
     a = static.attrs
     lam = wavelength_angstrom(float(_attr(a, "photon_energy_ev", patterns_zarr)))
     ewald = float(ewald_rad) if ewald_rad is not None else 1.0 / (lam * float(_attr(a, "recon_grid_dq", patterns_zarr)))
@@ -602,58 +559,5 @@ def read_dragonfly_detector(path) -> DragonflyDetector:
     return DragonflyDetector(table[:, :3], table[:, 3], mask.astype(np.uint8), detd, ewald)
 
 
-# ---------------------------------------------------------------------------- MRC
-
-class MRCVolume(NamedTuple):
-    """volume (x, y, z) float32; voxel_size per axis (x, y, z); origin (x, y, z), header units."""
-
-    volume: np.ndarray
-    voxel_size: tuple[float, float, float]
-    origin: tuple[float, float, float]
-
-
-def write_mrc_volume(path, volume: np.ndarray, voxel_size_angstrom: float) -> None:
-    """Write a 3D array indexed (x, y, z) as an MRC map (float32, x fastest), atomically.
-
-    voxel_size_angstrom: Å for densities (``1 / (N Δq)``); for an intensity volume pass the
-    grid step Δq (Å⁻¹), which the header then holds in place of Å. The origin is
-    ``−(n//2) · voxel`` per axis, so index ``n//2`` (q = 0 or r = 0) sits at the origin.
-    Raises ValueError for a non-3D or non-finite volume or a voxel size that is not > 0.
-    """
-    vol = np.asarray(volume)
-    if vol.ndim != 3 or vol.dtype.kind not in "iuf" or not np.all(np.isfinite(vol)):
-        raise ValueError(f"MRC {path}: volume must be a finite real 3D array, got shape {vol.shape} dtype {vol.dtype}")
-    v = float(voxel_size_angstrom)
-    if not v > 0:
-        raise ValueError(f"MRC {path}: voxel size must be > 0, got {voxel_size_angstrom}")
-    with atomic_path(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(vol.astype(np.float32).transpose(2, 1, 0)))
-            mrc.voxel_size = v
-            mrc.header.origin = tuple(-(s // 2) * v for s in vol.shape)
-
-
-def read_mrc(path) -> MRCVolume:
-    """Read an MRC map into (volume (x, y, z) float32, voxel size, origin).
-
-    The inverse of :func:`write_mrc_volume` (and of :func:`spiflow.pipeline.write_mrc`).
-    Raises FileNotFoundError, or ValueError naming the file when it is not a valid 3D MRC map.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"MRC file not found: {p}")
-    try:
-        with mrcfile.open(p, mode="r", permissive=False) as mrc:
-            data = np.asarray(mrc.data, dtype=np.float32)
-            vs, org = mrc.voxel_size, mrc.header.origin
-            voxel = (float(vs.x), float(vs.y), float(vs.z))
-            origin = (float(org.x), float(org.y), float(org.z))
-    except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"MRC file {p}: {exc}") from exc
-    if data.ndim != 3:
-        raise ValueError(f"MRC file {p}: expected a 3D map, got shape {data.shape}")
-    return MRCVolume(np.ascontiguousarray(data.transpose(2, 1, 0)), voxel, origin)
-
-
 __all__ = ["import_cxi", "export_cxi", "export_dragonfly", "read_dragonfly_photons", "read_dragonfly_detector",
-           "DragonflyDetector", "write_mrc_volume", "read_mrc", "MRCVolume", "pixel_q_and_factor"]
+           "DragonflyDetector", "pixel_q_and_factor"]

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-import zarr
 
 from . import metrics
 from .align import align_density, align_intensity_rotation, rotate_volume
 from .grid import Grid
-from .io import PhotonFrames, atomic_path, open_dataset
+from .io import open_dataset
+from .stores import open_patterns, write_patterns
 
 PRTF_THRESHOLD = 1 / math.e
 HALFSET_THRESHOLD = 0.143
@@ -38,38 +38,30 @@ HALFSET_THRESHOLD = 0.143
 def split_halves(patterns, halves: list, chunk_frames: int | None = None) -> list[int]:
     """Write the even frames of ``patterns`` to ``halves[0]`` and the odd ones to ``halves[1]``.
 
-    patterns: a ``patterns.zarr`` store (SPEC.md); halves: two output paths. Each half is
-    a store of the same layout (every array but ``photons`` copied, attrs too, plus
-    ``half_set`` 1 or 2; its ``frame`` coordinate holds the source's frame indices), photons
-    streamed chunk by chunk (``chunk_frames`` per chunk, default the source's), written
-    atomically. Returns the two frame counts. Raises ValueError naming the store for fewer
-    than 2 frames, no ``photons``, or missing or corrupt chunks (:class:`spiflow.io.PhotonFrames`).
+    patterns: a ``patterns.zarr`` store; halves: two output paths. Each half is a patterns
+    store (:func:`spiflow.stores.write_patterns`) with the source's static arrays and attrs,
+    plus the attrs ``half_set`` (1 or 2) and ``source_patterns``; its ``frame`` coordinate
+    holds the source's frame indices. Photons are streamed chunk by chunk (``chunk_frames``
+    per chunk, default the source's), each half written atomically. Returns the two frame
+    counts. Raises ValueError naming the store for fewer than 2 frames, no ``photons``, or
+    missing or corrupt chunks (:func:`spiflow.stores.open_patterns`).
     """
     src_path = Path(patterns)
-    photons = PhotonFrames(src_path)  # no missing chunk; read errors name the store
+    static, photons = open_patterns(src_path)
     n = photons.shape[0]
     if n < 2:
         raise ValueError(f"patterns store {src_path}: {n} frame(s), a half-set split needs at least 2")
     chunk = int(chunk_frames or photons.chunks[0])
-    ds = xr.open_zarr(src_path)
-    static = ds.drop_vars([v for v in ds.variables if "frame" in ds[v].dims])
     counts = []
     for h, out in enumerate(halves):
         frames = np.arange(h, n, 2)
-        static.attrs.update(half_set=h + 1, source_patterns=str(src_path))
-        with atomic_path(out) as tmp:
-            static.to_zarr(tmp, mode="w", consolidated=False)
-            g = zarr.open_group(str(tmp), mode="a")
-            g.create_array("frame", data=frames, dimension_names=["frame"])  # the source's frame indices
-            dst = g.create_array("photons", shape=(len(frames),) + photons.shape[1:], dtype=photons.dtype,
-                                 chunks=(min(chunk, len(frames)),) + photons.shape[1:],
-                                 dimension_names=["frame", "y", "x"], fill_value=0,
-                                 attributes=dict(photons.array.attrs))
+        attrs = {**static.attrs, "half_set": h + 1, "source_patterns": str(src_path)}
+        with write_patterns(out, static.valid.values, static.q.values, static.pixel_factor.values, attrs,
+                            len(frames), chunk, frame_index=frames) as dst:
             step = 2 * chunk  # source frames per output chunk
             for j, i0 in enumerate(range(h, n, step)):
                 block = np.asarray(photons[i0:min(n, i0 + step)])[::2]
                 dst[j * chunk:j * chunk + len(block)] = block
-            zarr.consolidate_metadata(str(tmp))
         counts.append(len(frames))
     return counts
 

@@ -2,8 +2,9 @@
 
 Every sample has ``parameter_names`` and two methods: ``draw(n, rng)`` → parameters
 (n, P) float64 (one row per frame, stored in the truth store as ``conformation (frame,
-parameter)``, :func:`conformation_dataset`), and ``atoms(row)`` → :class:`~spiflow.structure.Atoms`
-of that conformation (positions in Å, centred on the origin). Samples:
+parameter)``, :func:`spiflow.stores.conformation_dataset`), and ``atoms(row)`` →
+:class:`~spiflow.structure.Atoms` of that conformation (positions in Å, centred on the
+origin). Samples:
 
 * :class:`Interpolation` — a continuous conformational change between two end states,
   ``r_j(t) = (1 − t) r_j^A + t r_j^B`` with t ~ U[0, 1] (parameter ``t``). :func:`adenylate_kinase`
@@ -27,8 +28,7 @@ of that conformation (positions in Å, centred on the origin). Samples:
 :func:`make_sample` builds one by name (for a config file). :func:`read_xyz` reads XYZ files (with or without the count/comment header; with an
 element column or, like ``data/AuBall.xyz``, x y z only and a given element).
 :func:`expected_counts` gives the noise-free photon counts of frames with per-frame atoms
-through :func:`spiflow.simulate.expected_counts` (the molecular transform of
-:mod:`spiflow.scattering`).
+through :func:`spiflow.scattering.expected_counts`.
 """
 from __future__ import annotations
 
@@ -38,10 +38,9 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import torch
-import xarray as xr
 
-from .simulate import expected_counts as _expected_counts
-from .structure import Atoms, _merge_altlocs, read_structure
+from . import scattering
+from .structure import Atoms, merge_altlocs, read_structure
 
 GOLD_LATTICE_ANGSTROM = 4.078  # fcc gold at room temperature
 
@@ -96,7 +95,7 @@ def _residue_atoms(path: str | Path, chain: str) -> dict[tuple, tuple]:
         raise FileNotFoundError(f"structure file not found: {path}")
     st = gemmi.read_structure(str(path))
     mdl = st[0]
-    _merge_altlocs(mdl)
+    merge_altlocs(mdl)
     if mdl.find_chain(chain) is None:
         raise ValueError(f"{path}: no chain {chain!r}")
     out = {}
@@ -299,22 +298,13 @@ def read_xyz(path: str | Path, element: str = "Au") -> Atoms:
     return Atoms(pos - centre, np.asarray(elem), np.ones(len(pos)), str(path), centre)
 
 
-def conformation_dataset(params: np.ndarray, names) -> xr.Dataset:
-    """The truth store's ``conformation (frame, parameter)`` (SPEC.md): params (n, P), names (P,)."""
-    params = np.asarray(params, dtype=np.float64)
-    if params.ndim != 2 or params.shape[1] != len(names):
-        raise ValueError(f"conformation parameters must be (frames, {len(names)}), got {params.shape}")
-    return xr.Dataset({"conformation": (("frame", "parameter"), params)},
-                      coords={"frame": np.arange(len(params)), "parameter": list(names)})
-
-
 def expected_counts(sample, params: np.ndarray, q: np.ndarray, pixel_factor: np.ndarray, quats: np.ndarray,
                     scale: float, method: str = "auto", device: torch.device | str = "cpu",
                     eps: float = 1e-9) -> np.ndarray:
     """Noise-free ``scale · Ω P · |F_i(R_iᵀ q)|²`` with frame i's atoms ``sample.atoms(params[i])``.
 
     params (B, P), quats (B, 4) ``[w, x, y, z]``; q (ny, nx, 3) Å⁻¹; pixel_factor (ny, nx);
-    scale = J r_e² as in :func:`spiflow.simulate.expected_counts` (reused; frames with
+    scale = J r_e² as in :func:`spiflow.scattering.expected_counts` (reused; frames with
     identical parameters share one call). Returns (B, ny, nx) float64 photons at gain 1.
     """
     params = np.asarray(params, dtype=float).reshape(len(quats), -1)
@@ -322,8 +312,8 @@ def expected_counts(sample, params: np.ndarray, q: np.ndarray, pixel_factor: np.
     uniq, inverse = np.unique(params, axis=0, return_inverse=True)
     for u, row in enumerate(uniq):
         sel = np.flatnonzero(inverse.ravel() == u)
-        out[sel] = _expected_counts(sample.atoms(row), q, pixel_factor, np.asarray(quats)[sel], scale,
-                                    method, torch.device(device), eps)
+        out[sel] = scattering.expected_counts(sample.atoms(row), q, pixel_factor, np.asarray(quats)[sel], scale,
+                                              method, torch.device(device), eps)
     return out
 
 

@@ -1,5 +1,6 @@
 """Small shared helpers: device choice, atomic writes of stores and files, checkpoints and
-the per-iteration logs kept in them, the check of a reconstruction's detector inputs.
+the per-iteration logs kept in them, the check of a reconstruction's detector inputs. The
+stores' layout (what each holds, who writes it) is :mod:`spiflow.stores`.
 
 Every stage writes its outputs into a temporary sibling path and renames it into place
 only when complete, so an interrupted or failed stage never leaves a half-written store.
@@ -83,79 +84,6 @@ def open_dataset(path: str | os.PathLike, role: str = "store") -> xr.Dataset:
         return xr.open_zarr(path, consolidated=None).load()
     except Exception as exc:  # zarr raises many types for corrupt stores
         raise ValueError(f"cannot read {role} {path}: {exc}") from exc
-
-
-class PhotonFrames:
-    """The ``photons (frame, y, x)`` array of a patterns store, read lazily (Zarr chunks) by
-    slicing ``frames[i0:i1]``, with errors that name the store.
-
-    Opening checks that every chunk exists: Zarr reads a missing chunk as zeros, so a
-    truncated copy of a store would otherwise pass as frames without photons. A chunk that
-    cannot be decoded (corrupt, cut short) raises ValueError naming the store and the
-    frames when it is read. Attributes ``shape``, ``dtype``, ``chunks`` as the Zarr array's.
-    Raises FileNotFoundError for a missing store, ValueError for one without photons or
-    with missing chunks.
-    """
-
-    def __init__(self, patterns: str | os.PathLike):
-        import zarr
-
-        self.path = Path(patterns)
-        if not self.path.exists():
-            raise FileNotFoundError(f"patterns store not found: {self.path}")
-        try:
-            group = zarr.open_group(str(self.path), mode="r")
-        except Exception as exc:
-            raise ValueError(f"patterns store {self.path}: cannot open it: {exc}") from exc
-        if "photons" not in group:
-            raise ValueError(f"patterns store {self.path}: no 'photons' array")
-        try:
-            self.array = group["photons"]
-            missing = self.array.nchunks - self.array.nchunks_initialized
-        except Exception as exc:
-            raise ValueError(f"patterns store {self.path}: cannot open its photons array: {exc}") from exc
-        if missing:
-            raise ValueError(f"patterns store {self.path}: {missing} of {self.array.nchunks} photon chunks are "
-                             f"missing (an incomplete copy?)")
-        self.shape, self.dtype, self.chunks = self.array.shape, self.array.dtype, self.array.chunks
-        self.ndim = len(self.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        try:
-            return self.array[key]
-        except Exception as exc:
-            raise ValueError(f"patterns store {self.path}: cannot read photons[{key}]: "
-                             f"{type(exc).__name__}: {exc}") from exc
-
-
-def intensity_dataset(intensity: np.ndarray, q_axis: np.ndarray, measured: np.ndarray | None = None,
-                      attrs: dict | None = None) -> xr.Dataset:
-    """The ``intensity (qx, qy, qz)`` store of SPEC.md, with an optional ``measured`` mask.
-
-    intensity: (n, n, n) on the centred grid; q_axis: (n,) Å⁻¹; measured: (n, n, n) bool,
-    True where the data determine the voxel (phasing leaves the others free).
-    """
-    coords = {"qx": q_axis, "qy": q_axis, "qz": q_axis}
-    data = {"intensity": (("qx", "qy", "qz"), np.asarray(intensity, dtype=np.float32))}
-    if measured is not None:
-        data["measured"] = (("qx", "qy", "qz"), np.asarray(measured, dtype=bool))
-    ds = xr.Dataset(data, coords=coords, attrs=attrs or {})
-    ds["qx"].attrs["units"] = ds["qy"].attrs["units"] = ds["qz"].attrs["units"] = "1/angstrom"
-    return ds
-
-
-def orientations_dataset(quaternion: np.ndarray, gain: np.ndarray, attrs: dict | None = None) -> xr.Dataset:
-    """The ``quaternion (frame, component)``, ``gain (frame)`` store of SPEC.md."""
-    n = len(gain)
-    return xr.Dataset(
-        {"quaternion": (("frame", "component"), np.asarray(quaternion, dtype=np.float64)),
-         "gain": (("frame",), np.asarray(gain, dtype=np.float64))},
-        coords={"frame": np.arange(n), "component": ["w", "x", "y", "z"]},
-        attrs=attrs or {},
-    )
 
 
 def validate_detector_inputs(photons, valid, q, pixel_factor, grid):

@@ -177,7 +177,7 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     rotation: A with ``I_rec(q) ≈ I_true(A q)``; scale: J r_e² that turns the decoder's
     photons per unit pixel factor into electrons². Files go to ``out_dir``.
     """
-    from .pipeline import write_mrc  # pipeline imports this module
+    from .stores import write_mrc
 
     out = Path(out_dir)
     (out / "states").mkdir(parents=True, exist_ok=True)

@@ -13,22 +13,21 @@ import signal
 import time
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
 import yaml
 
-from . import halfsets, metrics, plots
+from . import halfsets, metrics, plots, stores
 from .align import align_density, align_intensity_rotation, rotate_volume
 from .emc import EMCConfig, run_emc
 from .mtip import MTIPConfig, run_mtip
 from .grid import Grid
-from .io import PhotonFrames, atomic_path, intensity_dataset, open_dataset, orientations_dataset, write_dataset
+from .io import atomic_path, open_dataset, write_dataset
 from .phasing import PhasingConfig, phase
 from .selfsup import SelfSupConfig, run_selfsup
-from .simulate import check_sample, gather_shards, grid_of, simulate, simulate_shard
+from .simulate import check_sample, gather_shards, simulate, simulate_shard
 from .symmetry import point_group
 from .vae import VAEConfig, decode, latent_dataset, run_vae
 from . import latent as latent_eval
@@ -140,32 +139,29 @@ def stage_recon_truth(config: dict, truth: str, patterns: str, intensity: str, o
     """
     t0 = time.perf_counter()
     tr = open_dataset(truth, "truth store")
-    pat = xr.open_zarr(patterns)
-    grid = grid_of(pat)
+    pat, _ = stores.open_patterns(patterns)
+    grid = stores.grid_of(pat)
     qn = np.linalg.norm(pat.q.values[pat.valid.values], axis=-1)
     measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
     attrs = {"method": "truth", "wall_seconds": time.perf_counter() - t0}
-    write_dataset(intensity_dataset(tr.intensity.values, grid.q_axis, measured, attrs), intensity)
-    write_dataset(orientations_dataset(tr.quaternion.values, tr.gain.values, attrs), orientations)
+    stores.write_intensity(intensity, tr.intensity.values, grid, measured, attrs)
+    stores.write_orientations(orientations, tr.quaternion.values, tr.gain.values, attrs)
 
 
 def _patterns(patterns: str):
-    """(dataset, grid, lazily read Zarr photons, valid, q, pixel_factor, scale J r_e²)."""
-    photons = PhotonFrames(patterns)  # checks that no chunk is missing; read errors name the store
-    pat = xr.open_zarr(patterns)
+    """(static dataset with the attrs, grid, lazily read photons, valid, q, pixel_factor,
+    scale J r_e²) of a patterns store (:func:`spiflow.stores.open_patterns`)."""
+    pat, photons = stores.open_patterns(patterns)
     scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
-    return (pat, grid_of(pat), photons, pat.valid.values, pat.q.values.astype(np.float64),
+    return (pat, stores.grid_of(pat), photons, pat.valid.values, pat.q.values.astype(np.float64),
             pat.pixel_factor.values.astype(np.float64), scale)
 
 
 def _write_recon(W, measured, quaternion, gain, grid: Grid, scale: float, attrs: dict, intensity: str,
                  orientations: str, **per_frame) -> None:
     """Write a method's intensity (``W / scale`` in electrons²) and orientations stores."""
-    write_dataset(intensity_dataset(W / scale, grid.q_axis, measured, attrs), intensity)
-    ds = orientations_dataset(quaternion, gain, attrs)
-    for name, values in per_frame.items():
-        ds[name] = ("frame", values)
-    write_dataset(ds, orientations)
+    stores.write_intensity(intensity, W / scale, grid, measured, attrs)
+    stores.write_orientations(orientations, quaternion, gain, attrs, **per_frame)
 
 
 def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str,
@@ -286,26 +282,13 @@ def stage_phase(config: dict, intensity: str, density: str, density_mrc: str, lo
     measured = ds["measured"].values if "measured" in ds else None
     res = phase(ds.intensity.values, grid, PhasingConfig(**config["phase"]), measured=measured,
                 seed=config["dataset"]["seed"] + seed_offset, device=config["device"])
-    out = xr.Dataset({"density": (("x", "y", "z"), res.density), "support": (("x", "y", "z"), res.support)},
-                     coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis},
-                     attrs={"method": ds.attrs.get("method", ""), "wall_seconds": time.perf_counter() - t0,
-                            "fourier_errors": res.errors.tolist(), "chosen_restarts": res.chosen.tolist(),
-                            "prtf": res.prtf.tolist(), "prtf_q_inv_angstrom": res.prtf_q.tolist()})
-    out["density"].attrs["units"] = "electrons/angstrom^3"
-    write_dataset(out, density)
-    with atomic_path(density_mrc) as tmp:
-        write_mrc(tmp, res.density, grid.voxel_size)
+    stores.write_density(density, res.density, res.support, grid,
+                         {"method": ds.attrs.get("method", ""), "wall_seconds": time.perf_counter() - t0,
+                          "fourier_errors": res.errors.tolist(), "chosen_restarts": res.chosen.tolist(),
+                          "prtf": res.prtf.tolist(), "prtf_q_inv_angstrom": res.prtf_q.tolist()})
+    stores.write_mrc(density_mrc, res.density, grid.voxel_size)
     with atomic_path(log_csv) as tmp:
         res.log.to_csv(tmp, index=False)
-
-
-def write_mrc(path, density: np.ndarray, voxel_size: float) -> None:
-    """MRC map (mrcfile) with the voxel size in Å; array (x, y, z) stored with x fastest."""
-    with mrcfile.new(path, overwrite=True) as mrc:
-        mrc.set_data(np.ascontiguousarray(np.asarray(density, dtype=np.float32).transpose(2, 1, 0)))
-        mrc.voxel_size = voxel_size
-        c = density.shape[0] // 2
-        mrc.header.origin = (-c * voxel_size,) * 3
 
 
 def stage_evaluate(config: dict, method: str, truth: str | None, patterns: str, intensity: str,

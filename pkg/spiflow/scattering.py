@@ -8,7 +8,8 @@ The sum over atoms is evaluated either exactly (``direct``: a complex matrix pro
 any device) or by a non-uniform FFT (Barnett, Magland & af Klinteberg, SIAM J. Sci.
 Comput. 41, C479 (2019); finufft on CPU, cufinufft on CUDA when installed): type 3 for
 arbitrary q (detector pixels), type 1 for the cubic grid. Atoms are grouped by element so
-each transform carries one strength vector per element.
+each transform carries one strength vector per element. :func:`expected_counts` turns F at
+rotated detector pixels into expected photon counts.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .grid import Grid
+from .rotation import quaternion_to_matrix
 from .structure import Atoms
 
 
@@ -115,6 +117,20 @@ def structure_factor_grid(atoms: Atoms, grid: Grid, eps: float = 1e-9, single: b
     for e, name in enumerate(elements):
         F += form_factor(name, qn).astype(real) * out[e]
     return F
+
+
+def expected_counts(atoms: Atoms, q: np.ndarray, pixel_factor: np.ndarray, quats: np.ndarray,
+                    scale: float, method: str, device: torch.device, eps: float) -> np.ndarray:
+    """Noise-free ``scale · Ω P · |F(R_iᵀ q)|²`` for frames with quaternions (B, 4)
+    ``[w, x, y, z]``: the expected photon counts of :mod:`spiflow.simulate` at gain 1.
+
+    q: (ny, nx, 3) Å⁻¹; pixel_factor (ny, nx) sr; scale = J r_e² (Å² × photons/Å²); method,
+    device, eps: as :func:`structure_factor`. Returns (B, ny, nx) float64 photons.
+    """
+    rot = quaternion_to_matrix(torch.as_tensor(quats, dtype=torch.float64)).numpy()
+    q_rot = np.einsum("yxj,bjk->byxk", q, rot)  # (Rᵀ q)ᵀ = qᵀ R
+    F = structure_factor(atoms, q_rot, method=method, device=device, eps=eps, q_norm=np.linalg.norm(q, axis=-1))
+    return scale * pixel_factor * np.abs(F) ** 2
 
 
 def _choose_method(method: str, device: torch.device) -> str:

@@ -12,12 +12,14 @@ Counts are Poisson(μ) plus optional Gaussian read-out noise, converted back to 
 photons (rounded, clipped at 0), as integrating detectors report them.
 
 F at the rotated pixels: exact per pixel (``simulate.transform`` auto / nufft / direct:
-:func:`expected_counts`), or, with ``simulate.transform: slice``, computed once on a fine
-grid and interpolated per frame (:class:`SliceTransform`; its docstring gives the measured
-accuracy, e.g. median 1.1e-3 relative error of μ with the default cubic B-spline).
+:func:`spiflow.scattering.expected_counts`), or, with ``simulate.transform: slice``,
+computed once on a fine grid and interpolated per frame (:class:`SliceTransform`; its
+docstring gives the measured accuracy, e.g. median 1.1e-3 relative error of μ with the
+default cubic B-spline).
 
 Patterns are written chunk by chunk into ``patterns.zarr``; ground truth (quaternions,
-gains, intensity volume on the reconstruction grid, electron density) into ``truth.zarr``.
+gains, intensity volume on the reconstruction grid, electron density) into ``truth.zarr``
+(layouts: :mod:`spiflow.stores`).
 Every random stream derives from ``dataset.seed``; frame i's noise from (seed, i) alone,
 so results do not depend on chunking. That also makes sharding exact: with
 ``simulate.shards`` > 1, :func:`simulate_shard` writes the frames of one
@@ -50,17 +52,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xarray as xr
 import yaml
-import zarr
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, hetero, stores
 from .detector import CLASSICAL_ELECTRON_RADIUS_ANGSTROM, Detector, reconstruction_grid
 from .grid import Grid, structure_factor_to_density
-from .io import atomic_path, intensity_dataset, orientations_dataset, resolve_device, write_dataset
+from .io import resolve_device
 from .rotation import quaternion_to_matrix, random_quaternions
-from .scattering import form_factor, structure_factor, structure_factor_grid
+from .scattering import expected_counts, form_factor, structure_factor_grid
 from .slicing import BSPLINE_MARGIN, bspline_coefficients, slice_channels_rotated
 from .structure import Atoms, read_structure
 
@@ -121,8 +121,6 @@ def build_sample(config: dict):
     Raises FileNotFoundError / ValueError whose message starts with the config key at fault
     (e.g. ``sample.interpolation.end_path``).
     """
-    from . import hetero  # hetero imports this module
-
     s = config["sample"]
     kind = s["kind"]
     read_kw = dict(hydrogens=s["hydrogens"], hetatm=s["hetatm"], waters=s["waters"])
@@ -193,8 +191,6 @@ def reference_states(sample, config: dict) -> tuple[np.ndarray, np.ndarray]:
     centres per range (their Cartesian grid for P > 1). Mixture: the state of largest
     fraction (the first on a tie), and every state.
     """
-    from . import hetero
-
     if isinstance(sample, hetero.Mixture):
         return (np.array([float(np.argmax(sample.fractions))]),
                 np.arange(len(sample.states), dtype=float)[:, None])
@@ -212,19 +208,6 @@ def volumes(atoms: Atoms, grid: Grid, eps: float, F: np.ndarray | None = None) -
     computed (:attr:`SliceTransform.recon_F`), else :func:`structure_factor_grid` here."""
     F = torch.as_tensor(structure_factor_grid(atoms, grid, eps=eps) if F is None else F).to(torch.complex128)
     return np.abs(F.numpy()) ** 2, structure_factor_to_density(F, grid).real.numpy().astype(np.float32)
-
-
-def expected_counts(atoms: Atoms, q: np.ndarray, pixel_factor: np.ndarray, quats: np.ndarray,
-                    scale: float, method: str, device: torch.device, eps: float) -> np.ndarray:
-    """Noise-free ``scale · Ω P · |F(R_iᵀ q)|²`` for frames with quaternions (B, 4).
-
-    q: (ny, nx, 3) Å⁻¹; pixel_factor (ny, nx) sr; scale = J r_e² (Å² × photons/Å²).
-    Returns (B, ny, nx) float64 expected photons at gain 1.
-    """
-    rot = quaternion_to_matrix(torch.as_tensor(quats, dtype=torch.float64)).numpy()
-    q_rot = np.einsum("yxj,bjk->byxk", q, rot)  # (Rᵀ q)ᵀ = qᵀ R
-    F = structure_factor(atoms, q_rot, method=method, device=device, eps=eps, q_norm=np.linalg.norm(q, axis=-1))
-    return scale * pixel_factor * np.abs(F) ** 2
 
 
 class SliceTransform:
@@ -308,14 +291,14 @@ class SliceTransform:
 
     def expected_counts(self, pixel_factor: np.ndarray, quats: np.ndarray, scale: float) -> np.ndarray:
         """``scale · Ω P · |F(R_iᵀ q)|²`` (B, ny, nx) float64, photons at gain 1, as
-        :func:`expected_counts` (pixel_factor (ny, nx) sr, scale = J r_e² Å² photons/Å²)."""
+        :func:`spiflow.scattering.expected_counts` (pixel_factor (ny, nx) sr, scale = J r_e² Å² photons/Å²)."""
         return scale * pixel_factor * self.intensity(quats).reshape((len(quats),) + pixel_factor.shape)
 
 
 def expected_counts_per_frame(atoms: list[Atoms], q: np.ndarray, pixel_factor: np.ndarray, quats: np.ndarray,
                               scale: float, device: torch.device, budget: int = 1 << 23) -> np.ndarray:
-    """:func:`expected_counts` of frames with their own atoms (``atoms[b]`` for frame b): the
-    exact sum ``F_b(q) = Σ_e f_e(|q|) Σ_j occ_bj [el_bj = e] exp(2πi (R_bᵀ q)·r_bj)``, batched
+    """:func:`spiflow.scattering.expected_counts` of frames with their own atoms (``atoms[b]``
+    for frame b): the exact sum ``F_b(q) = Σ_e f_e(|q|) Σ_j occ_bj [el_bj = e] exp(2πi (R_bᵀ q)·r_bj)``, batched
     over frames as real matrix products in float64 (atom lists padded with occupancy 0), at
     most ``budget`` (pixel, atom) pairs per batch. For heterogeneous samples this is several
     times faster than one NUFFT per frame. Returns (B, ny, nx) float64 photons at gain 1.
@@ -408,8 +391,7 @@ def _setup(config: dict) -> _Setup:
         if sample is None:
             return expected_counts(atoms, q, pixel_factor, quats_, scale, **kw)
         if cfg_sim["transform"] == "nufft":  # one NUFFT per distinct conformation
-            from .hetero import expected_counts as hetero_counts
-            return hetero_counts(sample, params_, q, pixel_factor, quats_, scale, **kw)
+            return hetero.expected_counts(sample, params_, q, pixel_factor, quats_, scale, **kw)
         return expected_counts_per_frame([sample.atoms(c) for c in params_], q, pixel_factor, quats_, scale,
                                          device)
 
@@ -439,23 +421,9 @@ def _setup(config: dict) -> _Setup:
                   expected, attrs, slicer)
 
 
-def _photons_store(s: _Setup, path, frames: int, attrs: dict) -> zarr.Array:
-    """A patterns store at ``path`` (static arrays, attrs) with an empty photons array of
-    ``frames`` frames in chunks of ``dataset.chunk_frames``; returns the photons array."""
-    det, chunk = s.det, s.config["dataset"]["chunk_frames"]
-    static = xr.Dataset(
-        {"valid": (("y", "x"), s.valid), "q": (("y", "x", "axis"), s.q.astype(np.float32)),
-         "pixel_factor": (("y", "x"), s.pixel_factor.astype(np.float32))},
-        coords={"y": np.arange(det.n_pixels), "x": np.arange(det.n_pixels), "axis": ["qx", "qy", "qz"]},
-        attrs=attrs)
-    static["q"].attrs["units"] = "1/angstrom"
-    static["pixel_factor"].attrs["units"] = "steradian (solid angle x polarisation factor)"
-    static.to_zarr(path, mode="w", consolidated=False)
-    root = zarr.open_group(path, mode="a")
-    root.create_array("frame", data=np.arange(frames), dimension_names=["frame"])
-    return root.create_array("photons", shape=(frames, det.n_pixels, det.n_pixels), dtype="int32",
-                             chunks=(min(chunk, frames), det.n_pixels, det.n_pixels),
-                             dimension_names=["frame", "y", "x"], fill_value=0, attributes={"units": "photons"})
+def _write_patterns(s: _Setup, path, frames: int, attrs: dict):
+    """:func:`spiflow.stores.write_patterns` for ``frames`` frames of this set-up."""
+    return stores.write_patterns(path, s.valid, s.q, s.pixel_factor, attrs, frames, s.config["dataset"]["chunk_frames"])
 
 
 def _noise(mu: np.ndarray, valid: np.ndarray, seed: int, i0: int, sigma: float, out: np.ndarray) -> None:
@@ -470,7 +438,7 @@ def _noise(mu: np.ndarray, valid: np.ndarray, seed: int, i0: int, sigma: float, 
         out[b] = np.where(valid, c, 0)
 
 
-def _simulate_frames(s: _Setup, photons: zarr.Array, i0: int, i1: int, progress: bool) -> np.ndarray:
+def _simulate_frames(s: _Setup, photons, i0: int, i1: int, progress: bool) -> np.ndarray:
     """Noisy patterns of frames ``i0 … i1 − 1`` into ``photons[i − i0]``, one chunk at a time;
     frame i draws from ``default_rng([seed, 7, i])``, so the data do not depend on chunks,
     shards or threads (the noise of a chunk's frames is drawn on ``torch.get_num_threads()``
@@ -496,40 +464,26 @@ def _simulate_frames(s: _Setup, photons: zarr.Array, i0: int, i1: int, progress:
 
 
 def _write_truth(s: _Setup, truth_path, t0: float) -> int:
-    """The truth store: orientations, gains, conformations, intensity and density volumes.
-    Returns the number of atoms of the (reference) structure."""
+    """The truth store (:func:`spiflow.stores.write_truth`): orientations, gains,
+    conformations, intensity and density volumes. Returns the number of atoms of the
+    (reference) structure."""
     config, grid, atoms, sample = s.config, s.grid, s.atoms, s.sample
     eps = config["simulate"]["nufft_eps"]
-    parts, extra = [orientations_dataset(s.quats, s.gains)], {}
+    hetero_truth, extra = {}, {}
     if sample is not None:
-        from .hetero import conformation_dataset
         ref, states = reference_states(sample, config)
         atoms = sample.atoms(ref)
         names = list(sample.parameter_names)
         vols = [volumes(sample.atoms(c), grid, eps) for c in states]
-        parts.append(conformation_dataset(s.params, names))
-        parts.append(xr.Dataset(
-            {"state_conformation": (("state", "parameter"), states),
-             "state_intensity": (("state", "qx", "qy", "qz"), np.stack([v[0] for v in vols]).astype(np.float32)),
-             "state_density": (("state", "x", "y", "z"), np.stack([v[1] for v in vols]))},
-            coords={"state": np.arange(len(states)), "parameter": names}))
+        hetero_truth = {"conformation": s.params, "parameter_names": names, "state_conformation": states,
+                        "state_intensity": np.stack([v[0] for v in vols]),
+                        "state_density": np.stack([v[1] for v in vols])}
         extra = {"reference_conformation": ref.tolist(), "conformation_parameters": names}
     intensity, density = volumes(atoms, grid, eps, None if s.slicer is None else s.slicer.recon_F)
-    truth = xr.merge([
-        *parts,
-        intensity_dataset(intensity, grid.q_axis),
-        xr.Dataset({"density": (("x", "y", "z"), density)},
-                   coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis}),
-    ])
-    truth["intensity"].attrs["units"] = "electrons^2"
-    truth["density"].attrs["units"] = "electrons/angstrom^3"
-    for ax in ("x", "y", "z"):
-        truth[ax].attrs["units"] = "angstrom"
-    truth.attrs.update({"recon_grid_n": grid.n, "recon_grid_dq": grid.dq, "n_atoms": len(atoms),
-                        "electrons": atoms.electrons(), "particle_radius_angstrom": s.radius,
-                        "sample_path": ", ".join(sample_files(config)), "sample_kind": config["sample"]["kind"],
-                        "wall_seconds": time.perf_counter() - t0, **extra})
-    write_dataset(truth, truth_path)
+    attrs = {"n_atoms": len(atoms), "electrons": atoms.electrons(), "particle_radius_angstrom": s.radius,
+             "sample_path": ", ".join(sample_files(config)), "sample_kind": config["sample"]["kind"],
+             "wall_seconds": time.perf_counter() - t0, **extra}
+    stores.write_truth(truth_path, s.quats, s.gains, intensity, density, grid, attrs, **hetero_truth)
     return len(atoms)
 
 
@@ -547,9 +501,8 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
     """
     t0 = time.perf_counter()
     s = _setup(config)
-    with atomic_path(patterns_path) as tmp:
-        totals = _simulate_frames(s, _photons_store(s, tmp, s.n, s.attrs), 0, s.n, progress)
-        zarr.consolidate_metadata(tmp)
+    with _write_patterns(s, patterns_path, s.n, s.attrs) as photons:
+        totals = _simulate_frames(s, photons, 0, s.n, progress)
     return _summary(s, totals, t0, _write_truth(s, truth_path, t0))
 
 
@@ -572,10 +525,8 @@ def simulate_shard(config: dict, shard: int, shard_path: str | Path, progress: b
     t0 = time.perf_counter()
     s = _setup(config)
     i0, i1 = shard_ranges(s.n, config["dataset"]["chunk_frames"], config["simulate"]["shards"])[shard]
-    with atomic_path(shard_path) as tmp:
-        totals = _simulate_frames(s, _photons_store(s, tmp, i1 - i0, {**s.attrs, "frame_start": i0}), i0, i1,
-                                  progress)
-        zarr.consolidate_metadata(tmp)
+    with _write_patterns(s, shard_path, i1 - i0, {**s.attrs, "frame_start": i0}) as photons:
+        totals = _simulate_frames(s, photons, i0, i1, progress)
     return _summary(s, totals, t0, None)
 
 
@@ -590,20 +541,13 @@ def gather_shards(config: dict, shard_paths: list, patterns_path: str | Path, tr
     if len(shard_paths) != len(ranges):
         raise ValueError(f"{len(shard_paths)} shard stores for simulate.shards = {len(ranges)}")
     totals = np.zeros(s.n)
-    with atomic_path(patterns_path) as tmp:
-        photons = _photons_store(s, tmp, s.n, s.attrs)
+    with _write_patterns(s, patterns_path, s.n, s.attrs) as photons:
         for path, (i0, i1) in zip(shard_paths, ranges):
-            part = zarr.open_group(str(path), mode="r")
-            if part.attrs.get("frame_start") != i0 or part["photons"].shape[0] != i1 - i0:
+            part, part_photons = stores.open_patterns(path)
+            if part.attrs.get("frame_start") != i0 or len(part_photons) != i1 - i0:
                 raise ValueError(f"shard store {path} does not hold frames {i0}…{i1 - 1} of this config")
             for c0 in range(0, i1 - i0, chunk):
-                block = part["photons"][c0:c0 + chunk]
+                block = part_photons[c0:c0 + chunk]
                 photons[i0 + c0:i0 + c0 + len(block)] = block
                 totals[i0 + c0:i0 + c0 + len(block)] = block.sum((1, 2))
-        zarr.consolidate_metadata(tmp)
     return _summary(s, totals, t0, _write_truth(s, truth_path, t0))
-
-
-def grid_of(patterns: xr.Dataset) -> Grid:
-    """The reconstruction grid recorded in a patterns store's attributes."""
-    return Grid(int(patterns.attrs["recon_grid_n"]), float(patterns.attrs["recon_grid_dq"]))

@@ -69,7 +69,7 @@ def read_structure(path: str | Path, hydrogens: bool = False, hetatm: bool = Tru
         raise ValueError(f"structure file {path} has {len(st)} model(s); model {model} requested")
     st.setup_entities()
     mdl = st[model]
-    _merge_altlocs(mdl)
+    merge_altlocs(mdl)
     pos, elem, occ = [], [], []
     for chain in mdl:
         for res in chain:
@@ -98,8 +98,9 @@ def read_structure(path: str | Path, hydrogens: bool = False, hetatm: bool = Tru
     return Atoms(pos - centre, np.asarray(elem), occ, str(path), centre)
 
 
-def _merge_altlocs(mdl: gemmi.Model) -> None:
-    """Keep one conformer per atom (highest occupancy), its occupancy the conformers' sum."""
+def merge_altlocs(mdl: gemmi.Model) -> None:
+    """Keep one conformer per atom of ``mdl`` (in place): the one of highest occupancy, with
+    the conformers' summed occupancy (at most 1); the altloc labels are cleared."""
     for chain in mdl:
         for res in chain:
             groups: dict[str, list] = {}
