@@ -56,7 +56,7 @@ def test_6d_representation_gives_rotations_and_inverts():
     torch.testing.assert_close(rotation_6d_to_matrix(matrix_to_rotation_6d(R)), R)
 
 
-@pytest.mark.parametrize("decoder", [FriedelSiren(width=16, layers=3), VoxelVolume(7)])
+@pytest.mark.parametrize("decoder", [FriedelSiren(width=16, layers=3, omega0=30.0), VoxelVolume(7)])
 def test_decoders_are_friedel_symmetric(decoder):
     if isinstance(decoder, VoxelVolume):
         torch.nn.init.normal_(decoder.volume)  # not symmetric itself

@@ -309,7 +309,8 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SelfSupModel(settings, valid.shape, grid, profile).to(device)
-    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not settings.fit_gain) if world > 1 else model
+    net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=not settings.fit_gain) if world > 1
+           else model)
     inputs = _Inputs(valid, n_frame.mean(), settings, device)
     q_unit = torch.as_tensor(qv / grid.q_max, dtype=torch.float32, device=device)
     log_s = torch.as_tensor(np.log(sv), dtype=torch.float32, device=device)

@@ -303,14 +303,12 @@ class VAEResult:
     z_mu, z_logvar: (frames, latent_dim) float64, the encoder's posterior of each frame
     (eval mode, no sampling). decoder: the trained :class:`IntensityDecoder` (CPU, eval):
     ``decoder(z (B, D)) → (B, n, n, n)`` photons per unit pixel factor on ``grid``.
-    model: the whole :class:`VAEModel`. grid: the decoder's grid. log: one row per epoch
-    (:data:`LOG_COLUMNS`).
+    grid: the decoder's grid. log: one row per epoch (:data:`LOG_COLUMNS`).
     """
 
     z_mu: np.ndarray
     z_logvar: np.ndarray
     decoder: IntensityDecoder
-    model: VAEModel
     grid: Grid
     log: pd.DataFrame
 
@@ -361,15 +359,16 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, set
     > 0. grid: the reconstruction grid (the decoder's q_max; its n unless ``volume_n``).
     quaternions: (frames, 4) ``[w, x, y, z]``, active, frame i records ``I(R_iᵀ q)``;
     gains: (frames,) > 0 (mean 1). settings: :class:`spiflow.settings.VAESettings` (None: its
-    defaults; its :attr:`~spiflow.settings.VAESettings.WORKFLOW_KEYS` are not read here). seed: initialisation, data order,
+    defaults; its ``WORKFLOW_KEYS`` are not read here). seed: initialisation, data order,
     reparameterisation noise. device: "auto" (CUDA when available), "cpu", "cuda", …
     log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`; recon = mean per-pixel Poisson
     NLL, kl = mean KL per frame in nats, beta = the epoch's last β), appended per epoch.
     checkpoint_path: written atomically after every epoch with ``{epoch, model, optimizer,
     fingerprint}`` and read with ``torch.load(weights_only=True)``; an existing one with the
-    same fingerprint (every setting but epochs, memory_budget_gb and :attr:`~spiflow.settings.VAESettings.WORKFLOW_KEYS`;
-    seed; grid; data shape; valid pixels; orientations and gains) is resumed (the CSV cut back to its epoch) and
-    gives the same result as an uninterrupted run; another fingerprint restarts (UserWarning).
+    same fingerprint (every setting but epochs, memory_budget_gb and ``WORKFLOW_KEYS``; seed;
+    grid; data shape; valid pixels; orientations and gains) is resumed (the CSV cut back to
+    its epoch) and gives the same result as an uninterrupted run; another fingerprint
+    restarts (UserWarning).
     Raises ValueError for mismatched shapes, an empty mask, pixel_factor <= 0, negative or
     non-finite counts, quaternions/gains of the wrong shape or gains <= 0.
     """
@@ -448,9 +447,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, set
     bar.close()
 
     z_mu, z_logvar = encode_frames(model, stream, batches, max(cfg.batch_size, 256))
-    model = model.cpu().eval()
-    log = rows.frame()
-    return VAEResult(z_mu=z_mu, z_logvar=z_logvar, decoder=model.decoder, model=model, grid=mgrid, log=log)
+    return VAEResult(z_mu=z_mu, z_logvar=z_logvar, decoder=model.decoder.cpu().eval(), grid=mgrid, log=rows.frame())
 
 
 @torch.no_grad()
