@@ -204,7 +204,7 @@ def radial_log_profile(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.
     """The log radial profile of the patterns, the baseline of the learned methods' intensity
     (:mod:`spiflow.selfsup`, :mod:`spiflow.vae`): (n_r,) float64, ``n_r = ⌈c √3⌉ + 2`` with c =
     ``grid.center``, entry k the log of ``Σ_i K_ip / (exposure · s_p)`` summed over the valid
-    pixels p with ``rint(|q_p| / grid.dq) = k``.
+    pixels p with ``rint(|q_p| / grid.dq) = k`` (grid: :class:`spiflow.grid.Grid`).
 
     sum_counts: (P,) photons per valid pixel summed over the frames; q_valid: (P, 3) Å⁻¹;
     s_valid: (P,) pixel factors; exposure: the frames' total gain Σ_i g_i (the number of
