@@ -392,12 +392,14 @@ def phase_bench(truth: Path, patterns: Path, restarts: int, iterations: int, dev
 def selfsup_bench(photons, valid, q, pf, grid, patterns: int, epochs: int, batch: int, small: bool,
                   device: str) -> dict | None:
     try:
-        from spiflow.selfsup import SelfSupConfig, run_selfsup
+        from spiflow.selfsup import run_selfsup
+        from spiflow.settings import SelfSupSettings
     except ImportError:
         return None
-    kw = dict(encoder_width=16, encoder_stages=2, encoder_blocks=1, siren_width=64, siren_layers=3) if small else {}
-    cfg = SelfSupConfig(epochs=epochs, batch_size=batch, warmup_epochs=0, device=device, seed=0, **kw)
-    res = run_selfsup(photons[:patterns], valid, q, pf, grid, cfg, progress=False)
+    kw = (dict(encoder_width=16, encoder_stages=2, encoder_blocks=1, siren_width=64, siren_layers=3) if small else
+          dict(encoder_width=64, encoder_stages=4, encoder_blocks=2, siren_width=256, siren_layers=5))
+    cfg = SelfSupSettings(epochs=epochs, batch_size=batch, warmup_epochs=0, **kw)
+    res = run_selfsup(photons[:patterns], valid, q, pf, grid, cfg, seed=0, device=device, progress=False)
     row = res.log.iloc[-1]
     return {"patterns_per_second": float(row["patterns_per_second"]), "seconds": float(row["seconds"]),
             "epochs": epochs, "patterns": patterns, "batch": batch,

@@ -1,5 +1,4 @@
 """Tests of the self-supervised reconstruction (spiflow.selfsup, spiflow.nets) on tiny data."""
-import dataclasses
 from unittest import mock
 
 import numpy as np
@@ -11,12 +10,13 @@ from spiflow import selfsup
 from spiflow.grid import Grid
 from spiflow.nets import FriedelSiren, VoxelVolume, matrix_to_rotation_6d, rotation_6d_to_matrix
 from spiflow.rotation import quaternion_to_matrix, random_quaternions
-from spiflow.selfsup import LOG_COLUMNS, SelfSupConfig, pattern_loss, run_selfsup
+from spiflow.selfsup import LOG_COLUMNS, pattern_loss, run_selfsup
+from spiflow.settings import SelfSupSettings
 
 torch.set_num_threads(2)
 TINY = dict(batch_size=16, warmup_epochs=1, siren_width=16, siren_layers=2, encoder_width=4,
             encoder_stages=2, encoder_blocks=1, patch_count=3, patch_size_min=0.1, patch_size_max=0.2,
-            device="cpu", chunk_frames=24)
+            chunk_frames=24)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,13 @@ def data():
     gain = rng.gamma(4.0, 0.25, frames)
     mu = gain[:, None, None] * r ** -3.0 * intensity
     photons = rng.poisson(mu * 2000 / mu[:, valid].sum(1).mean()).astype(np.int32)
-    return dict(photons=photons, valid=valid, q=q, pf=r ** -3.0, grid=grid)
+    return dict(photons=photons, valid=valid, q=q, pf=r ** -3.0, grid=grid, gain=gain)
 
 
 def _run(d, photons=None, **kw):
-    cfg = SelfSupConfig(**{**TINY, **kw.pop("config", {})})
+    cfg = SelfSupSettings(**{**TINY, **kw.pop("config", {})})
     return run_selfsup(d["photons"] if photons is None else photons, d["valid"], d["q"], d["pf"], d["grid"],
-                       cfg, progress=False, **kw)
+                       cfg, device="cpu", progress=False, **kw)
 
 
 def test_6d_representation_gives_rotations_and_inverts():
@@ -56,7 +56,7 @@ def test_6d_representation_gives_rotations_and_inverts():
     torch.testing.assert_close(rotation_6d_to_matrix(matrix_to_rotation_6d(R)), R)
 
 
-@pytest.mark.parametrize("decoder", [FriedelSiren(width=16, layers=3), VoxelVolume(7)])
+@pytest.mark.parametrize("decoder", [FriedelSiren(width=16, layers=3, omega0=30.0), VoxelVolume(7)])
 def test_decoders_are_friedel_symmetric(decoder):
     if isinstance(decoder, VoxelVolume):
         torch.nn.init.normal_(decoder.volume)  # not symmetric itself
@@ -72,8 +72,8 @@ def test_model_reads_the_intensity_at_r_transpose_q():
     grid = Grid(21, 0.01)
     A = np.diag([3.0, 1.0, -2.0]) + np.array([[0, 1.5, 0], [1.5, 0, 0.5], [0, 0.5, 0]])
     V = lambda q: np.einsum("...i,ij,...j->...", q / grid.q_max, A, q / grid.q_max)  # noqa: E731
-    model = selfsup.SelfSupModel(SelfSupConfig(decoder="voxel", encoder_width=2, encoder_stages=1,
-                                               encoder_blocks=1), (4, 4), grid, torch.zeros(40))
+    model = selfsup.SelfSupModel(SelfSupSettings(decoder="voxel", encoder_width=2, encoder_stages=1,
+                                                 encoder_blocks=1), (4, 4), grid, torch.zeros(40))
     model.decoder.volume.data = torch.as_tensor(V(grid.q_points()), dtype=torch.float32)
     R = quaternion_to_matrix(torch.as_tensor(random_quaternions(3, np.random.default_rng(2)))).float()
     model.encode = lambda image, log_n, amp=False: (R, torch.zeros(3))
@@ -141,8 +141,13 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
                                   full.log.drop(columns=["patterns_per_second", "seconds"]))
 
 
-def test_training_lowers_the_loss_and_returns_the_contract(data):
-    res = _run(data, config=dict(epochs=6, lr=3e-3))
+@pytest.fixture(scope="module")
+def trained(data):
+    return _run(data, config=dict(epochs=6, lr=3e-3))
+
+
+def test_training_lowers_the_loss_and_returns_the_contract(trained):
+    res = trained
     loss = res.log["loss"].to_numpy()
     assert list(res.log.columns) == LOG_COLUMNS and list(res.log["epoch"]) == list(range(1, 7))
     assert loss[-1] < 0.8 * loss[0]
@@ -152,16 +157,30 @@ def test_training_lowers_the_loss_and_returns_the_contract(data):
     assert res.quaternion.shape == (64, 4) and (res.quaternion[:, 0] >= 0).all()
     np.testing.assert_allclose(np.linalg.norm(res.quaternion, axis=1), 1, atol=1e-9)
     assert res.gain.shape == (64,) and res.gain.mean() == pytest.approx(1)
-    # The gain starts from the photon count and stays close to it.
+
+
+@pytest.mark.xfail(strict=True, reason="selfsup does not find the orientations yet, so its gains stay at the photon "
+                   "counts they start from (measured rms log error 0.170 against the counts' 0.164)")
+def test_learned_gains_beat_the_photon_counts(data, trained):
+    """log g_i starts at log(N_i / N̄) (a zero-initialised head): only a model that explains
+    the orientation's share of N_i can bring the gains closer to the true ones."""
+    true = np.log(data["gain"] / data["gain"].mean())
     n = data["photons"][:, data["valid"]].sum(1)
-    assert np.corrcoef(res.gain, n)[0, 1] > 0.8
+    error = lambda g: np.sqrt(np.mean((np.log(g / g.mean()) - true) ** 2))  # noqa: E731
+    assert error(trained.gain) < 0.8 * error(n)
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("loss", "l1"), ("decoder", "mlp"), ("lr", -1.0),
-                                          ("patch_size_max", 0.01), ("batch_size", 2.5)])
-def test_config_errors_name_the_field(field, value):
+                                          ("batch_size", 2.5)])
+def test_settings_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        dataclasses.replace(SelfSupConfig(), **{field: value}).validate()
+        SelfSupSettings(**{field: value})
+
+
+@pytest.mark.parametrize("bad, key", [(dict(patch_size_min=0.3), "patch_size_min"), (dict(min_lr=1.0), "min_lr")])
+def test_inconsistent_settings_are_named(data, bad, key):
+    with pytest.raises(ValueError, match=f"selfsup.{key}"):
+        _run(data, config=dict(epochs=1, **bad))
 
 
 def test_bad_counts_raise(data):

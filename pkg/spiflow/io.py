@@ -127,6 +127,35 @@ def validate_detector_inputs(photons, valid, q, pixel_factor, grid):
     return frames, valid, qv, sv
 
 
+def radial_log_profile(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndarray, exposure: float,
+                       grid, radial: bool = True) -> np.ndarray:
+    """The log radial profile of the patterns, the baseline of the learned methods' intensity
+    (:mod:`spiflow.selfsup`, :mod:`spiflow.vae`): (n_r,) float64, ``n_r = ⌈c √3⌉ + 2`` with c =
+    ``grid.center``, entry k the log of ``Σ_i K_ip / (exposure · s_p)`` summed over the valid
+    pixels p with ``rint(|q_p| / grid.dq) = k`` (grid: :class:`spiflow.grid.Grid`).
+
+    sum_counts: (P,) photons per valid pixel summed over the frames; q_valid: (P, 3) Å⁻¹;
+    s_valid: (P,) pixel factors; exposure: the frames' total gain Σ_i g_i (the number of
+    frames for unit gains). Bins without a pixel are filled by linear interpolation
+    (constant beyond the measured ends); the profile is floored at 1e-6 × its maximum
+    before the log. ``radial=False``: the constant ``log(Σ_p sum_counts / (exposure Σ_p s_p))``.
+    """
+    n_r = int(math.ceil(grid.center * math.sqrt(3))) + 2
+    if not radial:
+        return np.full(n_r, math.log(sum_counts.sum() / (exposure * s_valid.sum())))
+    k = np.rint(np.linalg.norm(q_valid, axis=1) / grid.dq).astype(np.int64)
+    top, bottom = np.bincount(k, sum_counts, n_r), np.bincount(k, s_valid * exposure, n_r)
+    ok = bottom > 0
+    prof = np.interp(np.arange(n_r), np.flatnonzero(ok), top[ok] / bottom[ok])
+    return np.log(np.maximum(prof, 1e-6 * prof.max()))
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed derived from integers, e.g. ``(seed, epoch, rank)``: the first word of
+    ``numpy.random.SeedSequence(keys)``'s state, so different keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def load_checkpoint(path, fingerprint: str) -> dict | None:
     """The checkpoint dict at ``path`` if it exists and its ``fingerprint`` matches, else None
     (a different fingerprint: UserWarning, start afresh). Loaded with ``weights_only=True``,

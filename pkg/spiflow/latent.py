@@ -1,7 +1,7 @@
 """Method ``vae`` in the workflow: the trained decoder on disk, and evaluate's latent analysis.
 
 :func:`save_decoder` / :func:`load_decoder` keep the trained
-:class:`~spiflow.vae.IntensityDecoder` with its :class:`~spiflow.vae.VAEConfig` and grid
+:class:`~spiflow.vae.IntensityDecoder` with its :class:`~spiflow.settings.VAESettings` and grid
 (``recon/vae/decoder.pt``), so ``evaluate`` can decode any latent point.
 :func:`representative_frame` picks the frame decoded into ``recon/vae/intensity.zarr``.
 
@@ -10,7 +10,8 @@
 * PCA of the latent means ``z_mu`` (:func:`spiflow.vae.pca`); ``latent_pca.png`` shows PC1
   against PC2 coloured by the true conformation, and PC1 against each true parameter;
 * ``latent_spearman`` = |Spearman ρ| between PC1 and the first conformation parameter (the
-  sign of PC1 is arbitrary), ``latent_spearman_<name>`` for every parameter;
+  sign of PC1 is arbitrary; :func:`latent_spearman`), ``latent_spearman_<name>`` for every
+  parameter;
 * when umap-learn is installed, a 2D UMAP of ``z_mu`` (:func:`umap_embedding`):
   ``latent_umap.png``, coloured by the true conformation (no ρ: UMAP's axes are arbitrary);
 * ``vae.clusters`` k-means centres snapped to real frames
@@ -28,7 +29,6 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,10 @@ from . import metrics
 from .align import align_density, rotate_volume
 from .grid import Grid
 from .io import atomic_path
-from .phasing import PhasingConfig, phase
-from .plots import DPI, _save
-from .vae import IntensityDecoder, VAEConfig, decode, kmeans_representatives, pca, traversal
+from .phasing import phase
+from .plots import DPI, save_figure
+from .settings import PhasingSettings, VAESettings
+from .vae import IntensityDecoder, decode, kmeans_representatives, pca, traversal
 
 
 def _figure(size: tuple[float, float], nrows: int, ncols: int):
@@ -58,10 +59,11 @@ def _figure(size: tuple[float, float], nrows: int, ncols: int):
     return fig, axes
 
 
-def save_decoder(path, decoder: IntensityDecoder, grid: Grid, cfg: VAEConfig) -> None:
-    """Write ``{config, grid_n, grid_dq, decoder}`` (readable with ``weights_only=True``)."""
+def save_decoder(path, decoder: IntensityDecoder, grid: Grid, settings: VAESettings) -> None:
+    """Write ``{config, grid_n, grid_dq, decoder}`` (readable with ``weights_only=True``):
+    config is ``settings.model_dump()`` (plain values), decoder the state dict."""
     with atomic_path(path) as tmp:
-        torch.save({"config": asdict(cfg), "grid_n": grid.n, "grid_dq": grid.dq,
+        torch.save({"config": settings.model_dump(), "grid_n": grid.n, "grid_dq": grid.dq,
                     "decoder": decoder.state_dict()}, tmp)
 
 
@@ -72,8 +74,7 @@ def load_decoder(path) -> tuple[IntensityDecoder, Grid]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"VAE decoder not found: {path}")
     d = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = VAEConfig(**d["config"])
-    dec = IntensityDecoder(cfg, int(d["grid_n"]))
+    dec = IntensityDecoder(VAESettings(**d["config"]), int(d["grid_n"]))
     dec.load_state_dict(d["decoder"])
     return dec.eval(), Grid(int(d["grid_n"]), float(d["grid_dq"]))
 
@@ -106,6 +107,14 @@ def _spearman(a, b) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(abs(spearmanr(a, b).statistic))
+
+
+def latent_spearman(z_mu: np.ndarray, conformation: np.ndarray) -> np.ndarray:
+    """|Spearman ρ| (P,) between PC1 of the latent means z_mu (frames, D)
+    (:func:`spiflow.vae.pca`) and each true parameter, conformation (frames, P): the
+    absolute value because the sign of PC1 is arbitrary; NaN where either is constant."""
+    pc1 = pca(z_mu, 1).scores[:, 0]
+    return np.array([_spearman(pc1, c) for c in np.asarray(conformation, dtype=np.float64).T])
 
 
 def umap_embedding(z: np.ndarray, seed: int, neighbors: int = 15) -> np.ndarray | None:
@@ -145,7 +154,7 @@ def plot_latent(scores: np.ndarray, conformation: np.ndarray | None, names: list
         ax.set_xlabel(f"true {names[j]}")
         ax.set_ylabel(axes_names[0])
         ax.set_title(f"|Spearman ρ| = {_spearman(scores[:, 0], conformation[:, j]):.3f}", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_traversal(volumes: np.ndarray, grid: Grid, steps_sd: np.ndarray, path) -> None:
@@ -165,7 +174,7 @@ def plot_traversal(volumes: np.ndarray, grid: Grid, steps_sd: np.ndarray, path) 
             ax.set_title(f"PC1 {steps_sd[i]:+.1f} σ, {lab}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder_path, measured: np.ndarray,
@@ -190,8 +199,8 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     conf = truth.conformation.values if hetero else None
     names = [str(n) for n in truth.parameter.values] if hetero else []
     result = {"latent_pc1_variance_ratio": float(p.explained_variance_ratio[0])}
-    for j, name in enumerate(names):
-        result[f"latent_spearman_{name}"] = _spearman(p.scores[:, 0], conf[:, j])
+    for name, rho in zip(names, latent_spearman(z, conf) if hetero else []):
+        result[f"latent_spearman_{name}"] = float(rho)
     result["latent_spearman"] = result[f"latent_spearman_{names[0]}"] if names else float("nan")
 
     frames, zk, _ = kmeans_representatives(z, min(v["clusters"], len(z)), seed)
@@ -202,10 +211,10 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     else:
         matched, true_density = np.zeros(len(frames), int), truth.density.values[None]
     vols = decode(decoder, zk, grid=grid, decoder_grid=dgrid) / scale
-    pcfg = PhasingConfig(**config["phase"])
+    phasing = PhasingSettings(**config["phase"])
     rows = []
     for k, (f, s, vol) in enumerate(zip(frames, matched, vols)):
-        res = phase(vol, grid, pcfg, measured=measured, seed=seed, device=config["device"])
+        res = phase(vol, grid, phasing, measured=measured, seed=seed, device=config["device"])
         rho, reg = align_density(np.asarray(rotate_volume(res.density, rotation)), true_density[s])
         rho = np.asarray(rho)
         table = metrics.fsc(rho, true_density[s], grid)

@@ -68,7 +68,7 @@ class ResNetEncoder(nn.Module):
     Ends in global average pooling. Kaiming-normal convolutions, BN weight 1 and bias 0.
     """
 
-    def __init__(self, image_size: int, width: int = 64, stages: int = 4, blocks: int = 2):
+    def __init__(self, image_size: int, width: int, stages: int, blocks: int):
         super().__init__()
         if image_size >= 64:
             stem = [nn.Conv2d(1, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
@@ -94,7 +94,7 @@ class ResNetEncoder(nn.Module):
 class Siren(nn.Module):
     """SIREN MLP ``R^d_in → R^d_out`` with ``layers`` sine layers of ``width`` (see module doc)."""
 
-    def __init__(self, d_in: int = 3, d_out: int = 1, width: int = 256, layers: int = 5, omega0: float = 30.0):
+    def __init__(self, d_in: int, d_out: int, width: int, layers: int, omega0: float):
         super().__init__()
         self.omega0 = float(omega0)
         self.hidden = nn.ModuleList()
@@ -118,7 +118,7 @@ class Siren(nn.Module):
 class FriedelSiren(nn.Module):
     """``f(u) + f(−u)`` with f a scalar :class:`Siren`: u (..., 3) → (...), Friedel symmetric."""
 
-    def __init__(self, width: int = 256, layers: int = 5, omega0: float = 30.0):
+    def __init__(self, width: int, layers: int, omega0: float):
         super().__init__()
         self.net = Siren(3, 1, width, layers, omega0)
 

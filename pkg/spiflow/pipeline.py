@@ -26,10 +26,11 @@ from .mtip import MTIPConfig, run_mtip
 from .grid import Grid
 from .io import atomic_path, open_dataset, write_dataset
 from .phasing import PhasingConfig, phase
-from .selfsup import SelfSupConfig, run_selfsup
+from .selfsup import run_selfsup
+from .settings import SelfSupSettings, VAESettings
 from .simulate import check_sample, gather_shards, simulate, simulate_shard
 from .symmetry import point_group
-from .vae import VAEConfig, decode, latent_dataset, run_vae
+from .vae import decode, latent_dataset, run_vae
 from . import latent as latent_eval
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,9 @@ def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str
     ``measured`` voxels are the detector's q range (the decoder is defined everywhere)."""
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
-    cfg = SelfSupConfig(**config["selfsup"], seed=config["dataset"]["seed"], device=config["device"])
-    res = run_selfsup(photons, valid, q, pf, grid, cfg, log_path=log_csv, checkpoint_path=checkpoint,
-                      progress=progress)
+    cfg = SelfSupSettings(**config["selfsup"])
+    res = run_selfsup(photons, valid, q, pf, grid, cfg, seed=config["dataset"]["seed"], device=config["device"],
+                      log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
     qn = np.linalg.norm(q[valid], axis=-1)
     measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
     attrs = {"method": "selfsup", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs}
@@ -223,13 +224,6 @@ def halfset_inputs(config: dict, P: dict, method: str) -> dict[str, str]:
         return {}
     return {f"half_{kind}_{h}": P[f"half_{kind}"].format(method=method, half=h)
             for kind in ("intensity", "density") for h in (1, 2)}
-
-
-def vae_config(config: dict) -> VAEConfig:
-    """:class:`VAEConfig` from the ``vae`` section (its VAEConfig fields), dataset.seed, device."""
-    fields = set(VAEConfig.__dataclass_fields__) - {"seed", "device"}
-    return VAEConfig(**{k: v for k, v in config["vae"].items() if k in fields},
-                     seed=config["dataset"]["seed"], device=config["device"])
 
 
 def vae_orientations_source(config: dict, P: dict) -> str:
@@ -254,16 +248,15 @@ def stage_vae(config: dict, patterns: str, source: str, intensity: str, orientat
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
     src = open_dataset(source, "orientations store (vae.orientations)")
-    cfg = vae_config(config)
-    res = run_vae(photons, valid, q, pf, grid, src.quaternion.values, src.gain.values, cfg, log_path=log_csv,
-                  checkpoint_path=checkpoint, progress=progress)
-    v = config["vae"]
-    rep = latent_eval.representative_frame(res.z_mu, v["representative"], v["clusters"], cfg.seed)
+    cfg, seed = VAESettings(**config["vae"]), config["dataset"]["seed"]
+    res = run_vae(photons, valid, q, pf, grid, src.quaternion.values, src.gain.values, cfg, seed=seed,
+                  device=config["device"], log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    rep = latent_eval.representative_frame(res.z_mu, cfg.representative, cfg.clusters, seed)
     W = decode(res.decoder, res.z_mu[rep], grid=grid, decoder_grid=res.grid)[0]
     qn = np.linalg.norm(q[valid], axis=-1)
     measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
     attrs = {"method": "vae", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs,
-             "orientations_from": v["orientations"], "representative": v["representative"],
+             "orientations_from": cfg.orientations, "representative": cfg.representative,
              "representative_frame": rep, "decoder_grid_n": res.grid.n}
     latent_eval.save_decoder(decoder, res.decoder, res.grid, cfg)
     write_dataset(latent_dataset(res.z_mu, res.z_logvar, attrs), latent)

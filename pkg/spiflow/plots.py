@@ -48,7 +48,8 @@ def _figure(name: str, nrows: int = 1, ncols: int = 1, **kw):
     return fig, axes
 
 
-def _save(fig: Figure, path) -> None:
+def save_figure(fig: Figure, path) -> None:
+    """Write ``fig`` as a PNG at :data:`DPI` to ``path`` (its folder created), then clear it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")
     fig.clear()
@@ -100,7 +101,7 @@ def plot_fsc(tables: dict[str, pd.DataFrame], path, ylabel: str = "FSC",
     top.set_xlabel("resolution (Å)")
     top.tick_params(labelsize=8)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_intensity_sections(truth, recon, grid: Grid, path, title: str = "") -> None:
@@ -131,7 +132,7 @@ def plot_intensity_sections(truth, recon, grid: Grid, path, title: str = "") -> 
         fig.colorbar(im, ax=axes[row, :].tolist(), shrink=0.8, label="intensity")
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_density_slices(truth, recon, grid: Grid, path, project: bool = False) -> None:
@@ -163,7 +164,7 @@ def plot_density_slices(truth, recon, grid: Grid, path, project: bool = False) -
             ax.set_title(f"{label}, {what}", fontsize=9)
         fig.colorbar(im, ax=axes[row, :].tolist(), shrink=0.8,
                      label="projected density (e/Å²)" if project else "density (e/Å³)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_orientation_errors(errors_deg, path) -> None:
@@ -182,7 +183,7 @@ def plot_orientation_errors(errors_deg, path) -> None:
     ax.set_xlabel("orientation error (°)")
     ax.set_ylabel("frames")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pattern_montage(photons, valid, path) -> None:
@@ -207,7 +208,7 @@ def plot_pattern_montage(photons, valid, path) -> None:
         ax.imshow(img, origin="lower", cmap=cmap, vmin=0, vmax=max(vmax, 1e-6), interpolation="nearest")
         ax.set_title(f"frame {i} ({int(p[i][m].sum())} ph)", fontsize=7)
     fig.suptitle("log(1 + photons); grey: masked pixels", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 EMC_COLUMNS = ("iteration", "beta", "log_likelihood", "rms_change", "mutual_info")
@@ -245,4 +246,4 @@ def plot_emc_log(log_df: pd.DataFrame, path) -> None:
         axes.flat[0].legend(fontsize=6)
     for ax in axes[1]:
         ax.set_xlabel("iteration")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -48,7 +48,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -60,92 +60,14 @@ from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from .grid import Grid
-from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
+from .io import (RunLog, data_digest, derived_seed, load_checkpoint, radial_log_profile, resolve_device,
+                 save_checkpoint, validate_detector_inputs)
 from .nets import FriedelSiren, ResNetEncoder, VoxelVolume, rotation_6d_to_matrix
 from .rotation import matrix_to_quaternion
+from .settings import SelfSupSettings
 
 LOG_COLUMNS = ["epoch", "loss", "lr", "patterns_per_second", "seconds"]
 GROUP_CHUNKS = 4  # chunks shuffled together
-
-
-@dataclass
-class SelfSupConfig:
-    """Settings of :func:`run_selfsup` (reference values of Chen et al. in brackets).
-
-    epochs: total epochs [1000]; a resumed run continues up to it (raising it stretches the
-    cosine schedule of the remaining steps). batch_size: frames per
-    step [80; 40 per GPU × 4 in their configs]. lr, weight_decay: AdamW [3e-4, 1e-4].
-    warmup_epochs: linear warm-up [5], then cosine decay per step to min_lr [1e-7] at the end.
-    loss: "poisson" or "mse" [mse]. decoder: "siren" or "voxel".
-    siren_layers, siren_width, siren_omega0: sine layers, their width, ω₀ of the first [5, 256, 30].
-    encoder_width, encoder_stages, encoder_blocks: ResNet channels of the first stage,
-    stages, BasicBlocks per stage [64, 4, 2 = ResNet-18].
-    fit_gain: learn per-frame gains (else 1). radial_baseline: add the data's radial
-    log-profile to the decoder (else its mean).
-    patch_count, patch_size_min, patch_size_max: zeroed rectangles per training input, side
-    lengths as fractions of the detector side [100 of 4–8 px on 128 px]. fluence_jitter:
-    coefficient of variation of the input scale factor (0: off).
-    seed: network initialisation, data order and augmentation. device: "auto", "cpu",
-    "cuda", … amp: bfloat16 autocast of the encoder on CUDA (ignored on CPU).
-    chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all photons in
-    memory when frames × valid pixels × 4 bytes fits.
-    """
-
-    epochs: int = 100
-    batch_size: int = 80
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 5
-    min_lr: float = 1e-7
-    loss: str = "mse"
-    decoder: str = "siren"
-    siren_layers: int = 5
-    siren_width: int = 256
-    siren_omega0: float = 30.0
-    encoder_width: int = 64
-    encoder_stages: int = 4
-    encoder_blocks: int = 2
-    fit_gain: bool = True
-    radial_baseline: bool = True
-    patch_count: int = 100
-    patch_size_min: float = 0.03
-    patch_size_max: float = 0.06
-    fluence_jitter: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    chunk_frames: int = 1024
-    memory_budget_gb: float = 2.0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        def is_int(v, lo):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
-        checks = [
-            ("epochs", is_int(self.epochs, 1), "an integer >= 1"),
-            ("batch_size", is_int(self.batch_size, 1), "an integer >= 1"),
-            ("lr", self.lr > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("warmup_epochs", is_int(self.warmup_epochs, 0), "an integer >= 0"),
-            ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, lr]"),
-            ("loss", self.loss in ("poisson", "mse"), "'poisson' or 'mse'"),
-            ("decoder", self.decoder in ("siren", "voxel"), "'siren' or 'voxel'"),
-            ("siren_layers", is_int(self.siren_layers, 1), "an integer >= 1"),
-            ("siren_width", is_int(self.siren_width, 1), "an integer >= 1"),
-            ("siren_omega0", self.siren_omega0 > 0, "> 0"),
-            ("encoder_width", is_int(self.encoder_width, 1), "an integer >= 1"),
-            ("encoder_stages", is_int(self.encoder_stages, 1), "an integer >= 1"),
-            ("encoder_blocks", is_int(self.encoder_blocks, 1), "an integer >= 1"),
-            ("patch_count", is_int(self.patch_count, 0), "an integer >= 0"),
-            ("patch_size_min", 0 < self.patch_size_min <= 1, "in (0, 1]"),
-            ("patch_size_max", self.patch_size_min <= self.patch_size_max <= 1, "in [patch_size_min, 1]"),
-            ("fluence_jitter", self.fluence_jitter >= 0, ">= 0"),
-            ("chunk_frames", is_int(self.chunk_frames, 1), "an integer >= 1"),
-            ("memory_budget_gb", self.memory_budget_gb > 0, "> 0"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"SelfSupConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -230,9 +152,9 @@ class SelfSupModel(nn.Module):
     ``|u| · grid.center = 0, 1, …`` (u = q / q_max), read by linear interpolation.
     """
 
-    def __init__(self, config: SelfSupConfig, image_shape: tuple[int, int], grid: Grid, profile: torch.Tensor):
+    def __init__(self, settings: SelfSupSettings, image_shape: tuple[int, int], grid: Grid, profile: torch.Tensor):
         super().__init__()
-        c = config
+        c = settings
         self.trunk = ResNetEncoder(min(image_shape), c.encoder_width, c.encoder_stages, c.encoder_blocks)
         self.rot_head = nn.Linear(self.trunk.features, 6)
         self.gain_head = nn.Linear(self.trunk.features, 1)
@@ -279,11 +201,11 @@ def pattern_loss(log_mu: torch.Tensor, counts: torch.Tensor, kind: str) -> torch
 class _Inputs:
     """Encoder inputs from valid-pixel counts: images, ``log(N_i/N̄)``, and augmentation."""
 
-    def __init__(self, valid: np.ndarray, mean_photons: float, config: SelfSupConfig, device):
+    def __init__(self, valid: np.ndarray, mean_photons: float, settings: SelfSupSettings, device):
         self.shape, self.device = valid.shape, device
         self.flat = torch.as_tensor(np.flatnonzero(valid)).to(device)
         self.log_mean = math.log(mean_photons)
-        self.cfg = config
+        self.cfg = settings
 
     def __call__(self, K: torch.Tensor, gen: torch.Generator | None = None):
         """K (B, P) on device → (image (B, 1, ny, nx), log_n (B,), log f (B,)); augmented with ``gen``."""
@@ -311,26 +233,6 @@ class _Inputs:
         return image.view(B, 1, ny, nx), log_n, log_f
 
 
-def _radial_profile(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndarray, frames: int,
-                    grid: Grid, radial: bool) -> torch.Tensor:
-    """Log of ``Σ_i K_ip / (frames Σ s_p)`` per |q| bin (width dq) at bins 0 … ⌈c√3⌉ + 1, filled
-    by linear interpolation (constant beyond the measured ends), floored at 1e-6 × its
-    maximum; a constant (the mean) when not ``radial``."""
-    n_r = int(math.ceil(grid.center * math.sqrt(3))) + 2
-    if not radial:
-        return torch.full((n_r,), math.log(sum_counts.sum() / (frames * s_valid.sum())), dtype=torch.float64)
-    k = np.rint(np.linalg.norm(q_valid, axis=1) / grid.dq).astype(np.int64)
-    top, bottom = np.bincount(k, sum_counts, n_r), np.bincount(k, s_valid * frames, n_r)
-    ok = bottom > 0
-    prof = np.interp(np.arange(n_r), np.flatnonzero(ok), top[ok] / bottom[ok])
-    return torch.as_tensor(np.log(np.maximum(prof, 1e-6 * prof.max())))
-
-
-def _seed(*keys: int) -> int:
-    """A 32-bit seed derived from integers (NumPy SeedSequence)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
 def _lr_factor(step: int, warm: int, total: int, floor: float) -> float:
     """Linear warm-up over ``warm`` steps, then cosine from 1 to ``floor`` at ``total``."""
     if step < warm:
@@ -339,8 +241,8 @@ def _lr_factor(step: int, warm: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _fingerprint(config: SelfSupConfig, grid: Grid, shape, n_valid: int, world: int, data: str) -> str:
-    fp = {k: v for k, v in asdict(config).items() if k not in ("epochs", "device", "amp", "memory_budget_gb")}
+def _fingerprint(settings: SelfSupSettings, seed: int, grid: Grid, shape, n_valid: int, world: int, data: str) -> str:
+    fp = {**settings.model_dump(exclude={"epochs", "amp", "memory_budget_gb"}), "seed": seed}
     fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), world=world,
               data=data)
     return json.dumps(fp, sort_keys=True)
@@ -360,56 +262,64 @@ def _setup_distributed(device: torch.device):
     return dist.get_rank(), dist.get_world_size(), device, here
 
 
-def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConfig | None = None,
-                log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
-                progress: bool = True) -> SelfSupResult:
+def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSettings | None = None, *,
+                seed: int = 0, device: str = "auto", log_path: str | os.PathLike | None = None,
+                checkpoint_path: str | os.PathLike | None = None, progress: bool = True) -> SelfSupResult:
     """Train the encoder and decoder on the patterns and return intensity, orientations, gains.
 
     photons: (frames, ny, nx) counts, any array-like sliced as ``photons[i0:i1]`` (numpy,
     Zarr). valid: (ny, nx) bool; q: (ny, nx, 3) Å⁻¹ (valid pixels beyond ``grid.q_max``
     are dropped with a warning); pixel_factor: (ny, nx) > 0. grid: the output grid (also
-    the voxel decoder's and the q scale). config: :class:`SelfSupConfig`.
+    the voxel decoder's and the q scale). settings: :class:`spiflow.settings.SelfSupSettings`
+    (None: its defaults). seed: network initialisation, data order and augmentation.
+    device: "auto" (CUDA when available), "cpu", "cuda", …
     log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`), appended per epoch.
     checkpoint_path: written atomically after every epoch with ``{epoch, model, optimizer,
     scheduler, rng, fingerprint}`` and read with ``torch.load(weights_only=True)``; an
-    existing one with the same fingerprint (every field but epochs, device, amp,
-    memory_budget_gb; grid; data shape; valid pixels; ranks) is resumed (the CSV cut back to
+    existing one with the same fingerprint (every setting but epochs, amp, memory_budget_gb;
+    seed; grid; data shape; valid pixels; ranks) is resumed (the CSV cut back to
     its epoch), and gives the same result as an uninterrupted run; another fingerprint
     restarts (UserWarning). progress: tqdm bar (rank 0).
     Raises ValueError for mismatched shapes, an empty mask, pixel_factor <= 0, negative or
-    non-finite counts in valid pixels, no photon at all, and invalid config values.
+    non-finite counts in valid pixels, no photon at all, patch_size_min > patch_size_max and
+    min_lr > lr.
     """
-    config = config or SelfSupConfig()
-    config.validate()
+    settings = settings or SelfSupSettings()
+    if settings.patch_size_min > settings.patch_size_max:
+        raise ValueError(f"selfsup.patch_size_min ({settings.patch_size_min}) exceeds selfsup.patch_size_max "
+                         f"({settings.patch_size_max})")
+    if settings.min_lr > settings.lr:
+        raise ValueError(f"selfsup.min_lr ({settings.min_lr}) exceeds selfsup.lr ({settings.lr})")
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
-    rank, world, device, own_group = _setup_distributed(resolve_device(config.device))
-    amp = config.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    cache = frames * len(qv) * 4 <= config.memory_budget_gb * 1e9
-    stream = FrameStream(photons, valid, config.chunk_frames, config.batch_size, config.seed, cache, rank, world)
+    rank, world, device, own_group = _setup_distributed(resolve_device(device))
+    amp = settings.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cache = frames * len(qv) * 4 <= settings.memory_budget_gb * 1e9
+    stream = FrameStream(photons, valid, settings.chunk_frames, settings.batch_size, seed, cache, rank, world)
     if stream.batches < world:
-        raise ValueError(f"{frames} frames give {stream.batches} batches of batch_size {config.batch_size}, "
+        raise ValueError(f"{frames} frames give {stream.batches} batches of batch_size {settings.batch_size}, "
                          f"fewer than the {world} ranks")
     sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
-    for idx, K in stream.sequential(config.chunk_frames):  # validates all counts
+    for idx, K in stream.sequential(settings.chunk_frames):  # validates all counts
         sum_counts += K.double().sum(0).numpy()
         n_frame[idx.numpy()] = K.double().sum(1).numpy()
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
 
-    profile = _radial_profile(sum_counts, qv, sv, frames, grid, config.radial_baseline)
+    profile = torch.as_tensor(radial_log_profile(sum_counts, qv, sv, frames, grid, settings.radial_baseline))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = SelfSupModel(config, valid.shape, grid, profile).to(device)
-    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not config.fit_gain) if world > 1 else model
-    inputs = _Inputs(valid, n_frame.mean(), config, device)
+        torch.manual_seed(seed)
+        model = SelfSupModel(settings, valid.shape, grid, profile).to(device)
+    net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=not settings.fit_gain) if world > 1
+           else model)
+    inputs = _Inputs(valid, n_frame.mean(), settings, device)
     q_unit = torch.as_tensor(qv / grid.q_max, dtype=torch.float32, device=device)
     log_s = torch.as_tensor(np.log(sv), dtype=torch.float32, device=device)
     steps = stream.batches // world
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(
-        s, config.warmup_epochs * steps, config.epochs * steps, config.min_lr / config.lr))
+        s, settings.warmup_epochs * steps, settings.epochs * steps, settings.min_lr / settings.lr))
 
-    fp = _fingerprint(config, grid, photons.shape, len(qv), world, data_digest(n_frame))
+    fp = _fingerprint(settings, seed, grid, photons.shape, len(qv), world, data_digest(n_frame))
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start = int(ckpt["epoch"])
@@ -419,13 +329,13 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
         torch.set_rng_state(ckpt["rng"])
     rows = RunLog(log_path if rank == 0 else None, LOG_COLUMNS, ckpt, key="epoch")
 
-    bar = tqdm(total=config.epochs * steps, initial=min(start, config.epochs) * steps,
+    bar = tqdm(total=settings.epochs * steps, initial=min(start, settings.epochs) * steps,
                disable=not progress or rank != 0, desc="selfsup")
-    for epoch in range(start + 1, config.epochs + 1):
+    for epoch in range(start + 1, settings.epochs + 1):
         t0 = time.perf_counter()
         stream.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(_seed(config.seed, epoch, rank))
-        acc, lr = _train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, config.loss, gen, amp, bar)
+        gen = torch.Generator().manual_seed(derived_seed(seed, epoch, rank))
+        acc, lr = _train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, settings.loss, gen, amp, bar)
         if world > 1:
             dist.all_reduce(acc)
         if device.type == "cuda":
@@ -445,7 +355,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, config: SelfSupConf
     if world > 1:  # BatchNorm statistics differ between ranks: use rank 0's
         for b in model.buffers():
             dist.broadcast(b, 0)
-    result = _infer(model, stream, inputs, grid, config, device, amp)
+    result = _infer(model, stream, inputs, grid, settings.batch_size, device, amp)
     log = rows.frame()
     if own_group:
         dist.destroy_process_group()
@@ -473,12 +383,12 @@ def _train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str,
 
 
 @torch.no_grad()
-def _infer(model: SelfSupModel, stream: FrameStream, inputs: _Inputs, grid: Grid, config: SelfSupConfig,
-           device, amp: bool) -> dict:
+def _infer(model: SelfSupModel, stream: FrameStream, inputs: _Inputs, grid: Grid, batch: int, device,
+           amp: bool) -> dict:
     """Encoder outputs on all unaugmented frames (eval mode) and the log-intensity on the grid."""
     model.eval()
     quat, log_g = np.zeros((stream.frames, 4)), np.zeros(stream.frames)
-    for idx, K in stream.sequential(max(config.batch_size, 256)):
+    for idx, K in stream.sequential(max(batch, 256)):
         image, log_n, _ = inputs(K.to(device))
         R, lg = model.encode(image, log_n, amp)
         quat[idx.numpy()] = matrix_to_quaternion(R.double()).cpu().numpy()

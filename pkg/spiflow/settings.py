@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
@@ -269,8 +269,7 @@ class SelfSupSettings(Section):
     patch_count, patch_size_min, patch_size_max: zeroed rectangles per training input, side
     lengths as fractions of the detector side [100 of 4–8 px on 128 px]. fluence_jitter:
     coefficient of variation of the input scale factor (0: off).
-    seed: network initialisation, data order and augmentation. device: "auto", "cpu",
-    "cuda", … amp: bfloat16 autocast of the encoder on CUDA (ignored on CPU).
+    amp: bfloat16 autocast of the encoder on CUDA (ignored on CPU).
     chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all photons in
     memory when frames × valid pixels × 4 bytes fits.
 
@@ -318,14 +317,14 @@ class VAESettings(Section):
     volume_n: odd side of the decoded volume (None: the reconstruction grid's n), same
     q_max. positivity: "exp" or "softplus". radial_baseline: multiply the data's radial
     profile (else its mean). factorized, cp_rank: CP-decomposed layers.
-    seed: initialisation, data order, reparameterisation noise. device: "auto", "cpu",
-    "cuda", … chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all
+    chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all
     photons in memory when frames × valid pixels × 4 bytes fits.
 
-    orientations, representative, clusters and traversal_steps are read by the workflow
-    (:func:`spiflow.pipeline.stage_vae`, :mod:`spiflow.latent`), the rest by :func:`spiflow.vae.run_vae`.
-    Defaults sized for a CPU.
+    orientations, representative, clusters and traversal_steps (:attr:`WORKFLOW_KEYS`) are
+    read by the workflow (:func:`spiflow.pipeline.stage_vae`, :mod:`spiflow.latent`), the
+    rest by :func:`spiflow.vae.run_vae`. Defaults sized for a CPU.
     """
+    WORKFLOW_KEYS: ClassVar[tuple[str, ...]] = ("orientations", "representative", "clusters", "traversal_steps")
     orientations: Literal['emc', 'selfsup', 'truth'] = Field('emc', description="whose orientations and gains the VAE is conditioned on: recon/emc or recon/selfsup/orientations.zarr; truth reads simulate/truth.zarr, an ablation only (it breaks the rule that reconstructions never read the truth) to separate orientation errors from the VAE's")
     representative: Literal['mean', 'largest_cluster'] = Field('mean', description='the latent point decoded into recon/vae/intensity.zarr: mean = the frame whose z_mu is nearest the mean of z_mu (continuous conformations); largest_cluster = the frame nearest the centre of the largest of the vae.clusters k-means clusters (discrete states)')
     clusters: int = Field(3, ge=1, description='k-means clusters of z_mu: the recovered states that evaluate decodes, phases and compares with the matching true state')

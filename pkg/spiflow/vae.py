@@ -48,7 +48,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -59,103 +59,16 @@ import xarray as xr
 from tqdm import tqdm
 
 from .grid import Grid, slice_volume
-from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
+from .io import (RunLog, data_digest, derived_seed, load_checkpoint, radial_log_profile, resolve_device,
+                 save_checkpoint, validate_detector_inputs)
 from .slicing import grid_coordinates
 from .nets import matrix_to_rotation_6d
 from .rotation import canonical, quaternion_to_matrix
-from .selfsup import FrameStream, _radial_profile, _seed
-from .symmetry import is_grid_aligned, point_group, symmetrize
+from .selfsup import FrameStream
+from .settings import VAESettings
+from .symmetry import point_group, symmetrize
 
 LOG_COLUMNS = ["epoch", "loss", "recon", "kl", "beta", "lr", "patterns_per_second", "seconds"]
-
-
-@dataclass
-class VAEConfig:
-    """Settings of :func:`run_vae` (reference values of Zhuang et al. in brackets).
-
-    latent_dim: dimension of z [z_dim, 1 unless configured]. epochs: total epochs (a resumed run continues up to
-    it). batch_size: frames per step. lr, weight_decay: AdamW, constant lr [Adam 1e-3].
-    beta: weight of the KL term (normalised per pixel); beta_warmup_epochs: linear warm-up
-    of β from 0 over that many epochs (0: none).
-    symmetry: point group of the intensity ("C1": Friedel only, for proteins; "Oh" for
-    gold nanoparticles [Th]; also Ci, C2, C4, D2, D4, T, Th, O). conditional: the encoder sees the
-    orientation and log gain. orientation_encoding: "6d" or "quaternion".
-    encoder: "cnn" or "lstm"; sequence_length: frames per LSTM sequence; lstm_hidden.
-    encoder_channels, encoder_layers: channels of the first stride-2 conv and number of
-    convs (channels double per layer). hidden: MLP width. decoder_channels, decoder_layers:
-    channels of the last transposed conv and their number (channels double towards z).
-    volume_n: odd side of the decoded volume (None: the reconstruction grid's n), same
-    q_max. positivity: "exp" or "softplus". radial_baseline: multiply the data's radial
-    profile (else its mean). factorized, cp_rank: CP-decomposed layers.
-    seed: initialisation, data order, reparameterisation noise. device: "auto", "cpu",
-    "cuda", … chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all
-    photons in memory when frames × valid pixels × 4 bytes fits.
-    """
-
-    latent_dim: int = 2
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    beta: float = 1.0
-    beta_warmup_epochs: int = 5
-    symmetry: str = "C1"
-    conditional: bool = True
-    orientation_encoding: str = "6d"
-    encoder: str = "cnn"
-    sequence_length: int = 4
-    lstm_hidden: int = 64
-    encoder_channels: int = 16
-    encoder_layers: int = 3
-    hidden: int = 128
-    decoder_channels: int = 16
-    decoder_layers: int = 3
-    volume_n: int | None = None
-    positivity: str = "exp"
-    radial_baseline: bool = True
-    factorized: bool = False
-    cp_rank: int = 8
-    seed: int = 0
-    device: str = "auto"
-    chunk_frames: int = 1024
-    memory_budget_gb: float = 2.0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        def is_int(v, lo):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
-        try:
-            sym_ok = all(is_grid_aligned(m) for m in point_group(self.symmetry))
-        except (ValueError, TypeError, AttributeError):
-            sym_ok = False
-        checks = [
-            ("latent_dim", is_int(self.latent_dim, 1), "an integer >= 1"),
-            ("epochs", is_int(self.epochs, 1), "an integer >= 1"),
-            ("batch_size", is_int(self.batch_size, 1), "an integer >= 1"),
-            ("lr", self.lr > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("beta", self.beta >= 0, ">= 0"),
-            ("beta_warmup_epochs", is_int(self.beta_warmup_epochs, 0), "an integer >= 0"),
-            ("symmetry", sym_ok, "a grid-aligned point group: C1, Ci, C2, C4, D2, D4, T, Th, O or Oh"),
-            ("orientation_encoding", self.orientation_encoding in ("6d", "quaternion"), "'6d' or 'quaternion'"),
-            ("encoder", self.encoder in ("cnn", "lstm"), "'cnn' or 'lstm'"),
-            ("sequence_length", is_int(self.sequence_length, 1), "an integer >= 1"),
-            ("lstm_hidden", is_int(self.lstm_hidden, 1), "an integer >= 1"),
-            ("encoder_channels", is_int(self.encoder_channels, 1), "an integer >= 1"),
-            ("encoder_layers", is_int(self.encoder_layers, 1), "an integer >= 1"),
-            ("hidden", is_int(self.hidden, 1), "an integer >= 1"),
-            ("decoder_channels", is_int(self.decoder_channels, 1), "an integer >= 1"),
-            ("decoder_layers", is_int(self.decoder_layers, 1), "an integer >= 1"),
-            ("volume_n", self.volume_n is None or (is_int(self.volume_n, 3) and self.volume_n % 2 == 1),
-             "None or an odd integer >= 3"),
-            ("positivity", self.positivity in ("exp", "softplus"), "'exp' or 'softplus'"),
-            ("cp_rank", is_int(self.cp_rank, 1), "an integer >= 1"),
-            ("chunk_frames", is_int(self.chunk_frames, 1), "an integer >= 1"),
-            ("memory_budget_gb", self.memory_budget_gb > 0, "> 0"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"VAEConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------- layers (full or CP)
@@ -234,7 +147,7 @@ class Encoder(nn.Module):
     ``conditional``.
     """
 
-    def __init__(self, cfg: VAEConfig, cond_dim: int):
+    def __init__(self, cfg: VAESettings, cond_dim: int):
         super().__init__()
         layers, c = [], 2
         for i in range(cfg.encoder_layers):
@@ -265,7 +178,7 @@ class IntensityDecoder(nn.Module):
     log_baseline: (n, n, n) log of the radial baseline b (a buffer, saved with the weights).
     """
 
-    def __init__(self, cfg: VAEConfig, n: int, log_baseline: torch.Tensor | None = None):
+    def __init__(self, cfg: VAESettings, n: int, log_baseline: torch.Tensor | None = None):
         super().__init__()
         k = cfg.decoder_layers
         self.n, self.s0 = n, math.ceil((n - 1) / 2 ** k) + 1
@@ -303,14 +216,14 @@ class IntensityDecoder(nn.Module):
 class VAEModel(nn.Module):
     """Encoder + :class:`IntensityDecoder` on a model grid of side ``n``."""
 
-    def __init__(self, cfg: VAEConfig, n: int, log_baseline: torch.Tensor | None = None):
+    def __init__(self, cfg: VAESettings, n: int, log_baseline: torch.Tensor | None = None):
         super().__init__()
         self.cond_dim = (6 if cfg.orientation_encoding == "6d" else 4) + 1 if cfg.conditional else 0
         self.encoder = Encoder(cfg, self.cond_dim)
         self.decoder = IntensityDecoder(cfg, n, log_baseline)
 
 
-def orientation_features(quaternions, gains, cfg: VAEConfig) -> torch.Tensor:
+def orientation_features(quaternions, gains, cfg: VAESettings) -> torch.Tensor:
     """Encoder conditioning (frames, C) float32: the 6D vector (first two rows of R) or the
     canonical quaternion [w, x, y, z], then log gain; (frames, 0) when not ``conditional``."""
     q = canonical(torch.as_tensor(np.asarray(quaternions), dtype=torch.float64))
@@ -351,29 +264,29 @@ def vae_loss(mu_pix: torch.Tensor, counts: torch.Tensor, z_mu: torch.Tensor, z_l
     return recon + beta * kl / counts.shape[1], recon, kl
 
 
-def beta_at(step: int, steps_per_epoch: int, cfg: VAEConfig) -> float:
+def beta_at(step: int, steps_per_epoch: int, cfg: VAESettings) -> float:
     """β of 0-based training ``step``: linear warm-up over ``beta_warmup_epochs`` epochs."""
     warm = cfg.beta_warmup_epochs * steps_per_epoch
     return float(cfg.beta if warm == 0 else cfg.beta * min(1.0, (step + 1) / warm))
 
 
-def model_grid(grid: Grid, cfg: VAEConfig) -> Grid:
+def model_grid(grid: Grid, cfg: VAESettings) -> Grid:
     """The decoder's grid: side ``volume_n`` (or grid.n) with the reconstruction grid's q_max."""
     n = cfg.volume_n or grid.n
     return grid if n == grid.n else Grid(n, grid.q_max / (n // 2))
 
 
-def parameter_counts(cfg: VAEConfig | None = None, grid_n: int | None = None) -> dict:
+def parameter_counts(cfg: VAESettings | None = None, grid_n: int | None = None) -> dict:
     """Trainable parameters of the full and the CP-factorised model with ``cfg`` otherwise.
 
     grid_n: decoder volume side (default ``cfg.volume_n`` or 15). Returns
     ``{"full": {"encoder", "decoder", "total"}, "factorized": {…}, "ratio": factorized / full}``.
     """
-    cfg = cfg or VAEConfig()
+    cfg = cfg or VAESettings()
     n = grid_n or cfg.volume_n or 15
     out = {}
     for name, fact in (("full", False), ("factorized", True)):
-        m = VAEModel(VAEConfig(**{**asdict(cfg), "factorized": fact}), n)
+        m = VAEModel(cfg.model_copy(update={"factorized": fact}), n)
         enc = sum(p.numel() for p in m.encoder.parameters())
         dec = sum(p.numel() for p in m.decoder.parameters())
         out[name] = {"encoder": enc, "decoder": dec, "total": enc + dec}
@@ -390,14 +303,12 @@ class VAEResult:
     z_mu, z_logvar: (frames, latent_dim) float64, the encoder's posterior of each frame
     (eval mode, no sampling). decoder: the trained :class:`IntensityDecoder` (CPU, eval):
     ``decoder(z (B, D)) → (B, n, n, n)`` photons per unit pixel factor on ``grid``.
-    model: the whole :class:`VAEModel`. grid: the decoder's grid. log: one row per epoch
-    (:data:`LOG_COLUMNS`).
+    grid: the decoder's grid. log: one row per epoch (:data:`LOG_COLUMNS`).
     """
 
     z_mu: np.ndarray
     z_logvar: np.ndarray
     decoder: IntensityDecoder
-    model: VAEModel
     grid: Grid
     log: pd.DataFrame
 
@@ -406,7 +317,7 @@ class _Batches:
     """Encoder inputs for frame indices: images, conditioning, rotations, gains on device."""
 
     def __init__(self, stream: FrameStream, valid: np.ndarray, cond: torch.Tensor, rot: torch.Tensor,
-                 gains: torch.Tensor, cfg: VAEConfig, device):
+                 gains: torch.Tensor, cfg: VAESettings, device):
         self.stream, self.shape, self.device, self.cfg = stream, valid.shape, device, cfg
         self.flat = torch.as_tensor(np.flatnonzero(valid)).to(device)
         self.cond, self.rot, self.gains = cond.to(device), rot.to(device), gains.to(device)
@@ -428,8 +339,8 @@ class _Batches:
         return self.image(Kw).view(len(idx), L, 2, *self.shape), self.cond[win]
 
 
-def _fingerprint(cfg: VAEConfig, grid: Grid, shape, n_valid: int, quats, gains, data: str) -> str:
-    fp = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "device", "memory_budget_gb")}
+def _fingerprint(cfg: VAESettings, seed: int, grid: Grid, shape, n_valid: int, quats, gains, data: str) -> str:
+    fp = {**cfg.model_dump(exclude={"epochs", "memory_budget_gb", *VAESettings.WORKFLOW_KEYS}), "seed": seed}
     h = hashlib.sha256(np.ascontiguousarray(quats, dtype=np.float64).tobytes()
                        + np.ascontiguousarray(gains, dtype=np.float64).tobytes()).hexdigest()
     fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), inputs=h,
@@ -437,9 +348,9 @@ def _fingerprint(cfg: VAEConfig, grid: Grid, shape, n_valid: int, quats, gains, 
     return json.dumps(fp, sort_keys=True)
 
 
-def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, config: VAEConfig | None = None,
-            log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
-            progress: bool = True) -> VAEResult:
+def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, settings: VAESettings | None = None,
+            *, seed: int = 0, device: str = "auto", log_path: str | os.PathLike | None = None,
+            checkpoint_path: str | os.PathLike | None = None, progress: bool = True) -> VAEResult:
     """Train the VAE on frames at known orientations and return each frame's latent posterior.
 
     photons: (frames, ny, nx) counts, any array-like sliced as ``photons[i0:i1]`` (numpy,
@@ -447,40 +358,42 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     (valid pixels beyond ``grid.q_max`` are dropped with a warning); pixel_factor: (ny, nx)
     > 0. grid: the reconstruction grid (the decoder's q_max; its n unless ``volume_n``).
     quaternions: (frames, 4) ``[w, x, y, z]``, active, frame i records ``I(R_iᵀ q)``;
-    gains: (frames,) > 0 (mean 1). config: :class:`VAEConfig`.
+    gains: (frames,) > 0 (mean 1). settings: :class:`spiflow.settings.VAESettings` (None: its
+    defaults; its ``WORKFLOW_KEYS`` are not read here). seed: initialisation, data order,
+    reparameterisation noise. device: "auto" (CUDA when available), "cpu", "cuda", …
     log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`; recon = mean per-pixel Poisson
     NLL, kl = mean KL per frame in nats, beta = the epoch's last β), appended per epoch.
     checkpoint_path: written atomically after every epoch with ``{epoch, model, optimizer,
     fingerprint}`` and read with ``torch.load(weights_only=True)``; an existing one with the
-    same fingerprint (every field but epochs, device, memory_budget_gb; grid; data shape;
-    valid pixels; orientations and gains) is resumed (the CSV cut back to its epoch) and
-    gives the same result as an uninterrupted run; another fingerprint restarts (UserWarning).
+    same fingerprint (every setting but epochs, memory_budget_gb and ``WORKFLOW_KEYS``; seed;
+    grid; data shape; valid pixels; orientations and gains) is resumed (the CSV cut back to
+    its epoch) and gives the same result as an uninterrupted run; another fingerprint
+    restarts (UserWarning).
     Raises ValueError for mismatched shapes, an empty mask, pixel_factor <= 0, negative or
-    non-finite counts, quaternions/gains of the wrong shape or gains <= 0, invalid config.
+    non-finite counts, quaternions/gains of the wrong shape or gains <= 0.
     """
-    cfg = config or VAEConfig()
-    cfg.validate()
+    cfg = settings or VAESettings()
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
     quats, gains = np.asarray(quaternions, dtype=np.float64), np.asarray(gains, dtype=np.float64)
     if quats.shape != (frames, 4) or not np.isfinite(quats).all() or (np.linalg.norm(quats, axis=1) == 0).any():
         raise ValueError(f"quaternions must be finite, non-zero, shape ({frames}, 4), got {quats.shape}")
     if gains.shape != (frames,) or not (np.isfinite(gains).all() and (gains > 0).all()):
         raise ValueError(f"gains must be finite and > 0, shape ({frames},), got {gains.shape}")
-    device = resolve_device(cfg.device)
+    device = resolve_device(device)
     mgrid = model_grid(grid, cfg)
     cache = frames * len(qv) * 4 <= cfg.memory_budget_gb * 1e9
-    stream = FrameStream(photons, valid, cfg.chunk_frames, cfg.batch_size, cfg.seed, cache)
+    stream = FrameStream(photons, valid, cfg.chunk_frames, cfg.batch_size, seed, cache)
     sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
     for idx, K in stream.sequential(cfg.chunk_frames):  # validates all counts
         sum_counts += K.double().sum(0).numpy()
         n_frame[np.asarray(idx)] = K.double().sum(1).numpy()
     if sum_counts.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
-    profile = _radial_profile(sum_counts, qv, sv, gains.sum(), mgrid, cfg.radial_baseline).numpy()
+    profile = radial_log_profile(sum_counts, qv, sv, gains.sum(), mgrid, cfg.radial_baseline)
     log_b = np.interp(mgrid.q_norm() / mgrid.dq, np.arange(len(profile)), profile)
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         model = VAEModel(cfg, mgrid.n, torch.as_tensor(log_b)).to(device)
     rot = quaternion_to_matrix(torch.as_tensor(quats)).float()
     batches = _Batches(stream, valid, orientation_features(quats, gains, cfg), rot,
@@ -489,7 +402,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     s_t = torch.as_tensor(sv, dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    fp = _fingerprint(cfg, grid, photons.shape, len(qv), quats, gains, data_digest(n_frame))
+    fp = _fingerprint(cfg, seed, grid, photons.shape, len(qv), quats, gains, data_digest(n_frame))
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start = int(ckpt["epoch"])
@@ -502,7 +415,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         stream.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch))
+        gen = torch.Generator().manual_seed(derived_seed(seed, epoch))
         model.train()
         acc = np.zeros(4)  # Σ loss·B, Σ recon·B, Σ kl·B, frames
         for b, (idx, K) in enumerate(stream):
@@ -534,9 +447,7 @@ def run_vae(photons, valid, q, pixel_factor, grid: Grid, quaternions, gains, con
     bar.close()
 
     z_mu, z_logvar = encode_frames(model, stream, batches, max(cfg.batch_size, 256))
-    model = model.cpu().eval()
-    log = rows.frame()
-    return VAEResult(z_mu=z_mu, z_logvar=z_logvar, decoder=model.decoder, model=model, grid=mgrid, log=log)
+    return VAEResult(z_mu=z_mu, z_logvar=z_logvar, decoder=model.decoder.cpu().eval(), grid=mgrid, log=rows.frame())
 
 
 @torch.no_grad()
@@ -578,16 +489,6 @@ def pca(z_mu: np.ndarray, n_components: int = 2) -> PCA:
     return PCA((z - mean) @ comps.T, comps, mean, var[:k], var[:k] / var.sum() if var.sum() > 0 else var[:k])
 
 
-def umap_embedding(z_mu: np.ndarray, n_components: int = 2, seed: int = 0) -> np.ndarray:
-    """UMAP embedding (frames, n_components) of the latent means; needs ``umap-learn``
-    (raises ImportError naming it when not installed)."""
-    try:
-        import umap
-    except ImportError as exc:
-        raise ImportError("umap_embedding needs the optional package umap-learn; use pca() instead") from exc
-    return umap.UMAP(n_components=n_components, random_state=seed).fit_transform(np.asarray(z_mu))
-
-
 def kmeans_representatives(z_mu: np.ndarray, k: int, seed: int = 0):
     """k-means (scipy ``kmeans2``, k-means++ start) on ``z_mu`` (frames, D), each centre
     snapped to the nearest real frame. Returns (frame indices (k,), their z_mu (k, D),
@@ -622,14 +523,6 @@ def traversal(decoder: IntensityDecoder, z_mu: np.ndarray, steps: int = 5, span:
     s = np.linspace(-span, span, steps) * math.sqrt(p.explained_variance[0])
     z = p.mean[None, :] + s[:, None] * p.components[0][None, :]
     return z, decode(decoder, z)
-
-
-def spearman_pc1(z_mu: np.ndarray, truth: np.ndarray) -> float:
-    """Spearman rank correlation between PC1 of ``z_mu`` and a true conformation coordinate
-    (frames,); its sign is arbitrary (PC1's is), so compare ``abs``."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(pca(z_mu, 1).scores[:, 0], np.asarray(truth).ravel()).statistic)
 
 
 def latent_dataset(z_mu: np.ndarray, z_logvar: np.ndarray, attrs: dict | None = None) -> xr.Dataset:
