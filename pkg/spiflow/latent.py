@@ -43,8 +43,9 @@ from . import metrics
 from .align import align_density, rotate_volume
 from .grid import Grid
 from .io import atomic_path
-from .phasing import PhasingConfig, phase
+from .phasing import phase
 from .plots import DPI, _save
+from .settings import PhasingSettings
 from .vae import IntensityDecoder, VAEConfig, decode, kmeans_representatives, pca, traversal
 
 
@@ -202,7 +203,7 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     else:
         matched, true_density = np.zeros(len(frames), int), truth.density.values[None]
     vols = decode(decoder, zk, grid=grid, decoder_grid=dgrid) / scale
-    pcfg = PhasingConfig(**config["phase"])
+    pcfg = PhasingSettings(**config["phase"])
     rows = []
     for k, (f, s, vol) in enumerate(zip(frames, matched, vols)):
         res = phase(vol, grid, pcfg, measured=measured, seed=seed, device=config["device"])
