@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from spiflow.sampling import n_orientations
+from spiflow.settings import EMCSettings, PhasingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +89,7 @@ CSV_COLUMNS = ["section", "problem", "tool", "variant", "device", "threads", "M"
                "photons", "nonzero_fraction", "value", "unit", "seconds", "iterations", "load_start", "load_end",
                "notes"]
 BETA = 0.05  # spiflow's constant β (its cost does not depend on β; Dragonfly's does: run at several)
-MIN_RADIUS = 4.0  # EMCConfig.orientation_min_radius_voxels (the default)
+MIN_RADIUS = EMCSettings().orientation_min_radius_voxels  # the default
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -270,7 +272,7 @@ def load_patterns(path: Path):
 
 
 def problem_shape(photons, valid, q, grid, num_div: int) -> dict:
-    M = 10 * (5 * num_div ** 3 + num_div)
+    M = n_orientations(num_div)
     r = np.linalg.norm(q[valid], axis=1)
     orient = r >= MIN_RADIUS * grid.dq
     k = photons.reshape(len(photons), -1)[:, np.flatnonzero(valid)[orient]]
@@ -280,12 +282,13 @@ def problem_shape(photons, valid, q, grid, num_div: int) -> dict:
 
 
 def emc_spiflow(photons, valid, q, pf, grid, num_div: int, iterations: int, device: str, fmt: str) -> dict:
-    from spiflow.emc import EMCConfig, run_emc
-    cfg = EMCConfig(num_div=num_div, iterations=iterations, n_starts=1, beta_start=BETA, beta_factor=1.0,
-                    update_gain=True, orientation_min_radius_voxels=MIN_RADIUS, device=device,
-                    photon_format=fmt)
+    from spiflow.emc import run_emc
+    # global iterations only, in the orientation chunks the measurements were made with
+    cfg = EMCSettings(num_div=num_div, iterations=iterations, n_starts=1, beta_start=BETA, beta_factor=1.0,
+                      update_gain=True, orientation_min_radius_voxels=MIN_RADIUS, photon_format=fmt,
+                      refine_iterations=0, orientation_chunk=1024)
     t0 = time.perf_counter()
-    res = run_emc(photons, valid, q, pf, grid, cfg, progress=False)
+    res = run_emc(photons, valid, q, pf, grid, cfg, device=device, progress=False)
     wall = time.perf_counter() - t0
     per_iter = res.log["seconds"].to_numpy()
     return {"seconds_per_iteration": float(np.median(per_iter)), "wall": wall, "iterations": len(per_iter)}
@@ -374,13 +377,13 @@ def parse_dragonfly_log(path: Path) -> list[float]:
 
 def phase_bench(truth: Path, patterns: Path, restarts: int, iterations: int, device: str) -> dict:
     import xarray as xr
-    from spiflow.phasing import PhasingConfig, phase
+    from spiflow.phasing import phase
     from spiflow.stores import grid_of
     grid = grid_of(xr.open_zarr(patterns))
     intensity = xr.open_zarr(truth).intensity.values
     er = max(1, iterations // 14)  # 140 → RAAR:120, ER:10, then 10 final ER
-    cfg = PhasingConfig(schedule=f"RAAR:{iterations - 2 * er},ER:{er}", n_cycles=1, final_er=er, n_restarts=restarts,
-                        n_average=min(2, restarts), log_every=max(iterations, 10))
+    cfg = PhasingSettings(schedule=f"RAAR:{iterations - 2 * er},ER:{er}", n_cycles=1, final_er=er, n_restarts=restarts,
+                          n_average=min(2, restarts), log_every=max(iterations, 10))
     t0 = time.perf_counter()
     phase(intensity, grid, cfg, seed=0, device=device)
     sync(device)

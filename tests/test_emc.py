@@ -1,5 +1,4 @@
 """Tests of the EMC orientation stage on small, high-signal synthetic data built here."""
-import dataclasses
 from unittest import mock
 
 import numpy as np
@@ -8,10 +7,12 @@ import pytest
 import torch
 
 from spiflow import emc, slicing_cpu
-from spiflow.emc import EMCConfig, LOG_COLUMNS, choose_photon_format, compress, run_emc
+from spiflow.emc import LOG_COLUMNS, choose_photon_format, compress, run_emc
+from spiflow.refine import refine_steps_deg
 from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
 from spiflow.sampling import angular_step_deg, local_rotations
+from spiflow.settings import EMCSettings
 from spiflow.slicing import grid_coordinates, merge_model, merge_rotated, slice_model, slice_rotated
 
 torch.set_num_threads(2)
@@ -65,18 +66,23 @@ def data():
                 atoms=atoms, scale=scale)
 
 
+#: the settings these tests were written for (cheaper than the workflow's defaults)
+SMALL = dict(num_div=2, iterations=3, dtype="float64", n_starts=1, beta_every=5, refine_iterations=0,
+             orientation_chunk=1024, photon_format="dense")
+
+
 def _run(d, photons=None, **kw):
-    cfg = dict(num_div=2, iterations=3, device="cpu", dtype="float64", n_starts=1)
-    cfg.update(kw.pop("config", {}))
+    cfg = dict(SMALL, **kw.pop("config", {}))
     return run_emc(d["photons"] if photons is None else photons, d["valid"], d["q"], d["pf"], d["grid"],
-                   EMCConfig(**cfg), progress=False, **kw)
+                   EMCSettings(**cfg), device="cpu", progress=False, **kw)
 
 
 def test_recovers_orientations_gains_and_model(data):
     num_div = 3
-    cfg = EMCConfig(num_div=num_div, iterations=15, beta_start=0.05, beta_factor=1.5, beta_every=3,
-                    n_starts=3, start_iterations=9, start_frames=120, start_num_div=2, device="cpu")
-    res = run_emc(data["photons"], data["valid"], data["q"], data["pf"], data["grid"], cfg, progress=False)
+    cfg = EMCSettings(**dict(SMALL, num_div=num_div, iterations=15, beta_start=0.05, beta_factor=1.5, beta_every=3,
+                             n_starts=3, start_iterations=9, start_frames=120, start_num_div=2, dtype="float32"))
+    res = run_emc(data["photons"], data["valid"], data["q"], data["pf"], data["grid"], cfg, device="cpu",
+                  progress=False)
     # W(q) = I(A q) for a global rotation A; frame i then has R_est = R_true A, R_true = R_est Aᵀ.
     r_true = quaternion_to_matrix(torch.as_tensor(data["quat"]))
     r_est = quaternion_to_matrix(torch.as_tensor(res.quaternion))
@@ -222,17 +228,19 @@ def test_checkpoint_resume_equals_uninterrupted_run(data, tmp_path):
         _run(other_data, config=dict(iterations=1), checkpoint_path=tmp_path / "a.pt")
     # Different settings: the checkpoint is not used.
     with pytest.warns(UserWarning, match="different settings"):
-        other = _run(data, config=dict(iterations=1, seed=1), log_path=log, checkpoint_path=ckpt)
+        other = _run(data, config=dict(iterations=1), seed=1, log_path=log, checkpoint_path=ckpt)
     assert list(other.log["iteration"]) == [1]
+    with pytest.warns(UserWarning, match="different settings"):  # the local step schedule depends on it
+        _run(data, config=dict(iterations=1, refine_iterations=1), seed=1, checkpoint_path=ckpt)
 
 
 def test_bad_inputs_raise(data):
     d = data
     good = dict(photons=d["photons"], valid=d["valid"], q=d["q"], pixel_factor=d["pf"], grid=d["grid"])
-    cfg = EMCConfig(num_div=1, iterations=1, device="cpu")
+    cfg = EMCSettings(**dict(SMALL, num_div=1, iterations=1))
 
-    def call(config=cfg, **kw):
-        run_emc(**{**good, **kw}, config=config, progress=False)
+    def call(settings=cfg, **kw):
+        run_emc(**{**good, **kw}, settings=settings, device="cpu", progress=False)
 
     neg = d["photons"].copy()
     neg[150, 3, 3] = -1
@@ -249,24 +257,22 @@ def test_bad_inputs_raise(data):
         dict(photons=neg),
         dict(photons=nan),
         dict(photons=np.zeros_like(d["photons"])),
-        dict(config=dataclasses.replace(cfg, num_div=0)),
-        dict(config=dataclasses.replace(cfg, iterations=0)),
-        dict(config=dataclasses.replace(cfg, dtype="float16")),
-        dict(config=dataclasses.replace(cfg, orientation_min_radius_voxels=-1)),
-        dict(config=dataclasses.replace(cfg, n_starts=0)),
-        dict(config=dataclasses.replace(cfg, start_frames=0)),
-        dict(config=dataclasses.replace(cfg, orientation_min_radius_voxels=100)),  # no pixel left
+        dict(settings=cfg.model_copy(update=dict(orientation_min_radius_voxels=100))),  # no pixel left
     ]
     for kw in bad:
         with pytest.raises(ValueError):
             call(**kw)
+    for name, value in [("num_div", 0), ("iterations", 0), ("dtype", "float16"), ("orientation_min_radius_voxels", -1),
+                        ("n_starts", 0), ("start_frames", 0), ("num_div", 3.0)]:
+        with pytest.raises(ValueError, match=name):
+            EMCSettings(**{name: value})
     # Pixels that rotations could carry outside the grid are dropped with a warning.
     with pytest.warns(UserWarning, match="q_max"):
         call(q=d["q"] * 1.05)
 
 
 def test_beta_schedule():
-    cfg = EMCConfig(beta_start=0.1, beta_factor=2.0, beta_every=2, beta_max=0.5)
+    cfg = EMCSettings(beta_start=0.1, beta_factor=2.0, beta_every=2, beta_max=0.5)
     assert [cfg.beta(t) for t in range(1, 8)] == [0.1, 0.1, 0.2, 0.2, 0.4, 0.4, 0.5]
 
 
@@ -291,8 +297,8 @@ def test_random_starts_resume_from_the_chosen_start(data, tmp_path):
     np.testing.assert_array_equal(resumed.quaternion, full.quaternion)
     pd.testing.assert_frame_equal(resumed.log.drop(columns="seconds"), full.log.drop(columns="seconds"))
     assert list(full.log.iteration) == [1, 2, 1, 2, 3, 4]
-    assert EMCConfig(n_starts=4, start_iterations=15, iterations=5).trial_iterations == 4
-    assert EMCConfig(n_starts=1).trial_iterations == 0
+    assert EMCSettings(n_starts=4, start_iterations=15, iterations=5).trial_iterations == 4
+    assert EMCSettings(n_starts=1).trial_iterations == 0
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-9), ("float32", 2e-4)])
@@ -346,7 +352,7 @@ def test_local_refinement_beats_the_sampling_limit(data, assignment):
     np.testing.assert_allclose(np.linalg.norm(fine.quaternion, axis=1), 1, atol=1e-6)
     local = fine.log[fine.log.iteration > 15]
     assert list(local.iteration) == [16, 17, 18, 19]
-    np.testing.assert_allclose(local.step_deg, EMCConfig(num_div=3, refine_iterations=4).refine_steps_deg())
+    np.testing.assert_allclose(local.step_deg, refine_steps_deg(EMCSettings(num_div=3, refine_iterations=4)))
     assert local.step_deg.iloc[0] == pytest.approx(53.0 / 3 / 2) and local.step_deg.iloc[-1] == pytest.approx(0.5)
     assert local.log_likelihood.is_monotonic_increasing
     assert fine.log[fine.log.iteration <= 15].step_deg.isna().all()

@@ -1,5 +1,4 @@
 """Tests of M-TIP (orientation matching + merging + phasing) on small, high-signal synthetic data."""
-import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -10,9 +9,10 @@ from spiflow.align import align_density
 from spiflow.slicing import grid_coordinates, slice_model
 from spiflow.grid import Grid, structure_factor_to_density
 from spiflow.metrics import orientation_errors
-from spiflow.mtip import LOG_COLUMNS, MTIPConfig, match_orientations, merge_frames, run_mtip
+from spiflow.mtip import LOG_COLUMNS, match_orientations, merge_frames, run_mtip
 from spiflow.rotation import quaternion_to_matrix, random_quaternions
 from spiflow.sampling import angular_step_deg, so3_sampling
+from spiflow.settings import MTIPSettings
 
 
 
@@ -86,9 +86,10 @@ def _noiseless(d, quat, gain, model=None):
 
 
 def _run(d, **kw):
-    cfg = dict(num_div=3, iterations=3, device="cpu", dtype="float64")
+    cfg = dict(num_div=3, iterations=3, dtype="float64")
     cfg.update(kw.pop("config", {}))
-    return run_mtip(d["photons"], d["valid"], d["q"], d["pf"], d["grid"], MTIPConfig(**cfg), progress=False, **kw)
+    return run_mtip(d["photons"], d["valid"], d["q"], d["pf"], d["grid"], MTIPSettings(**cfg), device="cpu",
+                    progress=False, **kw)
 
 
 @pytest.mark.parametrize("distance", ["poisson", "euclidean"])
@@ -97,8 +98,9 @@ def test_matching_recovers_sampled_orientations_exactly(data, distance):
     pick = np.random.default_rng(1).choice(len(refs), 60, replace=False)
     gain = np.random.default_rng(2).gamma(4.0, 1.0, 60)
     counts = _noiseless(data, refs[pick], gain)
-    cfg = MTIPConfig(num_div=2, distance=distance, device="cpu", dtype="float64", orientation_chunk=100)
-    quat, g, dist = match_orientations(data["model"], counts, data["valid"], data["q"], data["pf"], data["grid"], cfg)
+    cfg = MTIPSettings(num_div=2, distance=distance, dtype="float64", orientation_chunk=100)
+    quat, g, dist = match_orientations(data["model"], counts, data["valid"], data["q"], data["pf"], data["grid"], cfg,
+                                       device="cpu")
     np.testing.assert_array_equal(quat, refs[pick])
     np.testing.assert_allclose(g, gain / gain.mean(), rtol=1e-9)
     assert dist.shape == (60,) and np.isfinite(dist).all()
@@ -113,7 +115,7 @@ def test_merge_of_noiseless_slices_reproduces_the_model(data):
     model = _intensity(data["xyz"] * 0.4, grid.q_points())
     counts = _noiseless(data, quat, gain, model)
     W, weight = merge_frames(counts, data["valid"], data["q"], data["pf"], grid, quat, gain,
-                             MTIPConfig(device="cpu", dtype="float64"))
+                             MTIPSettings(dtype="float64"), device="cpu")
     assert np.allclose(W, W[::-1, ::-1, ::-1]) and ((weight > 0) | (W == 0)).all()
     good = weight > 0.2 * weight.max()
     assert good.sum() > 0.05 * grid.n ** 3
@@ -121,7 +123,7 @@ def test_merge_of_noiseless_slices_reproduces_the_model(data):
     # A constant model is merged back exactly wherever measured.
     const = gain[:, None, None] * data["pf"] * 7.0 * np.ones((400, 15, 15))
     W, weight = merge_frames(const, data["valid"], data["q"], data["pf"], grid, quat, gain,
-                             MTIPConfig(device="cpu", dtype="float64"))
+                             MTIPSettings(dtype="float64"), device="cpu")
     np.testing.assert_allclose(W[weight > 0], 7.0, rtol=1e-9)
 
 
@@ -145,13 +147,16 @@ def test_seeded_with_true_orientations_keeps_them(data):
 
 def test_random_start_converges(data):
     """From random orientations (float32): the data distance falls, orientation changes die out
-    and the frames end near their true orientations. Measured here: 97 % within 20°, median 11°
-    (the sampling's mean covering radius is 10°); over data seeds 0–2 × config seeds 0–1,
-    five of six runs reached 87–97 %, one 55 % (still changing 10 % of frames at iteration 15)."""
+    (the run stops once no frame moves, converge_fraction 0, or after 15 iterations; where
+    exactly depends on rounding, so only the outcome is tested) and the frames end near their
+    true orientations. Measured here: 97 % within 20°, median 11° (the sampling's mean
+    covering radius is 10°); over data seeds 0–2 × config seeds 0–1, five of six runs reached
+    87–97 %, one 55 % (still changing 10 % of frames at iteration 15)."""
     res = _run(data, config=dict(iterations=15, dtype="float32"))
     log = res.log
-    assert list(log.columns) == LOG_COLUMNS and list(log["iteration"]) == list(range(1, 16))
-    assert log["orientation_change"].iloc[0] > 0.9 and log["orientation_change"].iloc[-3:].max() < 0.2
+    assert list(log.columns) == LOG_COLUMNS and list(log["iteration"]) == list(range(1, len(log) + 1))
+    assert res.converged == (log["orientation_change"].iloc[-1] == 0) and (res.converged or len(log) == 15)
+    assert log["orientation_change"].iloc[0] > 0.9 and log["orientation_change"].iloc[-1] < 0.2
     assert log["data_distance"].iloc[-1] < log["data_distance"].iloc[0] - 0.05  # nats per photon
     assert log["phasing_error"].iloc[-1] < 0.3
     err, _ = orientation_errors(res.quaternion, data["quat"])
@@ -176,7 +181,7 @@ def test_checkpoint_resume_and_streaming(data, tmp_path):
     np.testing.assert_array_equal(again.intensity, full.intensity)
     assert len(pd.read_csv(log)) == 4
     with pytest.warns(UserWarning, match="different settings"):
-        other = _run(data, config=dict(iterations=1, seed=1), log_path=log, checkpoint_path=ckpt)
+        other = _run(data, config=dict(iterations=1), seed=1, log_path=log, checkpoint_path=ckpt)
     assert list(other.log["iteration"]) == [1]
     # Frame blocks of 27 and orientation chunks of 97: the same result. (Only up to rounding:
     # HIO amplifies the last-bit differences of another summation order, ~1e-7 after two
@@ -188,12 +193,14 @@ def test_checkpoint_resume_and_streaming(data, tmp_path):
 
 
 def test_bad_config_and_inputs_raise(data):
-    bad = dict(num_div=0, iterations=0, converge_fraction=1.0, distance="l1", refine_steps=-1, phasing_hio=-1,
+    bad = dict(num_div=0, iterations=0, converge_fraction=1.5, distance="l1", refine_steps=-1, phasing_hio=-1,
                phasing_er=0, beta_hio=0.0, shrinkwrap_every=1.5, shrinkwrap_sigma=0.0, shrinkwrap_threshold=1.0,
-               autocorr_threshold=0.0, seed=-1, orientation_chunk=0, memory_budget_gb="2", dtype="float16")
+               autocorr_threshold=0.0, orientation_chunk=0, memory_budget_gb="2", dtype="float16")
     for name, value in bad.items():
-        with pytest.raises(ValueError, match=f"MTIPConfig.{name}"):
-            dataclasses.replace(MTIPConfig(), **{name: value}).validate()
+        with pytest.raises(ValueError, match=name):
+            MTIPSettings(**{name: value})
+    with pytest.raises(ValueError, match="seed"):
+        _run(data, seed=-1)
     with pytest.raises(ValueError, match="init_quaternions"):
         _run(data, init_quaternions=np.zeros((200, 4)))
     with pytest.raises(ValueError, match="init_quaternions"):
@@ -202,4 +209,4 @@ def test_bad_config_and_inputs_raise(data):
         _run({**data, "valid": np.zeros_like(data["valid"])})
     with pytest.raises(ValueError, match="model"):
         match_orientations(np.ones((5, 5, 5)), data["photons"], data["valid"], data["q"], data["pf"], data["grid"],
-                           MTIPConfig(num_div=1, device="cpu"))
+                           MTIPSettings(num_div=1), device="cpu")

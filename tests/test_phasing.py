@@ -5,7 +5,8 @@ import torch
 
 from spiflow.align import align_density
 from spiflow.grid import Grid, density_to_structure_factor
-from spiflow.phasing import PhasingConfig, parse_schedule, phase
+from spiflow.phasing import parse_schedule, phase
+from spiflow.settings import PhasingSettings
 
 N = 33
 GRID = Grid(N, 1.0 / (N * 2.0))  # 2 Å voxels, 66 Å box
@@ -30,7 +31,7 @@ def truth():
 
 @pytest.fixture(scope="module")
 def result(truth):
-    return phase(truth[1], GRID, PhasingConfig(**FAST), seed=1, device="cpu")
+    return phase(truth[1], GRID, PhasingSettings(**FAST), seed=1, device="cpu")
 
 
 def test_recovers_known_object(truth, result):
@@ -71,13 +72,13 @@ def test_recovers_object_with_beamstop_hole(truth):
     measured = GRID.q_norm() > 2.5 * GRID.dq  # 81 low-q voxels free, including q = 0
     noisy = intensity.copy()
     noisy[~measured] = -1.0  # unmeasured values are ignored (and negatives clipped)
-    res = phase(noisy, GRID, PhasingConfig(**FAST), measured=measured, seed=2, device="cpu")
+    res = phase(noisy, GRID, PhasingSettings(**FAST), measured=measured, seed=2, device="cpu")
     _, info = align_density(res.density, rho)
     assert info["cc"] > 0.95
 
 
-def test_hio_er_schedule_list_and_reproducible(truth):
-    cfg = PhasingConfig(schedule=[("HIO", 30), "ER:10"], n_cycles=1, final_er=5, n_restarts=3, n_average=2)
+def test_hio_er_schedule_and_reproducible(truth):
+    cfg = PhasingSettings(schedule="HIO:30,ER:10", n_cycles=1, final_er=5, n_restarts=3, n_average=2)
     a = phase(truth[1], GRID, cfg, seed=5, device="cpu")
     b = phase(truth[1], GRID, cfg, seed=5, device="cpu")
     c = phase(truth[1], GRID, cfg, seed=6, device="cpu")
@@ -96,7 +97,7 @@ def test_parse_schedule():
 
 def test_bad_inputs(truth):
     intensity = truth[1]
-    cfg = PhasingConfig(schedule="ER:2", n_cycles=1, final_er=1, n_restarts=2, n_average=1)
+    cfg = PhasingSettings(schedule="ER:2", n_cycles=1, final_er=1, n_restarts=2, n_average=1)
     with pytest.raises(ValueError, match="shape"):
         phase(intensity[:-2, :-2, :-2], GRID, cfg)
     with pytest.raises(ValueError, match="NaN"):
@@ -107,10 +108,13 @@ def test_bad_inputs(truth):
         phase(intensity, GRID, cfg, measured=np.ones((N, N, N)))
     with pytest.raises(ValueError, match="zero"):
         phase(intensity, GRID, cfg, measured=np.zeros((N, N, N), bool))
-    with pytest.raises(ValueError, match="schedule"):
-        phase(intensity, GRID, PhasingConfig(schedule="RAAR:-5"))
-    for bad in [dict(n_restarts=0), dict(n_average=0), dict(n_cycles=0), dict(n_restarts=2, n_average=3),
-                dict(final_er=-1), dict(beta_raar=1.5), dict(sigma_end=0.0), dict(shrinkwrap_threshold=1.0)]:
-        with pytest.raises(ValueError):
-            phase(intensity, GRID, PhasingConfig(**bad))
+    for schedule in ("RAAR:-5", "RAAR:0"):  # the pattern of the settings; the count in phase()
+        with pytest.raises(ValueError, match="schedule"):
+            phase(intensity, GRID, PhasingSettings(schedule=schedule))
+    with pytest.raises(ValueError, match="n_average"):
+        phase(intensity, GRID, PhasingSettings(n_restarts=2, n_average=3))
+    for bad in [dict(n_restarts=0), dict(n_average=0), dict(n_cycles=0), dict(final_er=-1), dict(beta_raar=1.5),
+                dict(sigma_end=0.0), dict(shrinkwrap_threshold=1.0), dict(n_restarts=2.0)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PhasingSettings(**bad)
 

@@ -5,7 +5,7 @@ from scipy import integrate, stats
 from scipy.spatial import cKDTree
 
 from spiflow.rotation import random_quaternions
-from spiflow.sampling import angular_step_deg, so3_sampling
+from spiflow.sampling import angular_step_deg, n_orientations, so3_sampling
 
 
 def _nearest_angles(samples, points, k=1):
@@ -19,7 +19,7 @@ def _nearest_angles(samples, points, k=1):
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_counts_norms_signs_and_uniqueness(n):
     q, w = so3_sampling(n)
-    assert q.shape == (10 * (5 * n ** 3 + n), 4) and w.shape == (len(q),)
+    assert q.shape == (n_orientations(n), 4) == (10 * (5 * n ** 3 + n), 4) and w.shape == (len(q),)
     assert q.dtype == np.float64 and w.dtype == np.float64
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-12)
     assert (q[:, 0] >= 0).all()
@@ -30,12 +30,11 @@ def test_counts_norms_signs_and_uniqueness(n):
 
 def test_known_counts_and_errors():
     assert len(so3_sampling(1)[0]) == 60 and len(so3_sampling(2)[0]) == 420
-    assert len(so3_sampling(10)[0]) == 50_100
-    for bad in (0, -1):
-        with pytest.raises(ValueError):
-            so3_sampling(bad)
-        with pytest.raises(ValueError):
-            angular_step_deg(bad)
+    assert len(so3_sampling(10)[0]) == n_orientations(10) == 50_100
+    for bad in (0, -1, 1.5):
+        for f in (so3_sampling, angular_step_deg, n_orientations):
+            with pytest.raises(ValueError):
+                f(bad)
 
 
 def test_cached_results_are_copies():

@@ -24,6 +24,7 @@ import torch
 
 from spiflow.grid import Grid, rotated_points, slice_volume
 from spiflow.rotation import multiply, quaternion_to_matrix, random_quaternions
+from spiflow.sampling import n_orientations
 
 _AXES = (-3, -2, -1)
 
@@ -159,8 +160,8 @@ def global_rotations(num_div: int, seed: int = 0) -> np.ndarray:
     """Quaternions (M, 4) covering SO(3) for the global search.
 
     Uses ``spiflow.sampling.so3_sampling(num_div)`` (600-cell refinement) when available;
-    otherwise ``M = 10 (5 d³ + d)`` Haar-uniform random quaternions (the same count as the
-    600-cell refinement with ``d = num_div``: 3,240 for 4) from ``default_rng(seed)``.
+    otherwise :func:`spiflow.sampling.n_orientations` (num_div) Haar-uniform random
+    quaternions (the 600-cell refinement's count: 3,240 for 4) from ``default_rng(seed)``.
     """
     if int(num_div) != num_div or num_div < 1:
         raise ValueError(f"num_div must be a positive integer, got {num_div}")
@@ -168,7 +169,7 @@ def global_rotations(num_div: int, seed: int = 0) -> np.ndarray:
     if so3 is not None:
         quats, _ = so3(int(num_div))
         return np.asarray(quats, dtype=np.float64)
-    return random_quaternions(10 * (5 * num_div ** 3 + num_div), np.random.default_rng(seed))
+    return random_quaternions(n_orientations(num_div), np.random.default_rng(seed))
 
 
 def _axis_angle_quats(vecs: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ The frames × orientations matrices are built one frame block at a time (block s
 valid pixels``); frames × orientations × pixels is never formed. Photons are read block by
 block as ``photons[i0:i1]`` so a Zarr array larger than memory streams from disk.
 
-Photon formats (``EMCConfig.photon_format``). *dense*: a block is a (frames × valid pixels)
+Photon formats (``EMCSettings.photon_format``). *dense*: a block is a (frames × valid pixels)
 matrix K and the E-step and merge are dense matmuls, ``log S_o @ K_oᵀ`` and ``P @ K``
 (cost ∝ frames × orientations × pixels). *sparse*: like Dragonfly's photons files, each
 frame keeps only its pixels with K_ip > 0 (compressed sparse rows), and
@@ -43,7 +43,6 @@ result to floating-point rounding (the same sums in a different order).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -60,132 +59,18 @@ from .grid import Grid, friedel_symmetrize
 from .io import (RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint,
                  validate_detector_inputs)
 from .rotation import canonical, quaternion_to_matrix
-from .refine import ASSIGNMENTS, local_iteration, step_schedule
-from .sampling import COVERING_RADIUS_DEG, so3_sampling
+from .refine import local_iteration, refine_steps_deg
+from .sampling import n_orientations, so3_sampling
+from .settings import EMCSettings
 from .slicing import merge_ratio, merge_rotated, slice_rotated
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["iteration", "start", "beta", "log_likelihood", "rms_change", "mutual_info",
                "mean_max_probability", "gain_std", "seconds", "step_deg", "moved_fraction"]
-PHOTON_FORMATS = ("dense", "sparse", "auto")
 #: photon_format "auto" uses sparse blocks when at most this fraction of (frame, orientation
 #: pixel) entries is non-zero (benchmarks/README.md: on CPU, with the numba kernels, sparse
 #: was faster at 9 % non-zero, dense at 20 %).
 AUTO_SPARSE_DENSITY = 0.1
-
-
-@dataclass
-class EMCConfig:
-    """Settings of :func:`run_emc`.
-
-    num_div: SO(3) refinement (10 (5n³+n) orientations, spacing ≈ 73.5° / n).
-    iterations: total number of iterations (a resumed run continues up to it).
-    beta_start, beta_factor, beta_every, beta_max: deterministic annealing; iteration t
-    (1-based) uses ``β_t = min(beta_max, beta_start · beta_factor ** ((t − 1) // beta_every))``.
-    n_starts, start_iterations, start_frames, start_num_div: random restarts. With
-    ``n_starts > 1`` the first ``start_iterations`` iterations of the schedule are run
-    ``n_starts`` times (at most ``iterations − 1``: :attr:`trial_iterations`) from initial
-    models seeded ``seed, seed + 1, …``, on the first
-    ``start_frames`` frames at the coarser ``min(start_num_div, num_div)``; the start with the highest
-    log-likelihood (same frames, sampling and β for all, so comparable) seeds the run on
-    all frames, which continues the schedule at iteration ``trial_iterations + 1``. From a
-    featureless start EMC can settle in a self-consistent but wrong model (a symmetric
-    mixture of orientations) whose likelihood is clearly lower; restarts make that rare.
-    update_gain: fit per-frame gains φ (else φ ≡ 1). seed: seeds the initial model's noise.
-    orientation_min_radius_voxels: valid pixels with ``|q| < this · grid.dq`` are merged but
-    left out of the E-step (0 uses every valid pixel; see the module docstring). The
-    default 4 voxels covers the central speckle of a compact particle (its first minimum at
-    |q| ≈ 1.43 / D, i.e. 1.43 σ voxels at a linear oversampling of σ = 1 / (D dq) voxels per
-    speckle, σ ≈ 2.5–3 in a usual experiment).
-    device: "auto", "cpu", "cuda", … (:func:`spiflow.io.resolve_device`).
-    orientation_chunk: orientations sliced / merged at once (work arrays of chunk × valid
-    pixels). memory_budget_gb: frame block size B is the largest with
-    ``B (2 M + P) · itemsize <= budget`` (M orientations, P valid pixels: the log-likelihood
-    and probability matrices plus the photon block); the photons (frames × P) are kept in
-    memory between passes when they fit in the budget too, else re-read every pass.
-    dtype: "float32" (fast) or "float64".
-    refine_iterations, refine_step_end_deg, refine_radius_steps, refine_assignment: local
-    refinement (:mod:`spiflow.refine`) after the global iterations: ``refine_iterations``
-    more iterations, each searching ``refine_radius_steps`` steps around every frame's
-    orientation, the step shrinking geometrically from ``53° / (num_div · radius_steps)``
-    (the sampling's covering radius, :data:`spiflow.sampling.COVERING_RADIUS_DEG`, spans
-    the first search) to ``refine_step_end_deg``; assignment "hard" (most likely local
-    rotation) or "soft" (posterior at ``beta_max``). 0 iterations: plain global EMC.
-    photon_format: "dense", "sparse" or "auto" (module docstring: same result, different
-    cost). "auto" picks sparse when at most :data:`AUTO_SPARSE_DENSITY` of the orientation
-    pixels hold photons (measured over the first frames), where sparse was measured faster.
-    Not part of the checkpoint fingerprint: a run may resume in the other format.
-    """
-
-    num_div: int = 6
-    iterations: int = 30
-    beta_start: float = 0.05
-    beta_factor: float = 1.5
-    beta_every: int = 5
-    beta_max: float = 1.0
-    update_gain: bool = True
-    orientation_min_radius_voxels: float = 4.0
-    n_starts: int = 4
-    start_iterations: int = 21
-    start_frames: int = 500
-    start_num_div: int = 6
-    seed: int = 0
-    device: str = "auto"
-    orientation_chunk: int = 1024
-    memory_budget_gb: float = 2.0
-    dtype: str = "float32"
-    photon_format: str = "dense"
-    refine_iterations: int = 0
-    refine_step_end_deg: float = 0.5
-    refine_radius_steps: int = 2
-    refine_assignment: str = "hard"
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        checks = [
-            (int(self.num_div) == self.num_div and self.num_div >= 1, "num_div must be an integer >= 1"),
-            (int(self.iterations) == self.iterations and self.iterations >= 1, "iterations must be an integer >= 1"),
-            (self.beta_start > 0, "beta_start must be > 0"),
-            (self.beta_factor >= 1, "beta_factor must be >= 1"),
-            (int(self.beta_every) == self.beta_every and self.beta_every >= 1, "beta_every must be an integer >= 1"),
-            (self.beta_max > 0, "beta_max must be > 0"),
-            (self.orientation_min_radius_voxels >= 0, "orientation_min_radius_voxels must be >= 0"),
-            (int(self.n_starts) == self.n_starts and self.n_starts >= 1, "n_starts must be an integer >= 1"),
-            (int(self.start_iterations) == self.start_iterations and self.start_iterations >= 1,
-             "start_iterations must be an integer >= 1"),
-            (int(self.start_frames) == self.start_frames and self.start_frames >= 1, "start_frames must be an integer >= 1"),
-            (int(self.start_num_div) == self.start_num_div and self.start_num_div >= 1,
-             "start_num_div must be an integer >= 1"),
-            (self.orientation_chunk >= 1, "orientation_chunk must be >= 1"),
-            (self.memory_budget_gb > 0, "memory_budget_gb must be > 0"),
-            (self.dtype in ("float32", "float64"), "dtype must be 'float32' or 'float64'"),
-            (self.photon_format in PHOTON_FORMATS, "photon_format must be 'dense', 'sparse' or 'auto'"),
-            (int(self.refine_iterations) == self.refine_iterations and self.refine_iterations >= 0,
-             "refine_iterations must be an integer >= 0"),
-            (self.refine_step_end_deg > 0, "refine_step_end_deg must be > 0"),
-            (int(self.refine_radius_steps) == self.refine_radius_steps and self.refine_radius_steps >= 1,
-             "refine_radius_steps must be an integer >= 1"),
-            (self.refine_assignment in ASSIGNMENTS, "refine_assignment must be 'hard' or 'soft'"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"EMCConfig: {msg}")
-
-    @property
-    def trial_iterations(self) -> int:
-        """Iterations run by each random start: ``min(start_iterations, iterations − 1)``, 0
-        with ``n_starts = 1`` (then the run is plain EMC from one start)."""
-        return 0 if self.n_starts == 1 else min(self.start_iterations, self.iterations - 1)
-
-    def refine_steps_deg(self) -> np.ndarray:
-        """The local search step (degrees) of each refinement iteration, (refine_iterations,)."""
-        start = COVERING_RADIUS_DEG / self.num_div / self.refine_radius_steps
-        return step_schedule(start, min(start, self.refine_step_end_deg), self.refine_iterations)
-
-    def beta(self, iteration: int) -> float:
-        """β of 1-based ``iteration``."""
-        step = (iteration - 1) // self.beta_every
-        return float(min(self.beta_max, self.beta_start * self.beta_factor ** step))
 
 
 @dataclass
@@ -226,7 +111,7 @@ def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_val
 
 
 @dataclass
-class _SparseBlock:
+class SparseBlock:
     """One frame block's photons as compressed sparse rows (photon_format "sparse").
 
     ko: CSR (b, n_orient), the counts at orientation pixels (E-step); kt: CSR (P, b), all
@@ -255,8 +140,8 @@ def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, device) ->
                                        torch.as_tensor(vals), size=shape, check_invariants=False).to(device)
 
 
-def _sparse_block(k: np.ndarray, n_orient: int, device) -> _SparseBlock:
-    """:class:`_SparseBlock` of a dense block k (b, P) whose first n_orient columns are the
+def _sparse_block(k: np.ndarray, n_orient: int, device) -> SparseBlock:
+    """:class:`SparseBlock` of a dense block k (b, P) whose first n_orient columns are the
     orientation pixels."""
     b, P = k.shape
     rows, cols = np.nonzero(k)  # row-major: sorted by frame, then pixel
@@ -267,22 +152,27 @@ def _sparse_block(k: np.ndarray, n_orient: int, device) -> _SparseBlock:
     kt = _csr(cols[order], rows[order], vals[order], (P, b), device)
     sums = [torch.as_tensor(x).to(device) for x in (k.sum(1), k[:, :n_orient].sum(1), k.sum(0))]
     nbytes = (int(o.sum()) + len(vals)) * (4 + vals.itemsize) + (b + P + 2) * 4 + (2 * b + P) * vals.itemsize
-    return _SparseBlock(ko, kt, *sums, nbytes)
+    return SparseBlock(ko, kt, *sums, nbytes)
 
 
 def _sums(K) -> tuple[torch.Tensor, torch.Tensor]:
     """(photons per pixel (P,), photons per frame (b,)) of a dense or sparse block."""
-    if isinstance(K, _SparseBlock):
+    if isinstance(K, SparseBlock):
         return K.pixel_sums, K.frame_sums
     return K.sum(0), K.sum(1)
 
 
-class _Data:
-    """Valid-pixel photon blocks ``(i0, i1, K)`` read from ``photons[i0:i1]``: K is a dense
-    (i1 − i0, P) tensor, or with ``sparse_orient`` (the number of orientation pixels, which
-    come first) a :class:`_SparseBlock`. Column p of K is flat pixel ``pixels[p]`` of a frame
-    (``pixels`` may also be a bool mask). With ``cache`` the blocks are kept after the first
-    pass; sparse blocks only while their total size stays within ``cache_bytes``."""
+class PhotonBlocks:
+    """The photons of the valid pixels, frame block by frame block: iterating gives
+    ``(i0, i1, K)`` for frames ``i0:i1``, read as ``photons[i0:i1]`` (photons (frames, ny, nx),
+    any array-like: numpy, Zarr). K is a dense (i1 − i0, P) tensor of ``dtype`` on
+    ``device``, or with ``sparse_orient`` (the number of orientation pixels, which come
+    first) a :class:`SparseBlock`. Column p of K is flat pixel ``pixels[p]`` of a frame
+    (``pixels`` may also be a bool mask). ``block``: frames per block. With ``cache`` the
+    blocks are kept after the first pass; sparse blocks only while their total size stays
+    within ``cache_bytes``. Used by :func:`run_emc`, :mod:`spiflow.refine` and
+    :mod:`spiflow.mtip`. Iterating raises ValueError for negative or non-finite counts in
+    valid pixels, naming the frames."""
 
     def __init__(self, photons, pixels: np.ndarray, block: int, cache: bool, device, dtype,
                  sparse_orient: int | None = None, cache_bytes: float = float("inf")):
@@ -325,8 +215,9 @@ class _Engine:
 
     The first ``n_orient`` valid pixels are the orientation pixels (E-step); all are merged."""
 
-    def __init__(self, data: _Data, q_valid, s_valid, n_orient: int, grid: Grid, config: EMCConfig, device, dtype):
-        quats, weights = so3_sampling(config.num_div)
+    def __init__(self, data: PhotonBlocks, q_valid, s_valid, n_orient: int, grid: Grid, settings: EMCSettings,
+                 device, dtype):
+        quats, weights = so3_sampling(settings.num_div)
         self.quats, self.M = quats, len(quats)
         self.rot = quaternion_to_matrix(torch.as_tensor(quats)).to(device, dtype)
         self.logw = torch.as_tensor(np.log(weights)).to(device, dtype)
@@ -334,7 +225,7 @@ class _Engine:
         self.s = torch.as_tensor(s_valid).to(device, dtype)
         self.logs = torch.log(self.s)
         self.po = int(n_orient)
-        self.grid, self.data, self.chunk = grid, data, int(config.orientation_chunk)
+        self.grid, self.data, self.chunk = grid, data, settings.orientation_chunk
         self.tiny = torch.finfo(dtype).tiny
         self._buf = torch.empty(2 * self.M * data.block, dtype=dtype, device=device)
         self._vals = torch.empty((2, min(self.chunk, self.M), len(q_valid)), dtype=dtype, device=device)
@@ -360,7 +251,7 @@ class _Engine:
         s_dot_o = torch.empty(M, dtype=dt, device=dev)  # the same over orientation pixels (E-step)
         for i0, i1, K in self.data:
             b, g = i1 - i0, gain[i0:i1]
-            sparse = isinstance(K, _SparseBlock)
+            sparse = isinstance(K, SparseBlock)
             if sparse:  # photons per frame (all valid, orientation pixels), Σ_p∈O K_ip log s_p
                 n_all, n_o = K.frame_sums, K.frame_sums_o
                 klogs = torch.sparse.mm(K.ko, self.logs[:po, None])[:, 0]
@@ -423,12 +314,15 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
     return profile * (1 + 0.1 * np.random.default_rng(seed).random(profile.shape))
 
 
-def _fingerprint(config: EMCConfig, grid: Grid, shape, n_valid: int, data: str) -> str:
-    keys = ["num_div", "seed", "beta_start", "beta_factor", "beta_every", "beta_max", "update_gain",
-            "orientation_min_radius_voxels", "n_starts", "trial_iterations", "start_frames", "start_num_div", "dtype",
-            "refine_step_end_deg", "refine_radius_steps", "refine_assignment"]
-    fp = {k: getattr(config, k) for k in keys}
-    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), data=data)
+def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: int, data: str) -> str:
+    """The settings a checkpoint must share to be resumed: all but the iteration count
+    (a resumed run may go on), the random starts' count of it (``trial_iterations`` stands
+    for it), and the cost settings (orientation_chunk, memory_budget_gb, photon_format);
+    plus the seed, grid, data shape, valid-pixel count and per-frame photon totals."""
+    fp = settings.model_dump(exclude={"iterations", "start_iterations", "orientation_chunk", "memory_budget_gb",
+                                      "photon_format"})
+    fp.update(seed=seed, trial_iterations=settings.trial_iterations, grid_n=grid.n, grid_dq=grid.dq,
+              data_shape=list(shape), n_valid=int(n_valid), data=data)
     return json.dumps(fp, sort_keys=True)
 
 
@@ -441,16 +335,18 @@ def choose_photon_format(photons, pixels: np.ndarray, frames: int = 256) -> str:
     return "sparse" if np.count_nonzero(k) <= AUTO_SPARSE_DENSITY * k.size else "dense"
 
 
-def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | None = None,
-            log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
-            progress: bool = True) -> EMCResult:
+def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings | None = None, *, seed: int = 0,
+            device: str = "auto", log_path: str | os.PathLike | None = None,
+            checkpoint_path: str | os.PathLike | None = None, progress: bool = True) -> EMCResult:
     """Reconstruct the 3D intensity and frame orientations by EMC (see the module docstring).
 
     photons: (frames, ny, nx) photon counts, any array-like sliced as ``photons[i0:i1]``
     (numpy, Zarr); read block by block and kept in memory only when frames × valid pixels
     fits in ``memory_budget_gb``. valid: (ny, nx) bool; q: (ny, nx, 3) Å⁻¹ (valid pixels
     beyond ``grid.q_max`` are dropped with a warning); pixel_factor: (ny, nx) > 0.
-    grid: the model grid. config: :class:`EMCConfig`.
+    grid: the model grid. settings: :class:`spiflow.settings.EMCSettings` (default: its
+    defaults, the workflow's). seed: the initial models' noise (start k uses seed + k).
+    device: "auto", "cpu", "cuda", … (:func:`spiflow.io.resolve_device`).
     log_path: CSV with one row per iteration (:data:`LOG_COLUMNS`), appended per
     iteration; log_likelihood is the frame mean of ``Σ_r P_ri L_ri`` (nats, over the
     orientation pixels, with the r-independent Poisson terms except log K!); the local
@@ -458,11 +354,13 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     β NaN for hard assignment. checkpoint_path: written atomically after every iteration
     with ``{iteration, model, gain, beta, fingerprint}`` (local iterations add the
     orientations, probability_max, weight and ``local_done``); if it exists with the same
-    fingerprint (num_div, grid, data shape, valid-pixel count, the data's per-frame photon
-    totals (:func:`spiflow.io.data_digest`), seed, β schedule, update_gain, dtype, local
-    search settings) the run resumes from it, the CSV is rewritten from the checkpoint's
-    rows (:class:`spiflow.io.RunLog`: complete even if the CSV was deleted), and a finished run only repeats the final global E-step (or
-    nothing, after local refinement). A different fingerprint restarts from scratch
+    fingerprint (every setting but ``iterations``, ``start_iterations`` beyond
+    ``trial_iterations`` and the cost settings orientation_chunk, memory_budget_gb,
+    photon_format; the seed, grid, data shape, valid-pixel count and the data's per-frame
+    photon totals (:func:`spiflow.io.data_digest`)) the run resumes from it, the CSV is
+    rewritten from the checkpoint's rows (:class:`spiflow.io.RunLog`: complete even if the
+    CSV was deleted), and a finished run only repeats the final global E-step (or nothing,
+    after local refinement). A different fingerprint restarts from scratch
     (UserWarning). progress: tqdm bar.
 
     Gains start at ``φ_i = N_i / mean N`` (N_i the photons in valid pixels) when
@@ -473,31 +371,30 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     returned model, orientations, gains and weight.
     Raises ValueError for mismatched shapes, an empty valid mask, pixel_factor <= 0,
     negative or non-finite counts in valid pixels (checked per block), frames without any
-    photon at all, and invalid config values.
+    photon at all. Invalid settings are refused by :class:`~spiflow.settings.EMCSettings` itself.
     """
-    config = config or EMCConfig()
-    config.validate()
+    settings = settings or EMCSettings()
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
-    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    device, dtype = resolve_device(device), getattr(torch, settings.dtype)
     item = torch.finfo(dtype).bits // 8
-    M = 10 * (5 * config.num_div ** 3 + config.num_div)
-    budget = config.memory_budget_gb * 1e9
+    M = n_orientations(settings.num_div)
+    budget = settings.memory_budget_gb * 1e9
     block = int(max(1, min(frames, budget // (item * (2 * M + len(qv))))))
-    # orientation pixels first (stable order), the central ones last: see EMCConfig
-    central = np.linalg.norm(qv, axis=1) < config.orientation_min_radius_voxels * grid.dq
+    # orientation pixels first (stable order), the central ones last: see EMCSettings
+    central = np.linalg.norm(qv, axis=1) < settings.orientation_min_radius_voxels * grid.dq
     if central.all():
-        raise ValueError(f"emc.orientation_min_radius_voxels = {config.orientation_min_radius_voxels:g} "
+        raise ValueError(f"emc.orientation_min_radius_voxels = {settings.orientation_min_radius_voxels:g} "
                          f"leaves no valid pixel for orientation determination")
     order = np.argsort(central, kind="stable")
     qv, sv = qv[order], sv[order]
     pixels = np.flatnonzero(valid.reshape(-1))[order]
     n_orient = int((~central).sum())
-    if config.photon_format == "auto":
-        config = dataclasses.replace(config, photon_format=choose_photon_format(photons, pixels[:n_orient]))
-    if config.photon_format == "sparse":
-        data = _Data(photons, pixels, block, True, device, dtype, sparse_orient=n_orient, cache_bytes=budget)
+    if settings.photon_format == "auto":
+        settings = settings.model_copy(update={"photon_format": choose_photon_format(photons, pixels[:n_orient])})
+    if settings.photon_format == "sparse":
+        data = PhotonBlocks(photons, pixels, block, True, device, dtype, sparse_orient=n_orient, cache_bytes=budget)
     else:
-        data = _Data(photons, pixels, block, frames * len(qv) * item <= budget, device, dtype)
+        data = PhotonBlocks(photons, pixels, block, frames * len(qv) * item <= budget, device, dtype)
 
     sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
     for i0, i1, K in data:  # validates every block, fills the cache when enabled
@@ -506,49 +403,49 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
         n_frame[i0:i1] = frame_sums.double().cpu().numpy()
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
-    engine = _Engine(data, qv, sv, n_orient, grid, config, device, dtype)
-    fp = _fingerprint(config, grid, photons.shape, len(qv), data_digest(n_frame))
+    engine = _Engine(data, qv, sv, n_orient, grid, settings, device, dtype)
+    fp = _fingerprint(settings, seed, grid, photons.shape, len(qv), data_digest(n_frame))
 
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     rows = RunLog(log_path, LOG_COLUMNS, ckpt)
-    g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
+    g0 = n_frame / n_frame.mean() if settings.update_gain else np.ones(frames)
     gain = torch.as_tensor(g0).to(device, dtype)
     best_start = 0
     if ckpt is not None:
         start, best_start = int(ckpt["iteration"]), int(ckpt["start"])
         log.info("EMC resumes from checkpoint %s after iteration %d", checkpoint_path, start)
         W, gain = ckpt["model"].to(device, dtype), ckpt["gain"].to(device, dtype)
-    elif config.trial_iterations > 0:
-        W, best_start = _random_starts(photons, pixels, qv, sv, n_orient, grid, config, device, dtype,
+    elif settings.trial_iterations > 0:
+        W, best_start = _random_starts(photons, pixels, qv, sv, n_orient, grid, settings, seed, device, dtype,
                                        rows, progress)
-        start = config.trial_iterations
+        start = settings.trial_iterations
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": start, "start": best_start, "model": W.cpu(),
-                                              "gain": gain.cpu(), "beta": config.beta(start), "fingerprint": fp,
+                                              "gain": gain.cpu(), "beta": settings.beta(start), "fingerprint": fp,
                                               "log_rows": rows.state()})
     else:
-        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed)).to(device, dtype)
+        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, seed)).to(device, dtype)
 
-    steps = config.refine_steps_deg()
+    steps = refine_steps_deg(settings)
     local = ckpt is not None and "quaternion" in ckpt  # a checkpoint of the local refinement
-    bar = tqdm(total=config.iterations + len(steps), initial=min(start, config.iterations + len(steps)),
+    bar = tqdm(total=settings.iterations + len(steps), initial=min(start, settings.iterations + len(steps)),
                disable=not progress, desc="EMC")
 
     def checkpoint(it, **extra):
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": it, "start": best_start, "model": W.cpu(),
-                                              "gain": gain.cpu(), "beta": config.beta(it), "fingerprint": fp,
+                                              "gain": gain.cpu(), "beta": settings.beta(it), "fingerprint": fp,
                                               "log_rows": rows.state(),
                                               **{k: v.cpu() if torch.is_tensor(v) else v for k, v in extra.items()}})
 
-    for it in range(start + 1, config.iterations + 1) if not local else ():
-        W, gain = _step(engine, W, gain, it, best_start, config, rows)
+    for it in range(start + 1, settings.iterations + 1) if not local else ():
+        W, gain = _step(engine, W, gain, it, best_start, settings, rows)
         checkpoint(it)
         bar.update(1)
-        bar.set_postfix(beta=f"{config.beta(it):.3g}", loglik=f"{rows[-1]['log_likelihood']:.4g}",
+        bar.set_postfix(beta=f"{settings.beta(it):.3g}", loglik=f"{rows[-1]['log_likelihood']:.4g}",
                         change=f"{rows[-1]['rms_change']:.2e}")
 
-    last_beta = config.beta(max(start, config.iterations))
+    last_beta = settings.beta(max(start, settings.iterations))
     if local:
         quat, pmax, weight = (ckpt[k].to(device, dtype) for k in ("quaternion", "probability_max", "weight"))
     else:
@@ -558,16 +455,16 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
     done = int(ckpt["local_done"]) if local else 0
     q_t, s_t = torch.as_tensor(qv).to(device, dtype), torch.as_tensor(sv).to(device, dtype)
     for k in range(done, len(steps)):
-        t0, it = time.perf_counter(), config.iterations + k + 1
+        t0, it = time.perf_counter(), settings.iterations + k + 1
         res = local_iteration(data, W, quat, gain, q_t, s_t, n_orient, grid, float(steps[k]),
-                              config.refine_radius_steps, config.refine_assignment, config.beta_max,
-                              config.update_gain, config.memory_budget_gb)
+                              settings.refine_radius_steps, settings.refine_assignment, settings.beta_max,
+                              settings.update_gain, settings.memory_budget_gb)
         change = (torch.linalg.norm(res.W - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
         W, quat, gain, weight = res.W, res.quaternion, res.gain, res.weight
         if W.device.type == "cuda":
             torch.cuda.synchronize(W.device)
         row = {"iteration": it, "start": best_start,
-               "beta": config.beta_max if config.refine_assignment == "soft" else np.nan, **res.stats,
+               "beta": settings.beta_max if settings.refine_assignment == "soft" else np.nan, **res.stats,
                "rms_change": change, "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
                "seconds": time.perf_counter() - t0, "step_deg": float(steps[k])}
         rows.append(row)
@@ -585,11 +482,11 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, config: EMCConfig | Non
                      probability_max=pmax.double().cpu().numpy(), log=log_df)
 
 
-def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig, rows: RunLog):
+def _step(engine: _Engine, W, gain, it: int, start_index: int, settings: EMCSettings, rows: RunLog):
     """Iteration ``it`` (1-based) of the schedule: one :meth:`_Engine.iterate` pass, logged.
     Returns the new (W, gain)."""
-    t0, beta = time.perf_counter(), config.beta(it)
-    W_new, gain, stats, _, _, _ = engine.iterate(W, gain, beta, config.update_gain)
+    t0, beta = time.perf_counter(), settings.beta(it)
+    W_new, gain, stats, _, _, _ = engine.iterate(W, gain, beta, settings.update_gain)
     change = (torch.linalg.norm(W_new - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
     if W.device.type == "cuda":
         torch.cuda.synchronize(W.device)
@@ -600,34 +497,34 @@ def _step(engine: _Engine, W, gain, it: int, start_index: int, config: EMCConfig
     return W_new, gain
 
 
-def _random_starts(photons, pixels, qv, sv, n_orient, grid, config: EMCConfig, device, dtype, rows: RunLog,
-                   progress) -> tuple[torch.Tensor, int]:
+def _random_starts(photons, pixels, qv, sv, n_orient, grid, settings: EMCSettings, seed: int, device, dtype,
+                   rows: RunLog, progress) -> tuple[torch.Tensor, int]:
     """The first ``start_iterations`` of the schedule from ``n_starts`` seeded initial models
-    on the first ``start_frames`` frames at ``start_num_div`` (see :class:`EMCConfig`).
+    on the first ``start_frames`` frames at ``start_num_div`` (see :class:`~spiflow.settings.EMCSettings`).
 
     Returns the model of the start with the highest final log-likelihood and its index;
     every start's iterations are logged (``start`` column)."""
-    n = min(config.start_frames, photons.shape[0])
+    n = min(settings.start_frames, photons.shape[0])
     sub = np.asarray(photons[:n])
-    trial = dataclasses.replace(config, num_div=min(config.start_num_div, config.num_div))
-    M = 10 * (5 * trial.num_div ** 3 + trial.num_div)
+    trial = settings.model_copy(update={"num_div": min(settings.start_num_div, settings.num_div)})
+    M = n_orientations(trial.num_div)
     item = torch.finfo(dtype).bits // 8
-    block = int(max(1, min(n, config.memory_budget_gb * 1e9 // (item * (2 * M + len(qv))))))
-    data = _Data(sub, pixels, block, True, device, dtype,
-                 sparse_orient=n_orient if config.photon_format == "sparse" else None)
+    block = int(max(1, min(n, settings.memory_budget_gb * 1e9 // (item * (2 * M + len(qv))))))
+    data = PhotonBlocks(sub, pixels, block, True, device, dtype,
+                 sparse_orient=n_orient if settings.photon_format == "sparse" else None)
     engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype)
     sum_counts, n_frame = np.zeros(len(qv)), np.zeros(n)
     for i0, i1, K in data:
         pixel_sums, frame_sums = _sums(K)
         sum_counts += pixel_sums.double().cpu().numpy()
         n_frame[i0:i1] = frame_sums.double().cpu().numpy()
-    g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(n)
+    g0 = n_frame / n_frame.mean() if settings.update_gain else np.ones(n)
     best = (-np.inf, None, 0)
-    bar = tqdm(total=config.n_starts * config.trial_iterations, disable=not progress, desc="EMC starts")
-    for k in range(config.n_starts):
-        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, config.seed + k)).to(device, dtype)
+    bar = tqdm(total=settings.n_starts * settings.trial_iterations, disable=not progress, desc="EMC starts")
+    for k in range(settings.n_starts):
+        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, seed + k)).to(device, dtype)
         gain = torch.as_tensor(g0).to(device, dtype)
-        for it in range(1, config.trial_iterations + 1):
+        for it in range(1, settings.trial_iterations + 1):
             W, gain = _step(engine, W, gain, it, k, trial, rows)
             bar.update(1)
         if rows[-1]["log_likelihood"] > best[0]:

@@ -21,11 +21,12 @@ trilinear slicing. Only valid pixels count. One iteration:
 2. phase: ``phasing_hio`` HIO (β = ``beta_hio``) then ``phasing_er`` ER iterations
    (Fienup, Appl. Opt. 21, 2758 (1982); support and positivity) against ``√W`` on the
    measured voxels (free elsewhere), shrinkwrap (Marchesini et al., PRB 68, 140101 (2003))
-   every ``shrinkwrap_every`` HIO iterations. ρ is carried over from the previous
-   iteration (random at the first, seeded), but the support restarts every iteration from
-   the thresholded autocorrelation of the current W: carrying the shrink-wrapped support
-   over, as spinifel does, locked runs from random orientations into a wrong model on the
-   test data (measured), since a support once too tight never grows back.
+   every ``shrinkwrap_every`` HIO iterations: the projections of :mod:`spiflow.phasing`.
+   ρ is carried over from the previous iteration (random at the first, seeded), but the
+   support restarts every iteration from the thresholded autocorrelation of the current W:
+   carrying the shrink-wrapped support over, as spinifel does, locked runs from random
+   orientations into a wrong model on the test data (measured), since a support once too
+   tight never grows back.
 3. match: the model is the phased ``|F[ρ]|²`` (``use_phased_model``; an intensity consistent
    with a bounded, positive density everywhere, unmeasured voxels included) or the merged W.
    Every frame gets the sampled orientation (:func:`spiflow.sampling.so3_sampling`) of
@@ -57,101 +58,26 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .emc import _Data
+from .emc import PhotonBlocks
 from .grid import Grid, friedel_symmetrize
 from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
-from .phasing import _gaussian_filter
+from .phasing import (autocorrelation_support, fourier_error, half_spectrum, modulus_projection, phasing_step,
+                      shrinkwrap)
 from .rotation import angle_between, canonical, multiply, quaternion_to_matrix, random_quaternions
 from .sampling import angular_step_deg, so3_sampling
+from .settings import MTIPSettings
 from .slicing import merge_ratio, merge_rotated, slice_rotated
 
 LOG_COLUMNS = ["iteration", "orientation_change", "data_distance", "phasing_error", "support_fraction",
                "gain_std", "seconds"]
 _AXES = (-3, -2, -1)
-
-
-@dataclass
-class MTIPConfig:
-    """Settings of :func:`run_mtip` (module docstring for the steps they control).
-
-    num_div: reference orientations, the 600-cell refinement (10 (5n³+n) rotations,
-    spacing ≈ 73.5° / n). iterations: maximum number of M-TIP iterations (a resumed run
-    continues up to it). converge_fraction: stop once at most this fraction of the frames
-    moved (by more than half the finest search step) in an iteration. distance: "poisson"
-    or "euclidean". refine_steps: local refinement rounds after the global match (0: none;
-    each tries 7 rotations per frame). use_phased_model: match against the phased
-    ``|F[ρ]|²`` (M-TIP) rather than the merged W. update_gain: fit per-frame gains (else
-    φ ≡ 1). phasing_hio, phasing_er (>= 1, so that the fed-back ρ obeys support and
-    positivity): iterations per M-TIP iteration; beta_hio: HIO β. shrinkwrap_every (HIO
-    iterations, 0: never), shrinkwrap_sigma (voxels), shrinkwrap_threshold (fraction of
-    the blurred maximum): the support updates. autocorr_threshold: each iteration's first
-    support, a fraction of the maximum of the autocorrelation blurred by 1 voxel.
-    seed: the random initial orientations and initial ρ. device: "auto", "cpu", "cuda", …
-    (:func:`spiflow.io.resolve_device`). orientation_chunk: orientations sliced at once
-    (chunk × valid pixels). memory_budget_gb: bounds the frame block B by
-    ``B (40 P + chunk) · itemsize <= budget`` (P valid pixels: photons, per-frame slicing
-    coordinates, merge values, refinement slices, the chunk × B distances); the photons
-    stay in memory when frames × P fits in it too. dtype: "float32" or "float64".
-    """
-
-    num_div: int = 4
-    iterations: int = 20
-    converge_fraction: float = 0.0
-    distance: str = "poisson"
-    refine_steps: int = 0
-    use_phased_model: bool = True
-    update_gain: bool = True
-    phasing_hio: int = 30
-    phasing_er: int = 20
-    beta_hio: float = 0.9
-    shrinkwrap_every: int = 10
-    shrinkwrap_sigma: float = 1.5
-    shrinkwrap_threshold: float = 0.1
-    autocorr_threshold: float = 0.04
-    seed: int = 0
-    device: str = "auto"
-    orientation_chunk: int = 1024
-    memory_budget_gb: float = 2.0
-    dtype: str = "float32"
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        def whole(low):
-            return lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= low
-
-        checks = [
-            ("num_div", whole(1), "an integer >= 1"),
-            ("iterations", whole(1), "an integer >= 1"),
-            ("converge_fraction", lambda x: 0 <= x < 1, "in [0, 1)"),
-            ("distance", lambda x: x in ("poisson", "euclidean"), "'poisson' or 'euclidean'"),
-            ("refine_steps", whole(0), "an integer >= 0"),
-            ("phasing_hio", whole(0), "an integer >= 0"),
-            ("phasing_er", whole(1), "an integer >= 1"),
-            ("beta_hio", lambda x: 0 < x <= 1, "in (0, 1]"),
-            ("shrinkwrap_every", whole(0), "an integer >= 0"),
-            ("shrinkwrap_sigma", lambda x: 0 < x < float("inf"), "> 0 voxels"),
-            ("shrinkwrap_threshold", lambda x: 0 < x < 1, "in (0, 1)"),
-            ("autocorr_threshold", lambda x: 0 < x < 1, "in (0, 1)"),
-            ("seed", whole(0), "an integer >= 0"),
-            ("orientation_chunk", whole(1), "an integer >= 1"),
-            ("memory_budget_gb", lambda x: 0 < x < float("inf"), "> 0"),
-            ("dtype", lambda x: x in ("float32", "float64"), "'float32' or 'float64'"),
-        ]
-        for name, check, what in checks:
-            value = getattr(self, name)
-            try:
-                ok = bool(check(value))
-            except TypeError:
-                ok = False
-            if not ok:
-                raise ValueError(f"MTIPConfig.{name} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -186,15 +112,14 @@ class MTIPResult:
 class _Problem:
     """The data (photon blocks), pixels, reference rotations and the three M-TIP steps."""
 
-    def __init__(self, data: _Data, qv, sv, grid: Grid, config: MTIPConfig, device, dtype):
-        self.data, self.grid, self.cfg, self.chunk = data, grid, config, int(config.orientation_chunk)
+    def __init__(self, data: PhotonBlocks, qv, sv, grid: Grid, settings: MTIPSettings, device, dtype):
+        self.data, self.grid, self.cfg, self.chunk = data, grid, settings, settings.orientation_chunk
         self.q = torch.as_tensor(qv).to(device, dtype)
         self.s = torch.as_tensor(sv).to(device, dtype)
         self.logs = torch.log(self.s)
-        self.quats = torch.as_tensor(so3_sampling(config.num_div)[0]).to(device, dtype)
+        self.quats = torch.as_tensor(so3_sampling(settings.num_div)[0]).to(device, dtype)
         self.rot = quaternion_to_matrix(self.quats)
         self.device, self.dtype = device, dtype
-        self.gen = torch.Generator().manual_seed(int(config.seed))
 
     # -- 1. merge --------------------------------------------------------------------------------
     def merge(self, rot: torch.Tensor, gain: torch.Tensor):
@@ -206,43 +131,33 @@ class _Problem:
         return merge_ratio(accum[0], accum[1]), friedel_symmetrize(accum[1])
 
     # -- 2. phase --------------------------------------------------------------------------------
-    def phase(self, W, measured, rho):
+    def phase(self, W, measured, rho, generator: torch.Generator):
         """One phasing cycle on W (n, n, n) with measured (n, n, n) bool, starting from ρ
-        (un-centred, or None: random). Returns (ρ, support (un-centred), error, ``|F[ρ]|²``
-        (n, n, n) centred, in W's units).
+        (un-centred, or None: uniform random from ``generator``). Returns (ρ, support
+        (un-centred), error, ``|F[ρ]|²`` (n, n, n) centred, in W's units).
 
-        Un-centred layout: ``fftn(ρ)(k) = F(−k) / v`` (v the voxel volume, as in
-        :mod:`spiflow.phasing`), so the target modulus is ``√W / v`` on measured voxels
-        (free elsewhere). The support starts as the thresholded autocorrelation of W (which
-        contains the object's support) and is shrink-wrapped every ``shrinkwrap_every`` HIO
-        iterations (fixed during ER). The error ``‖|G| − A‖ / ‖A‖`` (measured voxels) is that
-        of the iterate entering the last ER iteration."""
+        The steps are those of :mod:`spiflow.phasing`. Un-centred layout: ``rfftn(ρ)(k) =
+        F(−k) / v`` (v the voxel volume), so the target modulus is ``√W / v`` on measured
+        voxels and their Friedel mates (free elsewhere). The support starts as the
+        thresholded autocorrelation of W (:func:`~spiflow.phasing.autocorrelation_support`)
+        and is shrink-wrapped (:func:`~spiflow.phasing.shrinkwrap`, estimate ρ) every
+        ``shrinkwrap_every`` HIO iterations (fixed during ER). The error ``‖|G| − A‖ / ‖A‖``
+        (measured voxels) is that of the iterate entering the last ER iteration."""
         cfg, n, v = self.cfg, self.grid.n, self.grid.voxel_size ** 3
-        A = torch.fft.ifftshift(W.clamp_min(0).sqrt() / v, dim=_AXES)
-        M = torch.fft.ifftshift(measured | measured.flip(_AXES), dim=_AXES)
-        ac = self._blur(torch.fft.ifftn(torch.where(M, A, 0) ** 2).real, 1.0)
-        support = ac > cfg.autocorr_threshold * ac.max()
+        M = measured | measured.flip(_AXES)
+        A, Mh = half_spectrum(W.clamp_min(0).sqrt() / v), half_spectrum(M)
+        support = autocorrelation_support(W.clamp_min(0), M, self.grid, cfg.autocorr_threshold, self.device)
         if rho is None:
-            rho = torch.rand((n,) * 3, generator=self.gen, dtype=torch.float64).to(self.device, self.dtype)
+            rho = torch.rand((n,) * 3, generator=generator, dtype=torch.float64).to(self.device, self.dtype)
         rho = rho * support
-        norm_A = torch.linalg.norm(torch.where(M, A, 0))
         for k in range(cfg.phasing_hio + cfg.phasing_er):
-            G = torch.fft.fftn(rho)
-            err = torch.linalg.norm(torch.where(M, G.abs() - A, 0)) / norm_A
-            y = torch.fft.ifftn(torch.where(M, G * (A / G.abs().clamp_min(1e-30)), G)).real
-            keep = support & (y >= 0)
-            rho = torch.where(keep, y, rho - cfg.beta_hio * y) if k < cfg.phasing_hio else y * keep
+            y, mag = modulus_projection(rho, A, Mh)
+            err = fourier_error(mag, A, Mh)
+            rho = phasing_step("HIO" if k < cfg.phasing_hio else "ER", rho, y, support, cfg.beta_hio)
             if k < cfg.phasing_hio and cfg.shrinkwrap_every and (k + 1) % cfg.shrinkwrap_every == 0:
-                blur = self._blur(rho.clamp_min(0) * support, cfg.shrinkwrap_sigma)
-                if blur.max() > 0:
-                    support = blur > cfg.shrinkwrap_threshold * blur.max()
+                support = shrinkwrap(rho, support, cfg.shrinkwrap_sigma, cfg.shrinkwrap_threshold)
         phased = torch.fft.fftshift(torch.fft.fftn(rho).abs() ** 2, dim=_AXES) * v ** 2
         return rho, support, float(err), phased
-
-    def _blur(self, x, sigma):
-        n = self.grid.n
-        h = _gaussian_filter(n, sigma, self.device)[0].to(self.dtype)
-        return torch.fft.irfftn(torch.fft.rfftn(x) * h, s=(n, n, n))
 
     # -- 3. match --------------------------------------------------------------------------------
     def _distance(self, S, K, floor):
@@ -299,24 +214,24 @@ class _Problem:
         return cand[torch.arange(B, device=self.device), self._distance(S, K, floor).argmin(1)]
 
 
-def _fingerprint(config: MTIPConfig, grid: Grid, shape, n_valid: int, init, data: str) -> str:
-    skip = ("iterations", "device", "orientation_chunk", "memory_budget_gb")
-    fp = {k: v for k, v in asdict(config).items() if k not in skip}
-    fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), data=data,
+def _fingerprint(settings: MTIPSettings, seed: int, grid: Grid, shape, n_valid: int, init, data: str) -> str:
+    """All settings but the iteration count and the cost settings, the seed, grid, data
+    shape, valid-pixel count, per-frame photon totals and initial orientations."""
+    fp = settings.model_dump(exclude={"iterations", "orientation_chunk", "memory_budget_gb"})
+    fp.update(seed=seed, grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), data=data,
               init=None if init is None else hashlib.sha1(np.ascontiguousarray(init).tobytes()).hexdigest())
     return json.dumps(fp, sort_keys=True)
 
 
-def _setup(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig):
+def _setup(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings, device: str):
     """Validated inputs → (_Problem, photons per frame N_i (frames,), Σ_i Σ_p K_ip log s_p)."""
-    config.validate()
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
-    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    device, dtype = resolve_device(device), getattr(torch, settings.dtype)
     item, P = torch.finfo(dtype).bits // 8, len(qv)
-    budget = config.memory_budget_gb * 1e9
-    block = int(max(1, min(frames, budget // (item * (40 * P + config.orientation_chunk)))))
-    data = _Data(photons, valid, block, frames * P * item <= budget, device, dtype)
-    problem = _Problem(data, qv, sv, grid, config, device, dtype)
+    budget = settings.memory_budget_gb * 1e9
+    block = int(max(1, min(frames, budget // (item * (40 * P + settings.orientation_chunk)))))
+    data = PhotonBlocks(photons, valid, block, frames * P * item <= budget, device, dtype)
+    problem = _Problem(data, qv, sv, grid, settings, device, dtype)
     n_frame, klogs = np.zeros(frames), 0.0
     for i0, i1, K in data:  # validates every block, fills the cache when enabled
         n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
@@ -333,16 +248,17 @@ def _quaternions(quat, frames: int, name: str) -> np.ndarray:
     return quat / np.linalg.norm(quat, axis=1, keepdims=True)
 
 
-def match_orientations(model, photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | None = None):
+def match_orientations(model, photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings | None = None,
+                       *, device: str = "auto"):
     """Orientation matching alone (step 3): the best orientation of every frame against ``model``.
 
-    model: (n, n, n) intensity on ``grid``; photons, valid, q, pixel_factor as in
-    :func:`run_mtip`; config: num_div, distance, refine_steps, device, chunk, budget, dtype
-    are used. Returns numpy ``(quaternion (frames, 4) [w, x, y, z] w >= 0, gain (frames,)
+    model: (n, n, n) intensity on ``grid``; photons, valid, q, pixel_factor, device as in
+    :func:`run_mtip`; of ``settings`` num_div, distance, refine_steps, orientation_chunk,
+    memory_budget_gb and dtype are used. Returns numpy ``(quaternion (frames, 4) [w, x, y, z] w >= 0, gain (frames,)
     φ_i = N_i / Σ_p s_p W(R_iᵀ q_p) normalised to mean 1, distance (frames,))``.
     """
-    config = config or MTIPConfig()
-    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, config)
+    settings = settings or MTIPSettings()
+    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, settings, device)
     W = torch.as_tensor(np.asarray(model)).to(problem.device, problem.dtype)
     if W.shape != (grid.n,) * 3:
         raise ValueError(f"model has shape {tuple(W.shape)}, expected {(grid.n,) * 3}")
@@ -352,51 +268,60 @@ def match_orientations(model, photons, valid, q, pixel_factor, grid: Grid, confi
 
 
 def merge_frames(photons, valid, q, pixel_factor, grid: Grid, quaternion, gain=None,
-                 config: MTIPConfig | None = None):
+                 settings: MTIPSettings | None = None, *, device: str = "auto"):
     """Merging alone (step 1): frames at known orientations into ``(W, weight)``, numpy (n, n, n).
 
     quaternion: (frames, 4) [w, x, y, z], frame i recording ``W(R_iᵀ q)``; gain: (frames,)
     (default 1). W in photons per unit pixel factor for a gain-1 frame, 0 where weight = 0.
+    Of ``settings`` orientation_chunk, memory_budget_gb and dtype are used; device as in
+    :func:`run_mtip`.
     """
-    config = config or MTIPConfig()
-    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, config)
+    settings = settings or MTIPSettings()
+    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, settings, device)
     quat = torch.as_tensor(_quaternions(quaternion, len(n_frame), "quaternion")).to(problem.device, problem.dtype)
     g = torch.as_tensor(np.ones(len(n_frame)) if gain is None else np.asarray(gain, dtype=np.float64))
     W, weight = problem.merge(quaternion_to_matrix(quat), g.to(problem.device, problem.dtype))
     return W.cpu().numpy(), weight.cpu().numpy()
 
 
-def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | None = None, init_quaternions=None,
-             log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
-             progress: bool = True) -> MTIPResult:
+def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings | None = None, init_quaternions=None,
+             *, seed: int = 0, device: str = "auto", log_path: str | os.PathLike | None = None,
+             checkpoint_path: str | os.PathLike | None = None, progress: bool = True) -> MTIPResult:
     """Reconstruct the 3D intensity, density and frame orientations by M-TIP (module docstring).
 
     photons: (frames, ny, nx) counts, any array-like sliced as ``photons[i0:i1]`` (numpy,
     Zarr), streamed block by block as in :func:`spiflow.emc.run_emc`. valid: (ny, nx)
     bool; q: (ny, nx, 3) Å⁻¹ (no 2π; valid pixels beyond ``grid.q_max`` are dropped with a
     warning); pixel_factor: (ny, nx) > 0 (solid angle × polarisation). grid: the model grid.
-    config: :class:`MTIPConfig`. init_quaternions: optional (frames, 4) [w, x, y, z]
-    starting orientations (e.g. learned ones: "synergy" seeding); default uniformly random
-    (seeded by ``config.seed``). Gains start at ``N_i / mean N`` (1 without update_gain).
+    settings: :class:`spiflow.settings.MTIPSettings` (default: its defaults, the
+    workflow's). init_quaternions: optional (frames, 4) [w, x, y, z] starting orientations
+    (e.g. learned ones: "synergy" seeding); default uniformly random, seeded by ``seed``,
+    which also seeds the first phasing's random ρ. device: "auto", "cpu", "cuda", …
+    (:func:`spiflow.io.resolve_device`). Gains start at ``N_i / mean N`` (1 without update_gain).
     log_path: CSV, one row per iteration (:data:`LOG_COLUMNS`), appended as it goes.
     checkpoint_path: ``torch.save`` of ``{iteration, quaternion, gain, distance, rho,
     support, converged, fingerprint}`` written atomically after every iteration; an
-    existing one with the same fingerprint (all config fields except iterations, device,
-    chunk and memory budget; grid; data shape; valid-pixel count; init_quaternions) is
+    existing one with the same fingerprint (every setting except iterations,
+    orientation_chunk and memory_budget_gb; seed; grid; data shape; valid-pixel count; the
+    per-frame photon totals; init_quaternions) is
     resumed (loaded with ``weights_only=True``), the CSV cut back to it; a converged run
     or one at or past ``iterations`` is returned as it is (one final merge). A different
     fingerprint restarts from scratch (UserWarning). The result's W is one final merge at
     the final orientations and gains.
     Raises ValueError for bad shapes, an empty mask, pixel_factor <= 0, negative or
-    non-finite counts, no photon at all, bad init_quaternions and invalid config values.
+    non-finite counts, no photon at all, bad init_quaternions and a negative seed (invalid
+    settings are refused by :class:`~spiflow.settings.MTIPSettings` itself).
     """
-    config = config or MTIPConfig()
-    problem, n_frame, klogs = _setup(photons, valid, q, pixel_factor, grid, config)
+    settings = settings or MTIPSettings()
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    problem, n_frame, klogs = _setup(photons, valid, q, pixel_factor, grid, settings, device)
+    generator = torch.Generator().manual_seed(seed)
     frames, device, dtype = len(n_frame), problem.device, problem.dtype
     init = None if init_quaternions is None else _quaternions(init_quaternions, frames, "init_quaternions")
-    fp = _fingerprint(config, grid, photons.shape, len(problem.q), init, data_digest(n_frame))
+    fp = _fingerprint(settings, seed, grid, photons.shape, len(problem.q), init, data_digest(n_frame))
     # a frame "changed" when it moved by more than half the finest search step
-    threshold = angular_step_deg(config.num_div) / 2 ** (config.refine_steps + 1)
+    threshold = angular_step_deg(settings.num_div) / 2 ** (settings.refine_steps + 1)
 
     start, converged, ckpt = 0, False, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
@@ -404,26 +329,26 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, config: MTIPConfig | N
         quat, gain, dist, rho = (ckpt[k].to(device, dtype) for k in ("quaternion", "gain", "distance", "rho"))
         support = ckpt["support"].to(device)
     else:
-        q0 = init if init is not None else random_quaternions(frames, np.random.default_rng(config.seed))
+        q0 = init if init is not None else random_quaternions(frames, np.random.default_rng(seed))
         quat = canonical(torch.as_tensor(q0)).to(device, dtype)
-        g0 = n_frame / n_frame.mean() if config.update_gain else np.ones(frames)
+        g0 = n_frame / n_frame.mean() if settings.update_gain else np.ones(frames)
         gain, rho, support = torch.as_tensor(g0).to(device, dtype), None, None
         dist = torch.full((frames,), float("nan"), dtype=dtype, device=device)
     rows = RunLog(log_path, LOG_COLUMNS, ckpt)
 
-    bar = tqdm(total=config.iterations, initial=min(start, config.iterations), disable=not progress, desc="M-TIP")
+    bar = tqdm(total=settings.iterations, initial=min(start, settings.iterations), disable=not progress, desc="M-TIP")
     it = start
-    while it < config.iterations and not converged:
+    while it < settings.iterations and not converged:
         it, t0 = it + 1, time.perf_counter()
         W, weight = problem.merge(quaternion_to_matrix(quat), gain)                      # 1. merge
-        rho, support, err, phased = problem.phase(W, weight > 0, rho)                      # 2. phase
-        new, sdot, dist = problem.match(phased if config.use_phased_model else W)          # 3. match
+        rho, support, err, phased = problem.phase(W, weight > 0, rho, generator)           # 2. phase
+        new, sdot, dist = problem.match(phased if settings.use_phased_model else W)          # 3. match
         change = (angle_between(quat, new) > threshold).double().mean().item()
-        if config.update_gain:
+        if settings.update_gain:
             gain = torch.as_tensor(n_frame).to(device, dtype) / sdot.clamp_min(torch.finfo(dtype).tiny)
             gain = gain / gain.mean()
-        quat, converged = new, change <= config.converge_fraction
-        d = dist.double().mean().item() if config.distance == "euclidean" else \
+        quat, converged = new, change <= settings.converge_fraction
+        d = dist.double().mean().item() if settings.distance == "euclidean" else \
             (dist.double().sum().item() - klogs) / n_frame.sum()
         row = {"iteration": it, "orientation_change": change, "data_distance": d, "phasing_error": err,
                "support_fraction": support.double().mean().item(),

@@ -15,7 +15,10 @@ inside the support, so that unconstrained low-q modes outside it cannot inflate 
 decreasing linearly from ``sigma_start`` to ``sigma_end`` over the schedule; optionally capped
 to the ``max_support_fraction`` brightest voxels. Initial support: the thresholded, slightly
 blurred autocorrelation (inverse transform of the intensity), which contains the object's
-support. Initial phases: uniform random (seeded).
+support. Initial phases: uniform random (seeded). Each of these steps is a public function
+(:func:`modulus_projection`, :func:`support_projection`, :func:`phasing_step`,
+:func:`shrinkwrap`, :func:`autocorrelation_support`), used by :func:`phase` and by the
+phasing inside :mod:`spiflow.mtip`.
 
 Restarts run batched as one (restarts, n, n, n) tensor with real FFTs (complex64) on any
 device; each finishes with ``final_er`` ER iterations and is scored only by its data
@@ -39,39 +42,10 @@ import torch
 from spiflow.align import align_density
 from spiflow.grid import Grid, density_to_structure_factor, structure_factor_to_density
 from spiflow.io import resolve_device
+from spiflow.settings import PhasingSettings
 
 ALGORITHMS = ("ER", "HIO", "RAAR")
 _AXES = (-3, -2, -1)
-
-
-@dataclass
-class PhasingConfig:
-    """Settings of :func:`phase`. Iteration counts are per cycle of ``schedule``.
-
-    schedule: ``"RAAR:200,ER:20"`` or ``[("RAAR", 200), ("ER", 20)]``, run ``n_cycles`` times,
-    then ``final_er`` ER iterations with the support fixed. Shrinkwrap is active during the
-    cycles only (``shrinkwrap_every = 0`` disables it). Its defaults (σ 3 → 1.5 voxels,
-    threshold 0.1) are looser than Marchesini's (→ 1.5, 0.2) because low-resolution SPI
-    densities have soft edges: for Gaussian-blob test objects a σ = 1, 0.15 support already
-    truncates ~12 % of ‖F‖. Sizes are voxels; betas dimensionless.
-    """
-
-    schedule: str | Sequence = "RAAR:200,ER:20"
-    n_cycles: int = 3
-    final_er: int = 50
-    n_restarts: int = 8
-    n_average: int = 4
-    beta_hio: float = 0.9
-    beta_raar: float = 0.87
-    positivity: bool = True
-    shrinkwrap_every: int = 20
-    sigma_start: float = 3.0
-    sigma_end: float = 1.5
-    shrinkwrap_threshold: float = 0.1
-    max_support_fraction: float | None = None
-    autocorr_threshold: float = 0.04
-    n_shells: int = 20
-    log_every: int = 10
 
 
 @dataclass
@@ -122,28 +96,11 @@ def parse_schedule(schedule) -> list[tuple[str, int]]:
     return out
 
 
-def _check_config(cfg: PhasingConfig) -> list[tuple[str, int]]:
-    sched = parse_schedule(cfg.schedule)
-    for name in ("n_cycles", "n_restarts", "n_average", "n_shells", "log_every"):
-        if int(getattr(cfg, name)) != getattr(cfg, name) or getattr(cfg, name) < 1:
-            raise ValueError(f"phasing {name} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("final_er", "shrinkwrap_every"):
-        if int(getattr(cfg, name)) != getattr(cfg, name) or getattr(cfg, name) < 0:
-            raise ValueError(f"phasing {name} must be an integer >= 0, got {getattr(cfg, name)}")
+def _check_settings(cfg: PhasingSettings) -> list[tuple[str, int]]:
+    """The parsed schedule; ValueError when n_average exceeds n_restarts (pydantic checks the rest)."""
     if cfg.n_average > cfg.n_restarts:
-        raise ValueError(f"n_average ({cfg.n_average}) exceeds n_restarts ({cfg.n_restarts})")
-    for name in ("beta_hio", "beta_raar"):
-        if not 0 < getattr(cfg, name) <= 1:
-            raise ValueError(f"phasing {name} must be in (0, 1], got {getattr(cfg, name)}")
-    for name in ("sigma_start", "sigma_end"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"phasing {name} must be > 0 voxels, got {getattr(cfg, name)}")
-    for name in ("shrinkwrap_threshold", "autocorr_threshold"):
-        if not 0 < getattr(cfg, name) < 1:
-            raise ValueError(f"phasing {name} must be in (0, 1), got {getattr(cfg, name)}")
-    if cfg.max_support_fraction is not None and not 0 < cfg.max_support_fraction <= 1:
-        raise ValueError(f"max_support_fraction must be in (0, 1], got {cfg.max_support_fraction}")
-    return sched
+        raise ValueError(f"phase.n_average ({cfg.n_average}) exceeds phase.n_restarts ({cfg.n_restarts})")
+    return parse_schedule(cfg.schedule)
 
 
 def _prepare(intensity, measured, grid: Grid):
@@ -169,13 +126,105 @@ def _prepare(intensity, measured, grid: Grid):
     return np.where(m, I, 0.0), m
 
 
-def _gaussian_filter(grid_n: int, sigma, device) -> torch.Tensor:
-    """Half-spectrum transfer function(s) of a Gaussian blur of width σ voxels: (..., n, n, n//2+1)."""
-    f = torch.fft.fftfreq(grid_n, device=device)
-    fz = torch.fft.rfftfreq(grid_n, device=device)
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` (..., n, n, n) real, periodic, blurred by a Gaussian of standard deviation
+    ``sigma`` voxels (multiplication of its real FFT by ``exp(−2π² σ² |f|²)``, f in cycles
+    per voxel). Same shape and real dtype."""
+    n = x.shape[-1]
+    f = torch.fft.fftfreq(n, device=x.device)
+    fz = torch.fft.rfftfreq(n, device=x.device)
     f2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + fz[None, None, :] ** 2
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
-    return torch.exp(-2 * math.pi ** 2 * s ** 2 * f2)
+    h = torch.exp(-2 * math.pi ** 2 * torch.as_tensor(sigma, dtype=torch.float32, device=x.device) ** 2 * f2)
+    return torch.fft.irfftn(torch.fft.rfftn(x, dim=_AXES) * h, s=(n, n, n), dim=_AXES)
+
+
+def half_spectrum(volume: torch.Tensor) -> torch.Tensor:
+    """A centred reciprocal-space volume (..., n, n, n), n odd, in the un-centred layout of
+    ``torch.fft.rfftn`` of an (n, n, n) real array: (..., n, n, n // 2 + 1). Only for
+    Friedel-symmetric volumes (the other half is their mirror)."""
+    return torch.fft.ifftshift(volume, dim=_AXES)[..., :volume.shape[-1] // 2 + 1]
+
+
+def autocorrelation_support(intensity, measured, grid: Grid, threshold: float, device) -> torch.Tensor:
+    """First support: the autocorrelation of the density (inverse transform of the measured
+    ``intensity`` (n, n, n), centred, 0 where ``measured`` is False), blurred by 1 voxel
+    (:func:`gaussian_blur`), thresholded at ``threshold`` × its maximum. It contains the
+    object's support (Fienup 1982). Computed in float64 on the CPU, blurred in float32 on
+    ``device``; returns (n, n, n) bool in the un-centred real-space layout."""
+    I = torch.where(torch.as_tensor(measured).cpu(), torch.as_tensor(intensity).cpu().double(), 0.0)
+    patt = structure_factor_to_density(I, grid).real.float().to(device)
+    patt = gaussian_blur(torch.fft.ifftshift(patt, dim=_AXES), 1.0)
+    return patt > threshold * patt.max()
+
+
+def modulus_projection(x: torch.Tensor, amplitude: torch.Tensor, measured: torch.Tensor):
+    """Fourier-modulus projection ``P_M`` (Fienup 1982): the transform of the real iterate
+    ``x`` (..., n, n, n) gets the modulus ``amplitude`` on ``measured`` voxels, its phases
+    kept (unmeasured voxels are left free).
+
+    amplitude (n, n, n // 2 + 1) real and measured (same shape, bool): target modulus of
+    ``torch.fft.rfftn(x)`` and its mask in the half-spectrum layout (:func:`half_spectrum`).
+    Returns ``(y, |rfftn(x)|)``: y = P_M x, real, like x; the modulus (..., n, n, n // 2 + 1)
+    for :func:`fourier_error`."""
+    n = x.shape[-1]
+    G = torch.fft.rfftn(x, dim=_AXES)
+    mag = G.abs()
+    y = torch.fft.irfftn(G * torch.where(measured, amplitude / mag.clamp_min(1e-30), 1.0), s=(n, n, n), dim=_AXES)
+    return y, mag
+
+
+def fourier_error(modulus: torch.Tensor, amplitude: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    """``‖|F| − A‖ / ‖A‖`` over the measured voxels of the full spectrum, from half-spectrum
+    ``modulus`` (..., n, n, n // 2 + 1) (of :func:`modulus_projection`), ``amplitude`` and
+    ``measured`` (n odd: every k_z > 0 plane stands for itself and its mirror). Shape (...)."""
+    wz = torch.full((modulus.shape[-1],), 2.0, device=modulus.device)
+    wz[0] = 1.0
+    norm = (measured * wz * amplitude ** 2).sum(_AXES)
+    return torch.sqrt((measured * wz * (modulus - amplitude) ** 2).sum(_AXES) / norm)
+
+
+def support_projection(y: torch.Tensor, support: torch.Tensor, positivity: bool = True) -> torch.Tensor:
+    """``P_S``: y inside the support (where also ``y ≥ 0`` with ``positivity``), 0 elsewhere."""
+    return y * (support & (y >= 0)) if positivity else y * support
+
+
+def phasing_step(algorithm: str, x: torch.Tensor, y: torch.Tensor, support: torch.Tensor, beta: float,
+                 positivity: bool = True) -> torch.Tensor:
+    """One update of the real iterate ``x`` given ``y = P_M x`` (:func:`modulus_projection`),
+    per voxel (module docstring): ER ``P_S y`` and HIO (Fienup, Appl. Opt. 21, 2758 (1982))
+    ``y`` where ``r ∈ S`` and ``y ≥ 0`` else ``x − β y``; RAAR (D. R. Luke, Inverse Problems
+    21, 37 (2005)) ``y`` where ``r ∈ S`` and ``2y − x ≥ 0`` else ``β x + (1 − 2β) y``. Without
+    ``positivity`` the conditions are ``r ∈ S`` alone. ``beta`` is unused by ER. Raises
+    ValueError for an algorithm not in :data:`ALGORITHMS`."""
+    if algorithm == "ER":
+        return support_projection(y, support, positivity)
+    if algorithm == "HIO":
+        keep = support & (y >= 0) if positivity else support
+        return torch.where(keep, y, x - beta * y)
+    if algorithm == "RAAR":
+        keep = support & (torch.sub(y, x, alpha=0.5) >= 0) if positivity else support  # 2y − x ≥ 0
+        return torch.where(keep, y, torch.add(beta * x, y, alpha=1 - 2 * beta))
+    raise ValueError(f"phasing algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+
+def shrinkwrap(density: torch.Tensor, support: torch.Tensor, sigma: float, threshold: float,
+               positivity: bool = True, max_fraction: float | None = None) -> torch.Tensor:
+    """Shrinkwrap support update (Marchesini et al., PRB 68, 140101 (2003)).
+
+    The estimate ``density`` (..., n, n, n) inside ``support`` (its positive part with
+    ``positivity``, else its modulus) is blurred by σ = ``sigma`` voxels
+    (:func:`gaussian_blur`); the new support is where the blur exceeds ``threshold`` × its
+    maximum (the old support where the estimate is empty), optionally cut to the
+    ``max_fraction`` × n³ voxels of largest blur. Returns a bool tensor like ``support``."""
+    est = (density.clamp_min(0) if positivity else density.abs()) * support
+    blur = gaussian_blur(est, sigma)
+    peak = blur.amax(_AXES, keepdim=True)
+    new = torch.where(peak > 0, blur > threshold * peak, support)
+    if max_fraction is not None:
+        k = max(1, int(max_fraction * blur.shape[-1] ** 3))
+        kth = blur.flatten(-3).topk(k, dim=-1).values[..., -1, None, None, None]
+        new &= blur >= kth
+    return new
 
 
 def _circular_centroid(rho: np.ndarray) -> np.ndarray:
@@ -213,45 +262,31 @@ def prtf(densities: Sequence, intensity: np.ndarray, measured: np.ndarray, grid:
     return out, 0.5 * (edges[1:] + edges[:-1])
 
 
-def phase(intensity, grid: Grid, config: PhasingConfig | None = None, measured=None, seed: int = 0,
+def phase(intensity, grid: Grid, settings: PhasingSettings | None = None, measured=None, seed: int = 0,
           device: str | torch.device = "auto") -> PhasingResult:
     """Retrieve a real, positive density (e/Å³) from ``intensity`` (n, n, n) = |F|² in electrons².
 
     intensity: on ``grid`` (centred, n = grid.n), negatives clipped to 0, Friedel-symmetrised.
+    settings: :class:`spiflow.settings.PhasingSettings` (default: its defaults).
     measured: optional (n, n, n) bool; where False (beam-stop hole, corners beyond the
     detector) the Fourier modulus is left free. A voxel counts as measured if it or its
     Friedel mate is. seed: restarts' random phases (reproducible on a given device).
     Returns a :class:`PhasingResult`. Raises ValueError on bad shapes, NaN, all-zero
-    intensity, a bad schedule or non-positive sizes in ``config``.
+    intensity, a bad schedule or ``n_average > n_restarts``.
     """
-    cfg = config or PhasingConfig()
-    sched = _check_config(cfg)
+    cfg = settings or PhasingSettings()
+    sched = _check_settings(cfg)
     I, m = _prepare(intensity, measured, grid)
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     n, R, h = grid.n, cfg.n_restarts, grid.n // 2 + 1
     v = grid.voxel_size ** 3
     # Un-centred layout: rfftn(x)(k) = F(−k) / v for real x (F as in grid.density_to_structure_factor);
     # I(−k) = I(k), so the target modulus of rfftn(x) is √I / v.
-    A = torch.as_tensor(np.fft.ifftshift(np.sqrt(I) / v)[..., :h], dtype=torch.float32, device=dev)
-    M = torch.as_tensor(np.fft.ifftshift(m)[..., :h], device=dev)
-    wz = torch.full((h,), 2.0, device=dev)
-    wz[0] = 1.0  # rfft half-spectrum weights (n odd: only k_z = 0 is self-conjugate)
-    Aw = (M * wz * A ** 2).sum()
-
-    def modulus(x):
-        G = torch.fft.rfftn(x, dim=_AXES)
-        mag = G.abs()
-        y = torch.fft.irfftn(G * torch.where(M, A / mag.clamp_min(1e-30), 1.0), s=(n, n, n), dim=_AXES)
-        return y, mag
-
-    def error(mag):
-        return torch.sqrt((M * wz * (mag - A) ** 2).sum(_AXES) / Aw)
+    A = half_spectrum(torch.as_tensor(np.sqrt(I) / v)).float().to(dev)
+    M = half_spectrum(torch.as_tensor(m)).to(dev)
 
     # initial support: blurred autocorrelation, thresholded; initial iterate: random phases in it
-    patt = structure_factor_to_density(torch.as_tensor(np.where(m, I, 0.0)), grid).real.float().to(dev)
-    patt = torch.fft.irfftn(torch.fft.rfftn(torch.fft.ifftshift(patt, dim=_AXES)) * _gaussian_filter(n, 1.0, dev)[0],
-                            s=(n, n, n))
-    S = (patt > cfg.autocorr_threshold * patt.max()).expand(R, n, n, n).clone()
+    S = autocorrelation_support(I, m, grid, cfg.autocorr_threshold, dev).expand(R, n, n, n).clone()
     gen = torch.Generator().manual_seed(int(seed))
     phi = (2 * math.pi * torch.rand((R, n, n, h), generator=gen)).to(dev)
     x = torch.fft.irfftn(A * torch.polar(torch.ones_like(phi), phi), s=(n, n, n), dim=_AXES) * S
@@ -264,37 +299,22 @@ def phase(intensity, grid: Grid, config: PhasingConfig | None = None, measured=N
     rows, it = [], 0
     for name, count in steps:
         final = it >= total
+        beta = cfg.beta_raar if name == "RAAR" else cfg.beta_hio
         for j in range(count):
-            y, mag = modulus(x)
-            if name == "ER":
-                x = y * (S & (y >= 0)) if pos else y * S
-            elif name == "HIO":
-                keep = S & (y >= 0) if pos else S
-                x = torch.where(keep, y, x - cfg.beta_hio * y)
-            else:
-                b = cfg.beta_raar
-                keep = S & (torch.sub(y, x, alpha=0.5) >= 0) if pos else S  # 2y − x ≥ 0
-                x = torch.where(keep, y, torch.add(b * x, y, alpha=1 - 2 * b))
+            y, mag = modulus_projection(x, A, M)
+            x = phasing_step(name, x, y, S, beta, pos)
             it += 1
             if not final and cfg.shrinkwrap_every and it % cfg.shrinkwrap_every == 0:
                 sigma = cfg.sigma_start + (cfg.sigma_end - cfg.sigma_start) * min(1.0, it / total)
-                est = (y.clamp_min(0) if pos else y.abs()) * S
-                blur = torch.fft.irfftn(torch.fft.rfftn(est, dim=_AXES) * _gaussian_filter(n, sigma, dev),
-                                        s=(n, n, n), dim=_AXES)
-                peak = blur.amax(_AXES, keepdim=True)
-                S = torch.where(peak > 0, blur > cfg.shrinkwrap_threshold * peak, S)  # empty estimate: keep S
-                if cfg.max_support_fraction is not None:
-                    k = max(1, int(cfg.max_support_fraction * n ** 3))
-                    kth = blur.reshape(R, -1).topk(k, dim=1).values[:, -1].reshape(R, 1, 1, 1)
-                    S &= blur >= kth
+                S = shrinkwrap(y, S, sigma, cfg.shrinkwrap_threshold, pos, cfg.max_support_fraction)
             if it % cfg.log_every == 0 or j == count - 1:
-                err, size = error(mag).cpu().numpy(), S.sum(_AXES).cpu().numpy()
+                err, size = fourier_error(mag, A, M).cpu().numpy(), S.sum(_AXES).cpu().numpy()
                 rows += [dict(restart=r, iteration=it, algorithm=name, fourier_error=float(err[r]),
                               support_size=int(size[r])) for r in range(R)]
 
     if not cfg.final_er:  # score the support/positivity-constrained estimate
-        x = x * (S & (x >= 0)) if pos else x * S
-    errors = error(torch.fft.rfftn(x, dim=_AXES).abs()).cpu().numpy().astype(np.float64)
+        x = support_projection(x, S, pos)
+    errors = fourier_error(torch.fft.rfftn(x, dim=_AXES).abs(), A, M).cpu().numpy().astype(np.float64)
     chosen = np.argsort(errors, kind="stable")[:cfg.n_average]
     dens = torch.fft.fftshift(x, dim=_AXES).cpu().numpy().astype(np.float64)
     supp = torch.fft.fftshift(S, dim=_AXES).cpu().numpy()

@@ -21,13 +21,13 @@ import yaml
 
 from . import halfsets, metrics, plots, stores
 from .align import align_density, align_intensity_rotation, rotate_volume
-from .emc import EMCConfig, run_emc
-from .mtip import MTIPConfig, run_mtip
+from .emc import run_emc
+from .mtip import run_mtip
 from .grid import Grid
 from .io import atomic_path, open_dataset, write_dataset
-from .phasing import PhasingConfig, phase
+from .phasing import phase
 from .selfsup import run_selfsup
-from .settings import SelfSupSettings, VAESettings
+from .settings import EMCSettings, MTIPSettings, PhasingSettings, SelfSupSettings, VAESettings
 from .simulate import check_sample, gather_shards, simulate, simulate_shard
 from .symmetry import point_group
 from .vae import decode, latent_dataset, run_vae
@@ -175,8 +175,9 @@ def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, lo
     """
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
-    cfg = EMCConfig(**config["emc"], seed=config["dataset"]["seed"] + seed_offset, device=config["device"])
-    res = run_emc(photons, valid, q, pf, grid, cfg, log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    cfg = EMCSettings(**config["emc"])
+    res = run_emc(photons, valid, q, pf, grid, cfg, seed=config["dataset"]["seed"] + seed_offset,
+                  device=config["device"], log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
     attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
              "iterations": cfg.iterations, "refine_iterations": cfg.refine_iterations}
     _write_recon(res.intensity, res.weight > 0, res.quaternion, res.gain, grid, scale, attrs, intensity,
@@ -190,9 +191,10 @@ def stage_mtip(config: dict, patterns: str, intensity: str, orientations: str, l
     method ``mtip_selfsup``. Never reads the truth. seed_offset: as for :func:`stage_emc`."""
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
-    cfg = MTIPConfig(**config["mtip"], seed=config["dataset"]["seed"] + seed_offset, device=config["device"])
+    cfg = MTIPSettings(**config["mtip"])
     init = open_dataset(prior, "prior orientations store").quaternion.values if prior else None
-    res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init, log_path=log_csv,
+    res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init,
+                   seed=config["dataset"]["seed"] + seed_offset, device=config["device"], log_path=log_csv,
                    checkpoint_path=checkpoint, progress=progress)
     method = "mtip_selfsup" if prior else "mtip"
     attrs = {"method": method, "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
@@ -273,7 +275,7 @@ def stage_phase(config: dict, intensity: str, density: str, density_mrc: str, lo
     n = ds.sizes["qx"]
     grid = Grid(n, float(ds.qx.values[1] - ds.qx.values[0]))
     measured = ds["measured"].values if "measured" in ds else None
-    res = phase(ds.intensity.values, grid, PhasingConfig(**config["phase"]), measured=measured,
+    res = phase(ds.intensity.values, grid, PhasingSettings(**config["phase"]), measured=measured,
                 seed=config["dataset"]["seed"] + seed_offset, device=config["device"])
     stores.write_density(density, res.density, res.support, grid,
                          {"method": ds.attrs.get("method", ""), "wall_seconds": time.perf_counter() - t0,

@@ -40,7 +40,8 @@ import torch
 
 from .grid import Grid, friedel_symmetrize
 from .rotation import canonical, multiply, quaternion_to_matrix
-from .sampling import local_rotations
+from .sampling import COVERING_RADIUS_DEG, local_rotations
+from .settings import EMCSettings
 from .slicing import grid_coordinates, merge_model, merge_ratio, slice_model
 
 ASSIGNMENTS = ("hard", "soft")
@@ -137,3 +138,13 @@ def step_schedule(start_deg: float, end_deg: float, iterations: int) -> np.ndarr
     if iterations < 1:
         return np.zeros(0)
     return np.geomspace(start_deg, end_deg, iterations) if iterations > 1 else np.array([end_deg])
+
+
+def refine_steps_deg(settings: EMCSettings) -> np.ndarray:
+    """The local search step (degrees) of each of the ``refine_iterations`` local
+    iterations of EMC, (refine_iterations,): geometric from the covering radius of the
+    global sampling spread over the search radius, ``COVERING_RADIUS_DEG / num_div /
+    refine_radius_steps`` (:data:`spiflow.sampling.COVERING_RADIUS_DEG`), to
+    ``refine_step_end_deg`` (not above the start)."""
+    start = COVERING_RADIUS_DEG / settings.num_div / settings.refine_radius_steps
+    return step_schedule(start, min(start, settings.refine_step_end_deg), settings.refine_iterations)

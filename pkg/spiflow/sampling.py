@@ -118,18 +118,30 @@ def _sampling(num_div: int) -> tuple[np.ndarray, np.ndarray]:
     return quat, weight
 
 
+def _check_num_div(num_div: int) -> None:
+    if int(num_div) != num_div or num_div < 1:
+        raise ValueError(f"num_div must be an integer >= 1, got {num_div}")
+
+
+def n_orientations(num_div: int) -> int:
+    """Number of rotations of :func:`so3_sampling`: ``10 (5n³ + n)``, n = num_div (the
+    barycentric points of the 600 cells, one of each ± pair: module docstring).
+    Raises ValueError if ``num_div < 1``."""
+    _check_num_div(num_div)
+    return 10 * (5 * int(num_div) ** 3 + int(num_div))
+
+
 def so3_sampling(num_div: int) -> tuple[np.ndarray, np.ndarray]:
     """Quaternions and quadrature weights of the refined 600-cell sampling of SO(3).
 
     num_div: the refinement n >= 1 (each 600-cell edge split into n). Returns
-    ``quats`` (M, 4) float64 unit ``[w, x, y, z]`` with ``M = 10 (5n³ + n)``, one of each
+    ``quats`` (M, 4) float64 unit ``[w, x, y, z]`` with M = :func:`n_orientations`, one of each
     ± pair (w > 0; for w = 0 the first nonzero component is positive), and ``weights``
     (M,) float64 ∝ ``1/|p|⁴`` (p the unprojected point, see the module docstring),
     summing to 1. Results are cached; copies are returned. Nearest-neighbour spacing:
     :func:`angular_step_deg`. Raises ValueError if ``num_div < 1``.
     """
-    if int(num_div) != num_div or num_div < 1:
-        raise ValueError(f"num_div must be an integer >= 1, got {num_div}")
+    _check_num_div(num_div)
     quat, weight = _sampling(int(num_div))
     return quat.copy(), weight.copy()
 
@@ -142,8 +154,7 @@ def angular_step_deg(num_div: int) -> float:
     on average 31° / n and at most 53° / n ≈ 0.93 / n rad (Loh & Elser's ≈ 0.944 / n)
     from its nearest sample. Raises ValueError if ``num_div < 1``.
     """
-    if int(num_div) != num_div or num_div < 1:
-        raise ValueError(f"num_div must be an integer >= 1, got {num_div}")
+    _check_num_div(num_div)
     return STEP_CONSTANT_DEG / num_div
 
 

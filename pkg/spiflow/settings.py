@@ -227,12 +227,12 @@ class MTIPSettings(Section):
     iterations, 0: never), shrinkwrap_sigma (voxels), shrinkwrap_threshold (fraction of
     the blurred maximum): the support updates. autocorr_threshold: each iteration's first
     support, a fraction of the maximum of the autocorrelation blurred by 1 voxel.
-    seed: the random initial orientations and initial ρ. device: "auto", "cpu", "cuda", …
-    (:func:`spiflow.io.resolve_device`). orientation_chunk: orientations sliced at once
-    (chunk × valid pixels). memory_budget_gb: bounds the frame block B by
-    ``B (40 P + chunk) · itemsize <= budget`` (P valid pixels: photons, per-frame slicing
-    coordinates, merge values, refinement slices, the chunk × B distances); the photons
-    stay in memory when frames × P fits in it too. dtype: "float32" or "float64".
+    orientation_chunk: orientations sliced at once (chunk × valid pixels).
+    memory_budget_gb: bounds the frame block B by ``B (40 P + chunk) · itemsize <= budget``
+    (P valid pixels: photons, per-frame slicing coordinates, merge values, refinement
+    slices, the chunk × B distances); the photons stay in memory when frames × P fits in it
+    too. dtype: "float32" or "float64". The run's seed (random initial orientations and ρ)
+    and device are arguments of :func:`spiflow.mtip.run_mtip`.
     """
     num_div: int = Field(4, ge=1, le=40)
     iterations: int = Field(20, ge=1)
