@@ -67,7 +67,7 @@ def test_decoders_are_friedel_symmetric(decoder):
 
 
 def test_model_reads_the_intensity_at_r_transpose_q():
-    """Frame i records I(R_iᵀ q) (SPEC.md): with a voxel decoder holding a smooth log-intensity
+    """Frame i records I(R_iᵀ q) (docs/conventions.md): with a voxel decoder holding a smooth log-intensity
     V(q) on the grid, the model's log μ for rotation R is V(Rᵀ q) (axes qx, qy, qz)."""
     grid = Grid(21, 0.01)
     A = np.diag([3.0, 1.0, -2.0]) + np.array([[0, 1.5, 0], [1.5, 0, 0.5], [0, 0.5, 0]])

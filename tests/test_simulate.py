@@ -44,7 +44,7 @@ def test_one_atom_intensity_is_form_factor_squared(method):
     q = random_q(500)
     F = structure_factor(atoms, q, method=method)
     np.testing.assert_allclose(np.abs(F) ** 2, form_factor("O", np.linalg.norm(q, axis=1)) ** 2, rtol=1e-7)
-    # the phase is exp(2πi q·r): the sign convention of SPEC.md
+    # the phase is exp(2πi q·r): the sign convention of docs/conventions.md
     np.testing.assert_allclose(np.angle(F), np.angle(np.exp(2j * np.pi * q @ atoms.positions[0])), atol=1e-6)
 
 

@@ -1,6 +1,6 @@
 """Flat square detector: per-pixel q on the curved Ewald sphere, solid angle, polarisation.
 
-Geometry (SPEC.md): beam along +z through the detector centre, interaction point at
+Geometry (docs/conventions.md): beam along +z through the detector centre, interaction point at
 the origin, detector plane at z = distance. Pixel (iy, ix) has its centre at
 ``x = (ix − (n−1)/2) p``, ``y = (iy − (n−1)/2) p``. With ``|k| = 1/λ``:
 ``q = k_out − k_in = (x, y, D)/(r λ) − (0, 0, 1/λ)``, so ``|q| = 2 sin θ / λ`` and

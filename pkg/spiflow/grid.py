@@ -1,6 +1,6 @@
 """The cubic reciprocal-space grid and trilinear slicing / merging on it.
 
-Convention (SPEC.md): the intensity volume is sampled on an ``n × n × n`` grid (``n``
+Convention (docs/conventions.md): the intensity volume is sampled on an ``n × n × n`` grid (``n``
 odd) centred on q = 0, voxel spacing ``dq`` in Å⁻¹ (crystallographic, no 2π); index
 ``c = n // 2`` is q = 0 and the axes are ``(qx, qy, qz)``. The matching real-space grid
 has voxel size ``1 / (n dq)`` Å and the same centring.
@@ -116,7 +116,7 @@ def merge_into(accum: torch.Tensor, q: torch.Tensor, values: torch.Tensor, grid:
 def rotated_points(q: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """``R_rᵀ q_p`` for every rotation r (R, 3, 3) and point p (P, 3): returns (R, P, 3).
 
-    This is where frame r samples the particle's intensity (SPEC.md: ``I(R_iᵀ q)``).
+    This is where frame r samples the particle's intensity (docs/conventions.md: ``I(R_iᵀ q)``).
     In row-vector form ``(Rᵀ q)ᵀ = qᵀ R``, one batched matrix product.
     """
     return torch.matmul(q.to(rotations.dtype), rotations)
@@ -130,7 +130,7 @@ def friedel_symmetrize(volume: torch.Tensor) -> torch.Tensor:
 def structure_factor_to_density(F: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Electron density (n, n, n) in e/Å³ from the structure factor ``F`` (n, n, n) in electrons.
 
-    With ``F(q) = Σ_j f_j exp(+2πi q·r_j)`` (SPEC.md) the inverse is
+    With ``F(q) = Σ_j f_j exp(+2πi q·r_j)`` (docs/conventions.md) the inverse is
     ``ρ(r) = ∫ F(q) exp(−2πi q·r) d³q ≈ dq³ Σ_k F(q_k) exp(−2πi q_k·r)``, a forward DFT
     on the centred grids (q = 0 and r = 0 at index n // 2). Returns a complex tensor;
     the density of a real object is its real part.

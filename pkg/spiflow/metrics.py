@@ -1,7 +1,7 @@
 """Evaluation numbers: Fourier shell correlation, resolution, intensity and orientation errors.
 
 Pure functions of arrays (numpy or torch in, numpy / pandas / float out). Conventions of
-SPEC.md: q in Å⁻¹ without 2π, resolution d = 1/q Å, volumes on :class:`spiflow.grid.Grid`
+docs/conventions.md: q in Å⁻¹ without 2π, resolution d = 1/q Å, volumes on :class:`spiflow.grid.Grid`
 (centred, axes qx, qy, qz), quaternions [w, x, y, z] active, frame i records I(R_iᵀ q).
 
 Resolution shells: voxel k belongs to shell ``round(|q| / (shell_width dq))``; shell

@@ -3,7 +3,7 @@
 Figures are built with :class:`matplotlib.figure.Figure` on the Agg canvas directly (no
 pyplot, so no global backend or figure state); each is released after saving. The pixel
 size of every PNG is fixed: ``FIGSIZE[name]`` inches × ``DPI`` (no tight bounding box).
-Units follow SPEC.md: q in Å⁻¹ (no 2π), resolution 1/q in Å, real-space lengths in Å.
+Units follow docs/conventions.md: q in Å⁻¹ (no 2π), resolution 1/q in Å, real-space lengths in Å.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Unit quaternions and rotation matrices (torch, batched).
 
-Convention (SPEC.md): quaternions are ``[w, x, y, z]``, scalar first, canonicalised to
+Convention (docs/conventions.md): quaternions are ``[w, x, y, z]``, scalar first, canonicalised to
 ``w >= 0``; ``R(quat)`` is the active, right-handed rotation of the particle, so frame
 *i* records ``I(R_iᵀ q_pixel)``. Formulae: J. Diebel, "Representing attitude: Euler
 angles, unit quaternions, and rotation vectors" (2006), eq. 125 (matrix from quaternion);

@@ -14,7 +14,7 @@ pixels' q is scaled by the grid's q_max to [−1, 1] (the reference scales the l
 q to π).
 
 Model. Frame i, valid pixel p: ``μ_ip = g_i s_p exp(D(R_iᵀ q_p / q_max))`` photons, with
-``s_p`` the pixel factor, ``R_i`` from the encoder (spiflow convention, SPEC.md: frame i
+``s_p`` the pixel factor, ``R_i`` from the encoder (spiflow convention, docs/conventions.md: frame i
 records ``I(R_iᵀ q)``), ``g_i`` the gain, ``D = b(|q|) + decoder`` the log-intensity: ``b``
 the log radial profile ``Σ_i K_ip / (frames · s_p)`` in bins of width dq (or its mean when
 ``radial_baseline`` is off) and ``decoder`` a :class:`~spiflow.nets.FriedelSiren` or a

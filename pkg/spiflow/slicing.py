@@ -1,7 +1,7 @@
 """Fused trilinear slicing and merging of a model volume at rotated detector pixels.
 
 Every reconstruction method (EMC, M-TIP, the VAE) reads a model ``W`` on a
-:class:`~spiflow.grid.Grid` at ``R_rᵀ q_p`` (frame i records ``I(R_iᵀ q)``, SPEC.md) and
+:class:`~spiflow.grid.Grid` at ``R_rᵀ q_p`` (frame i records ``I(R_iᵀ q)``, docs/conventions.md) and
 merges photons back with the adjoint. These kernels are torch's ``grid_sample`` and its
 input gradient on CUDA, and numba kernels on CPU (:mod:`spiflow.slicing_cpu`): the same
 trilinear weights as :func:`spiflow.grid.slice_volume` / :func:`spiflow.grid.merge_into`

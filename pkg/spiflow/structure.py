@@ -2,7 +2,7 @@
 
 Reading is gemmi's (https://gemmi.readthedocs.io): it parses PDB and PDBx/mmCIF and
 infers the element from the atom name where PDB columns 77–78 are empty. The particle
-frame (SPEC.md) is the file's own axes translated to the atoms' geometric centre,
+frame (docs/conventions.md) is the file's own axes translated to the atoms' geometric centre,
 never rotated.
 """
 from __future__ import annotations

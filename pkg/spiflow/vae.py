@@ -526,7 +526,7 @@ def traversal(decoder: IntensityDecoder, z_mu: np.ndarray, steps: int = 5, span:
 
 
 def latent_dataset(z_mu: np.ndarray, z_logvar: np.ndarray, attrs: dict | None = None) -> xr.Dataset:
-    """The ``recon/vae/latent.zarr`` store of SPEC.md: ``z_mu``, ``z_logvar`` (frame, latent)."""
+    """The ``recon/vae/latent.zarr`` store of docs/conventions.md: ``z_mu``, ``z_logvar`` (frame, latent)."""
     z_mu, z_logvar = np.asarray(z_mu, np.float64), np.asarray(z_logvar, np.float64)
     return xr.Dataset({"z_mu": (("frame", "latent"), z_mu), "z_logvar": (("frame", "latent"), z_logvar)},
                       coords={"frame": np.arange(len(z_mu)), "latent": np.arange(z_mu.shape[1])},
