@@ -1,8 +1,9 @@
-# Two entry points for a fresh clone (README): `make run` and `make test`.
+# Two entry points for a fresh clone (README): `make run` and `make test`; also `make test-fast`
+# (the unit tests, without the end-to-end workflow runs marked slow) and `make lint` (.ci/run).
 PYTHON ?= python3
 CORES ?= 2
 
-.PHONY: install run test slurm
+.PHONY: install run test test-fast lint slurm
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -12,6 +13,13 @@ run: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint: install
+	$(PYTHON) -m ruff check pkg tests benchmarks workflow
+	snakemake --lint
 
 # A single-node SLURM on this machine (root, Debian), for tests/test_slurm.py and
 # `snakemake --profile profiles/slurm --profile profiles/slurm-local`.

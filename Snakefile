@@ -1,14 +1,15 @@
 # spiflow: simulate → orient (EMC, M-TIP) / train (selfsup, vae) → phase → evaluate, one rule file per stage.
-# Paths come from spiflow.pipeline.layout (SPEC.md); every rule calls a thin script
-# in workflow/scripts/ that calls a stage function of the spiflow package.
+# Paths come from spiflow.rules.layout (docs/conventions.md); every rule calls a thin script in
+# workflow/scripts/ that calls a stage function of the spiflow package with the config keys
+# the rule declares as params (spiflow.rules.stage_config): a job reruns when they change.
+# spiflow.rules needs the standard library alone, so a dry run or a lint starts fast.
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-import spiflow.config
-from spiflow.pipeline import check_run, halfset_inputs, layout, vae_orientations_source
-from spiflow.simulate import sample_files, shard_ranges
+from spiflow.rules import (SCHEMA_PATH, check_run, halfset_inputs, layout, sample_files, shard_ranges, stage_config,
+                           vae_orientations_source)
 
 min_version("8.0")
 
@@ -19,7 +20,7 @@ report: "workflow/report/workflow.rst"
 configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
-validate(config, str(spiflow.config.SCHEMA_PATH))
+validate(config, str(SCHEMA_PATH))
 try:  # a bad sample, CXI file, method choice or shard count stops the workflow at once, naming its config key
     check_run(config)
     shard_ranges(config["dataset"]["n_patterns"], config["dataset"]["chunk_frames"], config["simulate"]["shards"])

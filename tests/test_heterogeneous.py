@@ -91,7 +91,7 @@ def test_mixture_and_nanoparticle_truth(tmp_path):
 ])
 def test_bad_heterogeneous_sample_names_the_key(sample, key):
     with pytest.raises((ValueError, FileNotFoundError), match=key.replace(".", r"\.")):
-        simulate.check_sample(small(sample))
+        simulate.build_sample(small(sample))
 
 
 @pytest.mark.parametrize("bad, key", [({"kind": "blob"}, "sample.kind"),
@@ -105,11 +105,11 @@ def test_schema_rejects_bad_sample_keys(bad, key):
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_build_their_samples(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # sample paths are relative to the repository, as Snakemake runs
-    simulate.check_sample(cfg.load_config(path))
+    simulate.build_sample(cfg.load_config(path))
 
 
 def test_vae_section_and_helpers(tmp_path):
-    from spiflow.pipeline import layout, vae_orientations_source
+    from spiflow.rules import layout, vae_orientations_source
 
     c = cfg.validate({"vae": {"epochs": 3, "symmetry": "Oh", "orientations": "truth"}, "device": "cpu"})
     P = layout("r", "x")

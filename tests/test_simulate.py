@@ -1,4 +1,5 @@
 """Physics of the simulate stage against analytic cases, and its store contract."""
+import math
 from pathlib import Path
 
 import gemmi
@@ -205,11 +206,26 @@ def test_sharded_simulate_equals_one_job(tmp_path):
         shard_ranges(24, 7, 5)
 
 
-def test_readout_noise_gives_whole_photons(tmp_path):
-    c = small_config(tmp_path, detector={"readout_noise": 0.3}, dataset={"n_patterns": 4})
-    simulate(c, tmp_path / "p.zarr", tmp_path / "t.zarr", progress=False)
-    ph = xr.open_zarr(tmp_path / "p.zarr").photons.values
-    assert ph.dtype == np.int32 and ph.min() >= 0
+def test_readout_noise_adds_its_variance_to_the_poisson_counts(tmp_path):
+    """Read-out noise σ adds rint(n), n ~ N(0, σ²), to each frame's Poisson counts (the same
+    Poisson draws as without it: same seed), then clips at 0. Where the noise-free count is
+    >= 6 (clipping needs n < -5.5 σ) the difference is rint(n), of mean 0 and variance
+    E[rint(n)²] = Σ_k k² (Φ((k + ½)/σ) − Φ((k − ½)/σ)) (≈ σ² + 1/12, Sheppard's correction)."""
+    sigma = 1.0
+    photons = {}
+    for s in (0.0, sigma):
+        c = small_config(tmp_path, detector={"readout_noise": s}, beam={"mean_photons_per_pattern": 20000.0})
+        simulate(c, tmp_path / str(s) / "p.zarr", tmp_path / str(s) / "t.zarr", progress=False)
+        photons[s] = xr.open_zarr(tmp_path / str(s) / "p.zarr").photons.values
+    noisy, plain = photons[sigma], photons[0.0]
+    assert noisy.dtype == np.int32 and noisy.min() >= 0
+    d = (noisy - plain)[plain >= 6].astype(np.float64)
+    phi = [0.5 * (1 + math.erf((k + 0.5) / sigma / math.sqrt(2))) for k in range(-9, 9)]
+    expected = sum(k * k * (b - a) for k, a, b in zip(range(-8, 9), phi[:-1], phi[1:]))
+    assert expected == pytest.approx(sigma ** 2 + 1 / 12, rel=1e-3)
+    assert d.size > 3000
+    assert abs(d.mean()) < 4 * math.sqrt(expected / d.size)
+    assert d.var() == pytest.approx(expected, rel=0.08)  # about 3 standard errors at this size
 
 
 def test_structure_reading_options_and_formats(tmp_path):

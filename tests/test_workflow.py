@@ -1,8 +1,8 @@
-"""One tiny end-to-end Snakemake run, single-stage reruns, the CLI, and bad input at start-up."""
+"""One tiny end-to-end Snakemake run, single-stage reruns, the CLI, bad input at start-up,
+and spiflow.rules (light, and the config keys of each stage)."""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -11,43 +11,37 @@ import pytest
 import xarray as xr
 import yaml
 
+from conftest import ROOT, TINY, snakemake
 from spiflow import cli, formats
 from spiflow.config import load_config
-from spiflow.pipeline import SUMMARY_COLUMNS, SUMMARY_EXTRA, check_run
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "run": "tiny",
-    "sample": {"path": str(ROOT / "data" / "2cex.pdb")},
-    "dataset": {"n_patterns": 120, "seed": 3, "chunk_frames": 50},
-    "beam": {"mean_photons_per_pattern": 2000.0},
-    "detector": {"n_pixels": 12, "pixel_size_m": 2.6e-3, "beam_stop_radius_m": 2.0e-3},
-    "simulate": {"pilot_orientations": 16},
-    "reconstruction": {"methods": ["truth", "emc", "mtip", "selfsup", "mtip_selfsup"]},
-    "emc": {"num_div": 2, "iterations": 3, "refine_iterations": 2},
-    "mtip": {"num_div": 2, "iterations": 2},
-    "selfsup": {"epochs": 2, "batch_size": 40, "siren_width": 32, "siren_layers": 3, "encoder_width": 8,
-                "encoder_stages": 2},
-    "phase": {"n_restarts": 2, "n_average": 2, "n_cycles": 1, "schedule": "RAAR:30,ER:10", "final_er": 10},
-    "evaluate": {"align_num_div": 1, "montage_frames": 4},
-}
+from spiflow.pipeline import SUMMARY_COLUMNS, SUMMARY_EXTRA
+from spiflow.rules import STAGE_KEYS, check_run, stage_config
 
 
-def snakemake(workdir, *args, check=True, configfile="tiny.yaml", targets=()):
-    cmd = [sys.executable, "-m", "snakemake", *targets, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", str(workdir / configfile), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and res.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
-    return res
+def test_rules_module_imports_no_numerical_library():
+    """The Snakefile imports spiflow.rules alone: a dry run, lint or DAG picture loads none of these."""
+    heavy = ["torch", "numpy", "xarray", "numba", "pydantic", "pandas", "zarr"]
+    code = f"import sys, spiflow.rules; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("workflow")
-    (work / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    snakemake(work)
-    return work
+def test_stage_config_holds_exactly_the_declared_keys():
+    config = load_config()
+    emc = stage_config(config, "orient_emc")
+    assert emc == {"emc": config["emc"], "dataset": {"seed": config["dataset"]["seed"]}, "device": config["device"]}
+    emc["emc"]["num_div"] = 99  # a copy: the stage cannot change the run's config
+    assert config["emc"]["num_div"] != 99
+    assert stage_config(config, "recon_truth") == {}
+    assert stage_config(config, "evaluate") == {"evaluate": {k: config["evaluate"][k]
+                                                             for k in ("align_num_div", "symmetry")}}
+    assert stage_config(config, "summary") == config  # it writes the whole config to evaluate/config.yaml
+    for rule in STAGE_KEYS:  # every declared key exists
+        stage_config(config, rule)
+    with pytest.raises(ValueError, match="orient_magic"):
+        stage_config(config, "orient_magic")
+    with pytest.raises(KeyError):  # a stage reading a key its rule does not declare fails
+        stage_config(config, "orient_emc")["mtip"]
 
 
 @pytest.mark.slow
@@ -107,6 +101,7 @@ def test_rerun_one_stage_leaves_upstream_untouched(tiny_run):
     assert "simulate" not in jobs and "orient_emc" not in jobs and "evaluate" in jobs and "summary" in jobs
 
 
+@pytest.mark.slow
 def test_sharded_simulate_runs_as_separate_jobs(tmp_path):
     sharded = {**TINY, "simulate": {**TINY["simulate"], "shards": 3}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(sharded))
@@ -124,7 +119,8 @@ def test_sharded_simulate_runs_as_separate_jobs(tmp_path):
     assert res.returncode != 0 and "simulate.shards" in res.stdout + res.stderr
 
 
-def test_bad_config_stops_at_once_naming_the_key(tmp_path):
+@pytest.mark.slow
+def test_bad_config_stops_the_workflow_at_once_naming_the_key(tmp_path):
     # through Snakemake: the schema (an unknown method) and check_run (a missing sample)
     bad = dict(TINY, reconstruction={"methods": ["truth", "magic"]})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))
@@ -135,6 +131,9 @@ def test_bad_config_stops_at_once_naming_the_key(tmp_path):
     res = snakemake(tmp_path, "-n", check=False)
     assert res.returncode != 0 and "sample.path" in res.stdout + res.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_bad_config_stops_at_once_naming_the_key(tmp_path):
     # the Snakefile's other start-up checks, as it calls them (check_run on the validated config)
     for bad, key in [(dict(TINY, cxi={"path": str(tmp_path / "absent.cxi")}), "cxi.path"),
                      (dict(TINY, cxi={"path": str(ROOT / "Snakefile")}), "reconstruction.methods"),  # truth, no truth
@@ -174,6 +173,7 @@ def test_measured_data_without_truth_gives_halfset_fsc_and_prtf(tiny_run, tmp_pa
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6 * theirs.max())
 
 
+@pytest.mark.slow
 def test_corrupt_or_incomplete_patterns_store_is_named(tmp_path, capsys):
     """A photons chunk cut short, or missing (Zarr would read zeros), stops EMC with an
     error naming the store; nothing is written."""
@@ -263,6 +263,7 @@ def test_tiny_heterogeneous_workflow_with_vae(tmp_path):
     assert (r / "logs" / "train_vae.log").exists() and (r / "benchmarks" / "train_vae.tsv").exists()
 
 
+@pytest.mark.slow
 def test_bad_heterogeneous_config_stops_at_once_naming_the_key(tmp_path):
     bad = {**TINY_HETERO, "sample": {"kind": "interpolation", "path": str(ROOT / "data" / "1ake.pdb")}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(bad))

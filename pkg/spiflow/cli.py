@@ -11,8 +11,9 @@
     spiflow export-cxi FILE.cxi [--patterns PATTERNS.zarr]
     spiflow export-dragonfly --photons photons.emc --detector det.dat [--patterns ...]
 
-Paths follow SPEC.md (``spiflow.pipeline.layout``), so files written here are the same
+Paths follow docs/conventions.md (``spiflow.rules.layout``), so files written here are the same
 ones Snakemake writes and reads: a stage run by hand can be picked up by the workflow.
+Each stage gets the config keys its Snakemake rule declares (``spiflow.rules.stage_config``).
 The default configuration is the package schema's (= config/config.yaml).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 
 from . import pipeline
 from .config import load_config
+from .rules import layout, stage_config, vae_orientations_source
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +102,9 @@ def _run_format(args, config: dict, patterns: str) -> int:
 
 
 FORMAT_STAGES = ("import-cxi", "export-cxi", "export-dragonfly")
+# the Snakemake rule of each stage, whose config keys it gets (evaluate --method vae: evaluate_vae)
+RULES = {"simulate": "simulate", "recon-truth": "recon_truth", "emc": "orient_emc", "mtip": "orient_mtip",
+         "selfsup": "train_selfsup", "vae": "train_vae", "phase": "phase", "evaluate": "evaluate", "summary": "summary"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     pipeline.configure_threads(args.threads)
     pipeline.stop_on_sigterm()
-    P = pipeline.layout(args.results, config["run"])
+    P = layout(args.results, config["run"])
     progress = not args.quiet
     method = getattr(args, "method", None)
     if method is not None and method not in config["reconstruction"]["methods"]:
@@ -125,45 +130,46 @@ def main(argv: list[str] | None = None) -> int:
               f"{config['reconstruction']['methods']}", file=sys.stderr)
         return 2
     if args.stage in FORMAT_STAGES:
-        return _run_format(args, config, P["patterns"])
+        return _run_format(args, stage_config(config, "import_cxi"), P["patterns"])
     f = {k: v.format(method=method, plot="{plot}", shard="{shard}", half="{half}") for k, v in P.items()}
+    c = stage_config(config, "evaluate_vae" if method == "vae" and args.stage == "evaluate" else RULES[args.stage])
     try:
         if args.stage == "simulate":
-            pipeline.stage_simulate(config, f["patterns"], f["truth"], progress=progress)
+            pipeline.stage_simulate(c, f["patterns"], f["truth"], progress=progress)
         elif args.stage == "recon-truth":
-            pipeline.stage_recon_truth(config, f["truth"], f["patterns"], P["intensity"].format(method="truth"),
+            pipeline.stage_recon_truth(c, f["truth"], f["patterns"], P["intensity"].format(method="truth"),
                                        P["orientations"].format(method="truth"))
         elif args.stage == "emc":
-            pipeline.stage_emc(config, f["patterns"], P["intensity"].format(method="emc"),
+            pipeline.stage_emc(c, f["patterns"], P["intensity"].format(method="emc"),
                                P["orientations"].format(method="emc"), f["emc_log"], f["emc_checkpoint"],
                                progress=progress)
         elif args.stage == "mtip":
             m = "mtip_selfsup" if args.seeded else "mtip"
-            pipeline.stage_mtip(config, f["patterns"], P["intensity"].format(method=m),
+            pipeline.stage_mtip(c, f["patterns"], P["intensity"].format(method=m),
                                 P["orientations"].format(method=m), P["recon_log"].format(method=m),
                                 P["recon_checkpoint"].format(method=m),
                                 prior=P["orientations"].format(method="selfsup") if args.seeded else None,
                                 progress=progress)
         elif args.stage == "selfsup":
-            pipeline.stage_selfsup(config, f["patterns"], P["intensity"].format(method="selfsup"),
+            pipeline.stage_selfsup(c, f["patterns"], P["intensity"].format(method="selfsup"),
                                    P["orientations"].format(method="selfsup"), P["recon_log"].format(method="selfsup"),
                                    P["recon_checkpoint"].format(method="selfsup"), progress=progress)
         elif args.stage == "vae":
-            pipeline.stage_vae(config, f["patterns"], pipeline.vae_orientations_source(config, P),
+            pipeline.stage_vae(c, f["patterns"], vae_orientations_source(config, P),
                                P["intensity"].format(method="vae"), P["orientations"].format(method="vae"),
                                f["latent"], P["recon_log"].format(method="vae"),
                                P["recon_checkpoint"].format(method="vae"), f["vae_decoder"], progress=progress)
         elif args.stage == "phase":
-            pipeline.stage_phase(config, f["intensity"], f["density"], f["density_mrc"], f["phase_log"])
+            pipeline.stage_phase(c, f["intensity"], f["density"], f["density_mrc"], f["phase_log"])
         elif args.stage == "evaluate":
             vae = method == "vae"
             truth = None if config["cxi"]["path"] else f["truth"]  # measured data: no truth
-            pipeline.stage_evaluate(config, method, truth, f["patterns"], f["intensity"],
+            pipeline.stage_evaluate(c, method, truth, f["patterns"], f["intensity"],
                                     f["orientations"], f["density"], f["eval_dir"],
                                     latent=f["latent"] if vae else None, decoder=f["vae_decoder"] if vae else None)
         elif args.stage == "summary":
             methods = config["reconstruction"]["methods"]
-            pipeline.stage_summary(config, [P["metrics"].format(method=m) for m in methods],
+            pipeline.stage_summary(c, [P["metrics"].format(method=m) for m in methods],
                                    [] if config["cxi"]["path"] else [P["fsc"].format(method=m) for m in methods],
                                    f["patterns"], f["summary"],
                                    f["emc_log"] if "emc" in methods else None)

@@ -1,8 +1,9 @@
 """The workflow's stages as functions: one per Snakemake rule and ``spiflow`` subcommand.
 
 Each stage reads the stores of earlier stages, calls the numerical kernels of this
-package and writes its outputs atomically. :func:`layout` is the one place that names
-every file of a run (SPEC.md); the Snakefile and the command line both use it.
+package and writes its outputs atomically. Its ``config`` is the part of the configuration
+the stage reads (:func:`spiflow.rules.stage_config`); the paths of a run are those of
+:func:`spiflow.rules.layout`, which the Snakefile and the command line both use.
 """
 from __future__ import annotations
 
@@ -28,75 +29,13 @@ from .io import atomic_path, open_dataset, write_dataset
 from .phasing import phase
 from .selfsup import run_selfsup
 from .settings import EMCSettings, MTIPSettings, PhasingSettings, SelfSupSettings, VAESettings
-from .simulate import check_sample, gather_shards, simulate, simulate_shard
+from .simulate import gather_shards, simulate, simulate_shard
 from .symmetry import point_group
 from .vae import decode, latent_dataset, run_vae
 from . import latent as latent_eval
 
 log = logging.getLogger(__name__)
 RECON_METHODS = ("truth", "emc", "mtip", "mtip_selfsup", "selfsup", "vae")
-
-
-def layout(results: str | Path, run: str) -> dict[str, str]:
-    """Paths of a run's files (SPEC.md 'Stores'); ``{method}`` is left as a placeholder."""
-    r = Path(results) / run
-    return {k: str(r / v) for k, v in {
-        "patterns": "simulate/patterns.zarr",
-        "truth": "simulate/truth.zarr",
-        "shard": "simulate/shards/{shard}.zarr",  # simulate.shards > 1, removed once gathered
-        "half_patterns": "simulate/half{half}/patterns.zarr",  # evaluate.half_sets, temporary
-        "intensity": "recon/{method}/intensity.zarr",
-        "orientations": "recon/{method}/orientations.zarr",
-        "emc_log": "recon/emc/emc_log.csv",
-        "emc_checkpoint": "recon/emc/checkpoint.pt",
-        "recon_log": "recon/{method}/log.csv",  # mtip, mtip_selfsup, selfsup, vae
-        "recon_checkpoint": "recon/{method}/checkpoint.pt",
-        "latent": "recon/vae/latent.zarr",
-        "vae_decoder": "recon/vae/decoder.pt",
-        "half_intensity": "recon/{method}/half{half}/intensity.zarr",  # evaluate.half_sets
-        "half_orientations": "recon/{method}/half{half}/orientations.zarr",
-        "half_log": "recon/{method}/half{half}/log.csv",
-        "half_checkpoint": "recon/{method}/half{half}/checkpoint.pt",
-        "density": "phase/{method}/density.zarr",
-        "half_density": "phase/{method}/half{half}/density.zarr",
-        "half_density_mrc": "phase/{method}/half{half}/density.mrc",
-        "half_phase_log": "phase/{method}/half{half}/phase_log.csv",
-        "density_mrc": "phase/{method}/density.mrc",
-        "phase_log": "phase/{method}/phase_log.csv",
-        "fsc": "evaluate/{method}/fsc.csv",
-        "metrics": "evaluate/{method}/metrics.json",
-        "prtf": "evaluate/{method}/prtf.csv",
-        "halfset_fsc": "evaluate/{method}/halfset_fsc.csv",
-        "eval_dir": "evaluate/{method}",
-        "eval_plot": "evaluate/{method}/{plot}.png",
-        "vae_states": "evaluate/vae/states",
-        "summary_plot": "evaluate/{plot}.png",
-        "summary": "evaluate/summary.csv",
-        "run_config": "evaluate/config.yaml",
-    }.items()}
-
-
-def check_run(config: dict) -> None:
-    """Fail fast (at workflow start) on settings that cannot work together, naming the keys:
-    with ``cxi.path`` (measured data, no truth) the file must exist and neither the
-    ``truth`` oracle nor ``vae`` (its latent analysis compares with true conformations) may
-    be among ``reconstruction.methods``; ``evaluate.half_sets`` must be among the methods.
-    Without ``cxi.path``, the sample (:func:`spiflow.simulate.check_sample`).
-    Raises ValueError or FileNotFoundError."""
-    methods = config["reconstruction"]["methods"]
-    extra = sorted(set(config["evaluate"]["half_sets"]) - set(methods))
-    if extra:
-        raise ValueError(f"evaluate.half_sets: {extra} not in reconstruction.methods {methods}")
-    cxi = config["cxi"]["path"]
-    if cxi is None:
-        check_sample(config)
-        return
-    if not Path(cxi).is_file():
-        raise FileNotFoundError(f"cxi.path: CXI file not found: {cxi}")
-    bad = [m for m in methods if m in ("truth", "vae")]
-    if bad:
-        raise ValueError(f"reconstruction.methods: {bad} need simulated data (a truth), but cxi.path is set; "
-                         f"use emc, mtip, selfsup, mtip_selfsup")
 
 
 def stage_simulate(config: dict, patterns: str, truth: str, progress: bool = True,
@@ -218,27 +157,12 @@ def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str
     _write_recon(res.intensity, measured, res.quaternion, res.gain, grid, scale, attrs, intensity, orientations)
 
 
-def halfset_inputs(config: dict, P: dict, method: str) -> dict[str, str]:
-    """The half-set intensity and density stores that rule evaluate reads for ``method``
-    (keys ``half_intensity_1``, ``half_intensity_2``, ``half_density_1``, ``half_density_2``),
-    or none when it is not in ``evaluate.half_sets``."""
-    if method not in config["evaluate"]["half_sets"]:
-        return {}
-    return {f"half_{kind}_{h}": P[f"half_{kind}"].format(method=method, half=h)
-            for kind in ("intensity", "density") for h in (1, 2)}
-
-
-def vae_orientations_source(config: dict, P: dict) -> str:
-    """The store whose quaternions and gains condition the VAE (``vae.orientations``):
-    ``recon/<method>/orientations.zarr``, or the truth store for the ``truth`` ablation."""
-    src = config["vae"]["orientations"]
-    return P["truth"] if src == "truth" else P["orientations"].format(method=src)
 
 
 def stage_vae(config: dict, patterns: str, source: str, intensity: str, orientations: str, latent: str,
               log_csv: str, checkpoint: str, decoder: str, progress: bool = True) -> None:
     """train the heterogeneity VAE (:mod:`spiflow.vae`) at the orientations and gains of
-    ``source`` (see :func:`vae_orientations_source`).
+    ``source`` (see :func:`spiflow.rules.vae_orientations_source`).
 
     Writes ``latent`` (``z_mu``, ``z_logvar`` (frame, latent)), ``decoder`` (the trained
     decoder, :func:`spiflow.latent.save_decoder`), ``orientations`` (the source's, copied so
@@ -385,7 +309,7 @@ def _evaluate_against_truth(config, method, tr, patterns, rec, ori, den, grid, m
 
 SUMMARY_COLUMNS = ["method", "resolution_fsc05_angstrom", "resolution_fsc0143_angstrom", "intensity_cc",
                    "orientation_error_median_deg", "gain_pearson", "wall_seconds"]
-# after the SPEC.md columns, when a method reports them (vae): |Spearman ρ| of latent PC1
+# after the docs/conventions.md columns, when a method reports them (vae): |Spearman ρ| of latent PC1
 # with the first true conformation parameter, PC1's share of the latent variance, and the
 # mean FSC-0.5 resolution of the recovered states against their matching true states
 SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resolution_fsc05_angstrom_mean",
@@ -394,7 +318,7 @@ SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resoluti
 
 def stage_summary(config: dict, metric_files: list[str], fsc_files: list[str], patterns: str,
                   summary_csv: str, emc_log: str | None = None) -> pd.DataFrame:
-    """One table comparing every method (SPEC.md columns, then those of :data:`SUMMARY_EXTRA`
+    """One table comparing every method (docs/conventions.md columns, then those of :data:`SUMMARY_EXTRA`
     that some method reports), the run's overview plots (``fsc.png``, ``patterns_montage.png``,
     ``emc_log.png`` with ``emc_log``) and its complete validated configuration
     (``config.yaml``), all beside ``summary_csv``. ``fsc.png`` shows the FSC against the
@@ -443,7 +367,9 @@ def stop_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def snakemake_stage(smk):
-    """Run a stage inside a Snakemake ``script:``: threads from the rule, log to ``log[0]``.
+    """Run a stage inside a Snakemake ``script:``: threads from the rule, log to ``log[0]``;
+    yields the rule's ``params.config``, the part of the configuration its stage reads
+    (:func:`spiflow.rules.stage_config`), to pass to the stage instead of the whole config.
 
     Standard error (progress bars, warnings, tracebacks) and Python logging go to the rule's
     log file; an exception is logged there and re-raised so Snakemake marks the job failed.
@@ -451,16 +377,17 @@ def snakemake_stage(smk):
     """
     stop_on_sigterm()
     configure_threads(smk.threads)
+    config = smk.params.config
     log_path = Path(smk.log[0]) if smk.log else None
     if log_path is None:
-        yield
+        yield config
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as fh, contextlib.redirect_stderr(fh), contextlib.redirect_stdout(fh):
         logging.basicConfig(stream=fh, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             force=True)
         try:
-            yield
+            yield config
         except BaseException:
             logging.getLogger("spiflow").exception("stage failed")
             raise

@@ -15,13 +15,13 @@ in degrees (docs/conventions.md). This module imports pydantic and yaml only.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
-SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+from .rules import SCHEMA_PATH
+
 Method = Literal["truth", "emc", "mtip", "mtip_selfsup", "selfsup", "vae"]
 RECON_METHODS: tuple[str, ...] = Method.__args__
 

@@ -60,6 +60,7 @@ from .detector import CLASSICAL_ELECTRON_RADIUS_ANGSTROM, Detector, reconstructi
 from .grid import Grid, structure_factor_to_density
 from .io import resolve_device
 from .rotation import quaternion_to_matrix, random_quaternions
+from .rules import check_sample, sample_files, shard_ranges
 from .scattering import expected_counts, form_factor, structure_factor_grid
 from .slicing import BSPLINE_MARGIN, bspline_coefficients, slice_channels_rotated
 from .structure import Atoms, read_structure
@@ -102,18 +103,6 @@ def draw_gains(n: int, distribution: str, spread: float, rng: np.random.Generato
     return g / g.mean()
 
 
-def sample_files(config: dict) -> list[str]:
-    """Structure files the configured sample reads (the simulate rule's inputs)."""
-    s = config["sample"]
-    if s["kind"] == "structure":
-        return [s["path"]]
-    if s["kind"] == "interpolation":
-        return [s["path"]] + [p for p in [s["interpolation"]["end_path"]] if p]
-    if s["kind"] == "mixture":
-        return list(s["mixture"]["paths"])
-    return []
-
-
 def build_sample(config: dict):
     """The configured sample: ``(None, Atoms)`` for ``sample.kind: structure``, else
     ``(hetero sample, None)`` (:mod:`spiflow.hetero`: draw(n, rng), atoms(params), radius).
@@ -121,12 +110,11 @@ def build_sample(config: dict):
     Raises FileNotFoundError / ValueError whose message starts with the config key at fault
     (e.g. ``sample.interpolation.end_path``).
     """
+    check_sample(config)  # files exist, ranges ordered, one fraction per mixture file
     s = config["sample"]
     kind = s["kind"]
     read_kw = dict(hydrogens=s["hydrogens"], hetatm=s["hetatm"], waters=s["waters"])
     if kind == "structure":
-        if not Path(s["path"]).is_file():
-            raise FileNotFoundError(f"sample.path: structure file not found: {s['path']}")
         return None, read_structure(s["path"], **read_kw)
 
     def key_error(key, exc):
@@ -134,54 +122,24 @@ def build_sample(config: dict):
 
     if kind == "interpolation":
         o = s["interpolation"]
-        lo, hi = o["t_range"]
-        if not lo <= hi:
-            raise ValueError(f"sample.interpolation.t_range: low must be <= high, got {o['t_range']}")
-        for key, path in (("path", s["path"]), ("interpolation.end_path", o["end_path"])):
-            if not path:
-                raise ValueError(f"sample.{key}: required for sample.kind interpolation")
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"sample.{key}: structure file not found: {path}")
         try:
-            return hetero.matched_interpolation(s["path"], o["end_path"], o["chain"], (lo, hi)), None
+            return hetero.matched_interpolation(s["path"], o["end_path"], o["chain"], tuple(o["t_range"])), None
         except ValueError as exc:
             raise key_error("interpolation.chain", exc) from None
     if kind == "mixture":
         o = s["mixture"]
-        if len(o["paths"]) < 2:
-            raise ValueError(f"sample.mixture.paths: a mixture needs at least 2 structure files, got {o['paths']}")
-        fractions = o["fractions"] or [1.0] * len(o["paths"])
-        if len(fractions) != len(o["paths"]) or sum(fractions) <= 0:
-            raise ValueError(f"sample.mixture.fractions: need one weight >= 0 per path ({len(o['paths'])}), "
-                             f"not all 0, got {o['fractions']}")
-        for p in o["paths"]:
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"sample.mixture.paths: structure file not found: {p}")
         try:
-            return hetero.Mixture.from_files(o["paths"], fractions, **read_kw), None
+            return hetero.Mixture.from_files(o["paths"], o["fractions"] or [1.0] * len(o["paths"]), **read_kw), None
         except (ValueError, FileNotFoundError) as exc:
             raise key_error("mixture.paths", exc) from None
     if kind == "nanoparticles":
         o = s["nanoparticles"]
-        for key in ("size_range_angstrom", "truncation_range"):
-            if not o[key][0] <= o[key][1]:
-                raise ValueError(f"sample.nanoparticles.{key}: low must be <= high, got {o[key]}")
         try:
             return hetero.GoldNanoparticles(tuple(o["size_range_angstrom"]), tuple(o["truncation_range"]),
                                             o["lattice_angstrom"], o["element"]), None
         except ValueError as exc:
             raise key_error("nanoparticles", exc) from None
     raise ValueError(f"sample.kind must be structure, interpolation, mixture or nanoparticles, got {kind!r}")
-
-
-def check_sample(config: dict) -> None:
-    """Fail fast (at workflow start) on a sample that cannot be built: for a single
-    structure only that the file exists, else :func:`build_sample` (reads the files)."""
-    if config["sample"]["kind"] == "structure":
-        if not Path(config["sample"]["path"]).is_file():
-            raise FileNotFoundError(f"sample.path: structure file not found: {config['sample']['path']}")
-    else:
-        build_sample(config)
 
 
 def reference_states(sample, config: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -504,18 +462,6 @@ def simulate(config: dict, patterns_path: str | Path, truth_path: str | Path, pr
     with _write_patterns(s, patterns_path, s.n, s.attrs) as photons:
         totals = _simulate_frames(s, photons, 0, s.n, progress)
     return _summary(s, totals, t0, _write_truth(s, truth_path, t0))
-
-
-def shard_ranges(n_patterns: int, chunk_frames: int, shards: int) -> list[tuple[int, int]]:
-    """Frame ranges ``[(i0, i1), …]`` of ``shards`` shards: contiguous, each of whole Zarr
-    chunks of ``chunk_frames`` frames (the last chunk may be short), as even as whole chunks
-    allow. Raises ValueError naming ``simulate.shards`` when there are more shards than chunks."""
-    chunks = -(-n_patterns // chunk_frames)
-    if not 1 <= shards <= chunks:
-        raise ValueError(f"simulate.shards = {shards} must be between 1 and the number of chunks, "
-                         f"{chunks} (dataset.n_patterns / dataset.chunk_frames)")
-    edges = np.rint(np.linspace(0, chunks, shards + 1)).astype(int) * chunk_frames
-    return [(int(a), int(min(b, n_patterns))) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def simulate_shard(config: dict, shard: int, shard_path: str | Path, progress: bool = True) -> dict:

@@ -26,6 +26,8 @@ rule evaluate:
         f"{LOGS}/evaluate_{{method}}.log",
     benchmark:
         f"{BENCH}/evaluate_{{method}}.tsv"
+    params:
+        config=stage_config(config, "evaluate"),
     conda:
         "../envs/spiflow.yaml"
     threads: 1
@@ -59,6 +61,8 @@ rule evaluate_vae:
         f"{LOGS}/evaluate_vae.log",
     benchmark:
         f"{BENCH}/evaluate_vae.tsv"
+    params:
+        config=stage_config(config, "evaluate_vae"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores
@@ -89,6 +93,8 @@ rule summary:
                         category="Summary", labels={"figure": "EMC log"})] if "emc" in METHODS else [],
     log:
         f"{LOGS}/summary.log",
+    params:
+        config=stage_config(config, "summary"),
     conda:
         "../envs/spiflow.yaml"
     threads: 1

@@ -10,6 +10,8 @@ rule recon_truth:
         f"{LOGS}/recon_truth.log",
     benchmark:
         f"{BENCH}/recon_truth.tsv"
+    params:
+        config=stage_config(config, "recon_truth"),
     conda:
         "../envs/spiflow.yaml"
     threads: 1
@@ -33,6 +35,7 @@ rule orient_emc:
         f"{BENCH}/orient_emc.tsv"
     params:
         checkpoint=P["emc_checkpoint"],
+        config=stage_config(config, "orient_emc"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores
@@ -61,6 +64,7 @@ rule orient_mtip:
         f"{BENCH}/orient_{{method}}.tsv"
     params:
         checkpoint=P["recon_checkpoint"],
+        config=stage_config(config, "orient_mtip"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores
@@ -87,6 +91,7 @@ rule orient_half:
         f"{BENCH}/orient_{{method}}_half{{half}}.tsv"
     params:
         checkpoint=P["half_checkpoint"],
+        config=lambda wc: stage_config(config, f"orient_{wc.method}"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores

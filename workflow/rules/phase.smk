@@ -10,6 +10,8 @@ rule phase:
         f"{LOGS}/phase_{{method}}.log",
     benchmark:
         f"{BENCH}/phase_{{method}}.tsv"
+    params:
+        config=stage_config(config, "phase"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores
@@ -32,6 +34,8 @@ rule phase_half:
         f"{LOGS}/phase_{{method}}_half{{half}}.log",
     benchmark:
         f"{BENCH}/phase_{{method}}_half{{half}}.tsv"
+    params:
+        config=stage_config(config, "phase"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores

@@ -13,6 +13,8 @@ if CXI:
             f"{LOGS}/import_cxi.log",
         benchmark:
             f"{BENCH}/import_cxi.tsv"
+        params:
+            config=stage_config(config, "import_cxi"),
         conda:
             "../envs/spiflow.yaml"
         threads: 1
@@ -35,6 +37,8 @@ else:
             f"{LOGS}/simulate_shard_{{shard}}.log",
         benchmark:
             f"{BENCH}/simulate_shard_{{shard}}.tsv"
+        params:
+            config=stage_config(config, "simulate_shard"),
         conda:
             "../envs/spiflow.yaml"
         threads: 2
@@ -58,6 +62,8 @@ else:
             f"{LOGS}/simulate.log",
         benchmark:
             f"{BENCH}/simulate.tsv"
+        params:
+            config=stage_config(config, "simulate"),
         conda:
             "../envs/spiflow.yaml"
         threads: 2
@@ -76,6 +82,8 @@ rule split_halves:
         half2=temp(directory(P["half_patterns"].format(half=2))),
     log:
         f"{LOGS}/split_halves.log",
+    params:
+        config=stage_config(config, "split_halves"),
     conda:
         "../envs/spiflow.yaml"
     threads: 1

@@ -12,6 +12,7 @@ rule train_selfsup:
         f"{BENCH}/train_selfsup.tsv"
     params:
         checkpoint=P["recon_checkpoint"].format(method="selfsup"),
+        config=stage_config(config, "train_selfsup"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores
@@ -40,6 +41,7 @@ rule train_vae:
         f"{BENCH}/train_vae.tsv"
     params:
         checkpoint=P["recon_checkpoint"].format(method="vae"),
+        config=stage_config(config, "train_vae"),
     conda:
         "../envs/spiflow.yaml"
     threads: workflow.cores
