@@ -44,22 +44,3 @@ def tiny_run(tmp_path_factory):
     snakemake(work)
     return work
 
-
-# Unit tests of more than 10 s each on 2 shared cores (pytest --durations), in files other
-# branches were editing when the test tiers were made: `make test-fast` (-m "not slow") skips
-# them too. Better as @pytest.mark.slow in their own files.
-SLOW_UNIT_TESTS = {
-    "tests/test_halfsets.py::test_halfset_fsc_undoes_rotation_translation_and_inversion",
-    "tests/test_align.py::test_density_rotation_consistent_with_intensity_rotation",
-    "tests/test_align.py::test_align_intensity_rotation_with_sampling_module",
-    "tests/test_align.py::test_align_intensity_rotation_recovers_rotation",
-    "tests/test_benchmarks.py::test_benchmark_script_tiny_run",
-    "tests/test_emc.py::test_local_refinement_beats_the_sampling_limit",
-    "tests/test_heterogeneous.py::test_cli_vae_phase_evaluate_without_snakemake",
-}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.nodeid.split("[")[0] in SLOW_UNIT_TESTS:
-            item.add_marker(pytest.mark.slow)

@@ -95,6 +95,7 @@ def test_rotate_volume_convention_and_round_trip():
         rotate_volume(ref, np.eye(2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", ["log", "q2"])
 def test_align_intensity_rotation_recovers_rotation(transform):
     pos, amp, width = blob_model(4)
@@ -106,6 +107,7 @@ def test_align_intensity_rotation_recovers_rotation(transform):
     assert cc > 0.8
 
 
+@pytest.mark.slow
 def test_density_rotation_consistent_with_intensity_rotation():
     """A found from intensities maps the moving density into the reference frame by rotate_volume(ρ_m, A)."""
     pos, amp, width = blob_model(6)
@@ -139,6 +141,7 @@ def test_global_rotations_both_paths(monkeypatch):
     assert quats.shape[1] == 4 and len(quats) >= 3000
 
 
+@pytest.mark.slow
 def test_align_intensity_rotation_with_sampling_module(monkeypatch):
     """The spiflow.sampling path (faked here by a module in sys.modules) feeds the global search."""
     fake = types.ModuleType("spiflow.sampling")

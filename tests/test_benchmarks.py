@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_script_tiny_run(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--no-dragonfly",

@@ -338,6 +338,7 @@ def _median_error(quat_est, quat_true):
     return float(np.median(angle_between(torch.as_tensor(quat_true), matrix_to_quaternion(r_est @ A.T)).numpy()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("assignment", ["hard", "soft"])
 def test_local_refinement_beats_the_sampling_limit(data, assignment):
     """Local iterations after a coarse global search (num_div 3: 24.5° spacing, covering

@@ -37,6 +37,7 @@ def test_split_halves_even_and_odd_frames_exactly(tmp_path):
     assert not (tmp_path / "x1.zarr").exists()
 
 
+@pytest.mark.slow
 def test_halfset_fsc_undoes_rotation_translation_and_inversion():
     pos, amp, width = blob_model(4)
     rho, I = density(pos, amp, width), intensity(pos, amp, width)

@@ -139,6 +139,7 @@ def test_vae_section_and_helpers(tmp_path):
         latent.load_decoder(tmp_path / "nothing.pt")
 
 
+@pytest.mark.slow
 def test_cli_vae_phase_evaluate_without_snakemake(tmp_path):
     """spiflow simulate → vae (orientations: truth, the ablation) → phase → evaluate."""
     import yaml
