@@ -140,7 +140,8 @@ def test_gpu_rules_ask_slurm_for_a_gpu(slurm_run):
     """With device: cuda, orient_emc asks SLURM for one GPU (sbatch --gpus=1). A node without
     GPUs refuses the job at once; a GPU cluster runs it. Either way the request shows."""
     work, _ = slurm_run
+    # device is a param of every numerical stage, so it would rerun simulate first: only the forced job here
     res = snakemake_slurm(work, "--config", "device=cuda", "--forcerun", "orient_emc", "--until", "orient_emc",
-                          check=False)
+                          "--rerun-triggers", "mtime", check=False)
     (emc,) = sbatch_calls(res.stdout + res.stderr)["orient_emc"]
     assert "--gpus=1" in emc and "--cpus-per-task=2" in emc
