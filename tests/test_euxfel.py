@@ -140,7 +140,8 @@ def settings(path, **kw):
 def binned(a, b=BIN):
     """(…, M, 512, 128) → (…, M · 512/b, 128/b): the store's layout, summed blocks."""
     *lead, m, ny, nx = a.shape
-    out = a.reshape(*lead, m, ny // b, b, nx // b, b).sum(axis=(-3, -1), dtype=np.int64 if a.dtype.kind in "biu" else None)
+    acc = np.int64 if a.dtype.kind in "biu" else None
+    out = a.reshape(*lead, m, ny // b, b, nx // b, b).sum(axis=(-3, -1), dtype=acc)
     return out.reshape(*lead, m * ny // b, nx // b)
 
 
@@ -204,7 +205,7 @@ def test_emc_orients_imported_hits_as_well_as_the_simulated_ones(run, imported):
     err_sim = median_error(binned(run["photons"][run["hits"]] * ok), run["q_block"], binned(run["pf"] * ok),
                            binned(ok) > 0)
     assert err_import < 1.5 * angular_step_deg(3)
-    assert err_import < err_sim + 2.0, (err_import, err_sim)
+    assert abs(err_import - err_sim) < 5.0, (err_import, err_sim)  # 13.1° and 14.9° when written
 
 
 def test_fixed_threshold_q_range_and_beam_stop(run, tmp_path):

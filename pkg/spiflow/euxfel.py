@@ -79,12 +79,19 @@ TABLE_COLUMNS = ["run_frame", "train_id", "pulse_id", "cell_id", "lit_pixels", "
 
 def photons_from_energy(energy_kev: np.ndarray, photon_energy_ev: float, threshold: float = 0.5) -> np.ndarray:
     """Photon counts (same shape, int32) of calibrated energies in keV (module docstring):
-    ``round(E / E_photon)`` (halves up), 0 where ``E < threshold · E_photon`` or E is not finite.
-    Raises ValueError naming ``photon_energy_ev`` when it is not > 0."""
+    ``round(E / E_photon)`` (halves up), 0 where ``E < threshold · E_photon`` or E is not
+    finite, at most 10⁹; so for thresholds ≥ 0.5 a finite pixel holds ≥ 1 photon exactly
+    when ``E ≥ threshold · E_photon``. Raises ValueError naming ``photon_energy_ev`` when
+    it is not > 0."""
     if not photon_energy_ev > 0:
         raise ValueError(f"euxfel.photon_energy_ev must be > 0 eV, got {photon_energy_ev}")
     x = np.asarray(energy_kev, dtype=np.float32) * np.float32(1e3 / photon_energy_ev)
-    return np.where(np.isfinite(x) & (x >= threshold), np.floor(x + 0.5), 0).astype(np.int32)
+    keep = (x >= threshold) & np.isfinite(x)
+    x += 0.5
+    np.floor(x, out=x)
+    np.minimum(x, 1e9, out=x)
+    x[~keep] = 0
+    return x.astype(np.int32)
 
 
 def hit_threshold(scores: np.ndarray, mode: str = "mad", k: float = 5.0, fixed: int | None = None) -> float:
@@ -212,9 +219,9 @@ def import_euxfel(s: EuXFELSettings, patterns, table_csv, histogram_png=None, *,
 
     Raises FileNotFoundError for a missing run directory or geometry file, ValueError naming
     the key or the path for a missing setting, a run without corrected data of the
-    detector, modules absent from the run, a geometry that does not fit the modules, or a
-    run without hits (table and histogram are written first). The store appears only when
-    complete.
+    detector, modules absent from the run, a geometry that is not AGIPD-1M shaped, an
+    all-masked detector or a run without hits (table and histogram are written first). The
+    store appears only when complete.
     """
     t0 = time.perf_counter()
     for key in ("path", "distance_m", "photon_energy_ev"):
@@ -238,6 +245,7 @@ def import_euxfel(s: EuXFELSettings, patterns, table_csv, histogram_png=None, *,
         counted &= (qn >= s.lit_q_range_inv_angstrom[0]) & (qn <= s.lit_q_range_inv_angstrom[1])
 
     # pass 1: score every frame, collect the frames' ids and the pixels bad in any frame
+    lit_kev = np.float32(s.photon_threshold * s.photon_energy_ev / 1e3)  # >= 1 photon (photons_from_energy)
     meta, scores, ever_bad = [], [], np.zeros(pos.shape[:3], bool)
     for sel, data, mask in _blocks(det, s.chunk_trains):
         kd = sel["image.data"]
@@ -247,8 +255,7 @@ def import_euxfel(s: EuXFELSettings, patterns, table_csv, histogram_png=None, *,
             e, bad = data[m].ndarray(), mask[m].ndarray() != 0
             bad |= ~np.isfinite(e)
             ever_bad[k] |= bad.any(axis=0)
-            lit += ((photons_from_energy(e, s.photon_energy_ev, s.photon_threshold) >= 1) & ~bad
-                    & counted[k]).sum(axis=(1, 2))
+            lit += ((e >= lit_kev) & ~bad & counted[k]).sum(axis=(1, 2))
         scores.append(lit)
     meta = np.concatenate(meta).astype(np.uint64)
     scores = np.concatenate(scores)
