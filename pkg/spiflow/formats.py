@@ -35,7 +35,8 @@ The default ``ewald_rad = 1 / (λ · recon_grid_dq)`` makes one Dragonfly voxel 
 spiflow reconstruction-grid step. ``corr`` is solid angle × polarisation (sr; Dragonfly
 divides it by its mean on reading). ``mask``: 0 = used for orientation and merging,
 1 = merged only, 2 = ignored (``src/detector.c``: ``mask < 1`` counts as relevant,
-``mask < 2`` sets q_max); spiflow writes 0 for valid pixels and 2 for the others.
+``mask < 2`` sets q_max); spiflow writes 0 for valid pixels and 2 for the others, and
+:func:`import_dragonfly` reads both files back into a patterns store (valid = mask < 2).
 
 MRC maps: :func:`spiflow.stores.write_mrc`, :func:`spiflow.stores.read_mrc`.
 
@@ -559,5 +560,69 @@ def read_dragonfly_detector(path) -> DragonflyDetector:
     return DragonflyDetector(table[:, :3], table[:, 3], mask.astype(np.uint8), detd, ewald)
 
 
-__all__ = ["import_cxi", "export_cxi", "export_dragonfly", "read_dragonfly_photons", "read_dragonfly_detector",
-           "DragonflyDetector", "pixel_q_and_factor"]
+def import_dragonfly(photons_path, detector_path, out_zarr, *, photon_energy_ev: float, pixel_size_m: float,
+                     shape: tuple[int, int] | None = None, polarization: str = "x",
+                     fluence_photons_per_angstrom2: float | None = None, grid_oversampling: float = 1.0,
+                     chunk_frames: int = 256) -> dict:
+    """Convert a Dragonfly photons file and its detector file into a patterns store
+    (:func:`spiflow.stores.write_patterns`): the inverse of :func:`export_dragonfly`.
+
+    Formats: module docstring. Neither file records the wavelength, the pixel size or the
+    detector's (ny, nx), so they are arguments: photon_energy_ev (eV) turns q in voxels into
+    Å⁻¹ (``q = q_voxel / (λ · ewald_rad)``), pixel_size_m (m) gives ``distance_m = detd ·
+    pixel_size_m``; shape (ny, nx) with ``ny · nx = num_pix`` (pixel ``t = iy · nx + ix``),
+    default a square. valid = detector mask < 2 (Dragonfly's mask 1, merged but not used to
+    orient, is valid here); pixel factor = ``corr``; photons at invalid pixels set to 0.
+    polarization is recorded only (``corr`` already holds it). Without the fluence it is 1
+    and ``fluence_known`` False. Frames stream in chunks of ``chunk_frames``; the store
+    appears only when complete. Returns ``{"frames", "shape", "grid_n", "grid_dq"}``.
+
+    Raises FileNotFoundError, or ValueError naming the files for unreadable files, pixel
+    counts that disagree (files, shape), non-integer counts, or no valid pixel.
+    """
+    det = read_dragonfly_detector(detector_path)
+    num_pix = len(det.mask)
+    frame_pixels = read_dragonfly_photons(photons_path, 0, 0).shape[1]  # checks the file's header and size
+    if frame_pixels != num_pix:
+        raise ValueError(f"Dragonfly photons file {photons_path}: {frame_pixels} pixels per frame, detector file "
+                         f"{detector_path}: {num_pix}")
+    if shape is None:
+        side = int(round(np.sqrt(num_pix)))
+        if side * side != num_pix:
+            raise ValueError(f"Dragonfly detector file {detector_path}: {num_pix} pixels are not a square; pass "
+                             f"shape (ny, nx)")
+        shape = (side, side)
+    ny, nx = (int(v) for v in shape)
+    if ny * nx != num_pix:
+        raise ValueError(f"shape {tuple(shape)} has {ny * nx} pixels, Dragonfly detector file {detector_path} has "
+                         f"{num_pix} (photons file {photons_path})")
+    if not pixel_size_m > 0:
+        raise ValueError(f"pixel_size_m must be > 0, got {pixel_size_m}")
+    lam = wavelength_angstrom(photon_energy_ev)
+    valid = (det.mask < 2).reshape(ny, nx)
+    if not valid.any():
+        raise ValueError(f"Dragonfly detector file {detector_path}: no valid pixel (every mask value is 2)")
+    q = det.q_inverse_angstrom(lam).reshape(ny, nx, 3)
+    grid = reconstruction_grid(q, valid, grid_oversampling)
+    n = int(np.fromfile(photons_path, "<i4", count=1)[0])
+    attrs = {
+        "photon_energy_ev": float(photon_energy_ev), "wavelength_angstrom": lam,
+        "distance_m": det.detd * pixel_size_m, "pixel_size_m": float(pixel_size_m), "detector_shape": [ny, nx],
+        "polarization": polarization,
+        "nominal_fluence_photons_per_angstrom2": float(fluence_photons_per_angstrom2 or 1.0),
+        "fluence_known": fluence_photons_per_angstrom2 is not None,
+        "classical_electron_radius_angstrom": CLASSICAL_ELECTRON_RADIUS_ANGSTROM,
+        "recon_grid_n": grid.n, "recon_grid_dq": grid.dq, "dragonfly_ewald_rad": det.ewald_rad,
+        "source_file": str(photons_path), "source_detector_file": str(detector_path), "spiflow_version": __version__,
+    }
+    with write_patterns(out_zarr, valid, q, det.corr.reshape(ny, nx), attrs, n, chunk_frames) as photons:
+        for i0 in range(0, n, chunk_frames):
+            block = read_dragonfly_photons(photons_path, i0, i0 + chunk_frames)
+            if block.dtype.kind == "f" and not np.array_equal(block, np.rint(block)):
+                raise ValueError(f"Dragonfly photons file {photons_path}: non-integer counts in frames from {i0}")
+            photons[i0:i0 + len(block)] = block.reshape(-1, ny, nx).astype(np.int32) * valid
+    return {"frames": n, "shape": (ny, nx), "grid_n": grid.n, "grid_dq": grid.dq}
+
+
+__all__ = ["import_cxi", "export_cxi", "export_dragonfly", "import_dragonfly", "read_dragonfly_photons",
+           "read_dragonfly_detector", "DragonflyDetector", "pixel_q_and_factor"]

@@ -391,3 +391,20 @@ def snakemake_stage(smk):
         except BaseException:
             logging.getLogger("spiflow").exception("stage failed")
             raise
+
+
+def stage_import_euxfel(config: dict, patterns: str, hits_csv: str, hits_png: str) -> dict:
+    """import_euxfel: the hits of the EuXFEL run ``euxfel.path`` as the run's ``patterns.zarr``
+    (no truth store), every frame's lit-pixel count and hit flag in ``hits_csv`` and their
+    histogram in ``hits_png``; see :func:`spiflow.euxfel.import_euxfel`. Reads the ``euxfel``
+    section, ``reconstruction.grid_oversampling`` and ``dataset.chunk_frames``. Errors name
+    the key or the path (ValueError, FileNotFoundError)."""
+    from .euxfel import import_euxfel
+    from .settings import EuXFELSettings
+
+    out = import_euxfel(EuXFELSettings(**config["euxfel"]), patterns, hits_csv, hits_png,
+                        grid_oversampling=config["reconstruction"]["grid_oversampling"],
+                        chunk_frames=config["dataset"]["chunk_frames"])
+    log.info("imported %s: %d hits of %d frames (lit-pixel threshold %g), %.1f frames/s", config["euxfel"]["path"],
+             out["hits"], out["frames"], out["threshold"], out["frames_per_second"])
+    return out

@@ -96,6 +96,25 @@ class CXISettings(Section):
     round_counts: bool = Field(False, description='round non-integer (photon-converted) counts instead of refusing them')
 
 
+class EuXFELSettings(Section):
+    """measured data from European XFEL: with path set, rule import_euxfel (spiflow.euxfel.import_euxfel) writes simulate/patterns.zarr from a run's corrected AGIPD-1M data (photons from keV, lit-pixel hit finding, only the hits stored; every frame's score and hit flag in simulate/hits.csv, their histogram in simulate/hits.png). There is no truth store, as with cxi.path; the sample, dataset.n_patterns, beam and detector keys are then unused"""
+    path: str | None = Field(None, min_length=1, description='run directory with the corrected (CORR) AGIPD data, opened with extra_data.RunDirectory')
+    detector_name: str = Field('SPB_DET_AGIPD1M-1', min_length=1, description='the detector part of the source names DETECTOR/CORR/<module>CH0:xtdf (SPB/SFX: SPB_DET_AGIPD1M-1)')
+    modules: Annotated[list[Annotated[int, Field(ge=0, le=15)]], AfterValidator(_unique)] | None = Field(None, min_length=1, json_schema_extra={'uniqueItems': True}, description='AGIPD module numbers (0-15) to read; null = every module in the run. Trains lacking one of them are skipped')
+    geometry_path: str | None = Field(None, min_length=1, description='CrystFEL .geom file of the AGIPD-1M (extra_geom.AGIPD_1MGeometry.from_crystfel_geom); null = extra_geom AGIPD_1MGeometry.example() (the quadrant positions extra-geom documents; use the measured geometry for real data)')
+    distance_m: float | None = Field(None, gt=0, description='sample-detector distance, m, added to the z of the geometry (required: a run holds no standard record of it)')
+    photon_energy_ev: float | None = Field(None, gt=0, description='photon energy, eV (required): converts the calibrated keV into photons and sets the wavelength')
+    photon_threshold: float = Field(0.5, ge=0.5, le=1.0, description='photons = round(E / E_photon), and 0 where E < photon_threshold * E_photon (0.5: plain rounding); units of the photon energy')
+    binning: Literal[1, 2, 4, 8, 16, 32, 64] = Field(1, description='stored pixel = the sum of a binning x binning block of AGIPD pixels (200 um) within one ASIC; q at the mean position of its valid pixels, pixel factor their sum')
+    mask_asic_edges: bool = Field(True, description='invalidate the outermost pixel rows and columns of every 64 x 64 ASIC (the larger pixels at ASIC borders)')
+    beam_stop_radius_m: float = Field(0.0, ge=0, description='invalidate pixels closer than this to the beam axis (x, y of the geometry), m')
+    hit_mode: Literal['mad', 'fixed'] = Field('mad', description='a frame is a hit when its lit pixels exceed median + hit_k * MAD of the run (mad) or hit_threshold (fixed)')
+    hit_k: float = Field(5.0, gt=0, description='k of hit_mode mad; MAD = median absolute deviation, unscaled')
+    hit_threshold: int | None = Field(None, ge=0, description='lit-pixel threshold of hit_mode fixed (required there)')
+    lit_q_range_inv_angstrom: list[Annotated[float, Field(ge=0)]] | None = Field(None, min_length=2, max_length=2, description='[low, high], 1/angstrom: count lit pixels (>= 1 photon) with low <= |q| <= high only; null = every valid pixel')
+    chunk_trains: int = Field(1, ge=1, description='trains read at once; data are read module by module (a train of 352 memory cells is about 0.2 GB per module)')
+
+
 class BeamSettings(Section):
     """The X-ray pulse: photon energy (eV), fluence and its per-shot jitter (the gain)."""
     photon_energy_ev: float = Field(6000.0, gt=0)
@@ -402,6 +421,7 @@ class Config(Section):
     sample: SampleSettings = Field(default_factory=SampleSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     cxi: CXISettings = Field(default_factory=CXISettings)
+    euxfel: EuXFELSettings = Field(default_factory=EuXFELSettings)
     beam: BeamSettings = Field(default_factory=BeamSettings)
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
     simulate: SimulateSettings = Field(default_factory=SimulateSettings)
