@@ -8,8 +8,8 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from spiflow.rules import (SCHEMA_PATH, check_run, halfset_inputs, layout, sample_files, shard_ranges, stage_config,
-                           vae_orientations_source)
+from spiflow.rules import (SCHEMA_PATH, check_run, halfset_inputs, layout, measured_source, sample_files,
+                           shard_ranges, stage_config, vae_orientations_source)
 
 min_version("8.0")
 
@@ -32,7 +32,8 @@ P = layout("results", RUN)
 LOGS = f"results/{RUN}/logs"
 BENCH = f"results/{RUN}/benchmarks"
 METHODS = config["reconstruction"]["methods"]
-CXI = config["cxi"]["path"]  # measured data in: no truth store (evaluate reports PRTF and half-set FSC)
+# measured data in ("cxi" or "euxfel", else None: simulated): no truth store (evaluate reports PRTF and half-set FSC)
+MEASURED = measured_source(config)
 GPU = 1 if config["device"].startswith("cuda") else 0
 # method vae is evaluated by its own rule (latent analysis); every other method by rule evaluate
 PLAIN_METHODS = "|".join(m for m in METHODS if m != "vae") or "(?!x)x"

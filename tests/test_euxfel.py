@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
+import yaml
 
 pytest.importorskip("extra_data")
 pytest.importorskip("extra_geom")
@@ -291,3 +292,30 @@ def test_dragonfly_round_trip(tmp_path):
         F.import_dragonfly(tmp_path / "a.emc", tmp_path / "a.dat", tmp_path / "c.zarr", photon_energy_ev=E_EV,
                            pixel_size_m=p)
     assert not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.slow
+def test_run_directory_to_reconstruction_through_the_workflow(run, tmp_path):
+    """One config file and `snakemake`: rule import_euxfel replaces simulate, EMC orients the
+    hits, phasing and evaluation need no truth (PRTF); a bad run path stops at once by name."""
+    from conftest import TINY, snakemake
+
+    config = {k: TINY[k] for k in ("run", "phase", "evaluate")}
+    config.update(euxfel={"path": str(run["path"]), "distance_m": DIST, "photon_energy_ev": E_EV, "binning": BIN,
+                          "chunk_trains": 4},
+                  reconstruction={"methods": ["emc"]},
+                  emc={"num_div": 2, "iterations": 4, "n_starts": 1, "refine_iterations": 1})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    snakemake(tmp_path)
+    r = tmp_path / "results" / "tiny"
+    hits = pd.read_csv(r / "simulate" / "hits.csv")
+    assert hits["hit"].sum() == run["hits"].sum() and len(hits) == TRAINS * PULSES
+    assert (r / "simulate" / "hits.png").stat().st_size > 1000 and not (r / "simulate" / "truth.zarr").exists()
+    assert xr.open_zarr(r / "simulate" / "patterns.zarr").sizes["frame"] == run["hits"].sum()
+    row = pd.read_csv(r / "evaluate" / "summary.csv").set_index("method").loc["emc"]
+    assert np.isnan(row.resolution_fsc05_angstrom) and np.isfinite(row.prtf_resolution_angstrom)
+
+    bad = {**config, "euxfel": {**config["euxfel"], "path": str(tmp_path / "r9999")}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    res = snakemake(tmp_path, "-n", configfile="bad.yaml", check=False)
+    assert res.returncode != 0 and "euxfel.path: run directory not found" in res.stdout + res.stderr

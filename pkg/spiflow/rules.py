@@ -22,6 +22,7 @@ STAGE_KEYS: dict[str, tuple[str, ...] | None] = {
     "simulate": _SIMULATE,
     "simulate_shard": _SIMULATE,
     "import_cxi": ("cxi", "reconstruction.grid_oversampling", "dataset.chunk_frames"),
+    "import_euxfel": ("euxfel", "reconstruction.grid_oversampling", "dataset.chunk_frames"),
     "split_halves": ("dataset.chunk_frames",),
     "recon_truth": (),
     "orient_emc": ("emc", "dataset.seed", "device"),
@@ -64,6 +65,8 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
     return {k: str(r / v) for k, v in {
         "patterns": "simulate/patterns.zarr",
         "truth": "simulate/truth.zarr",
+        "hits_csv": "simulate/hits.csv",  # euxfel.path: every frame's lit-pixel count and hit flag
+        "hits_png": "simulate/hits.png",
         "shard": "simulate/shards/{shard}.zarr",  # simulate.shards > 1, removed once gathered
         "half_patterns": "simulate/half{half}/patterns.zarr",  # evaluate.half_sets, temporary
         "intensity": "recon/{method}/intensity.zarr",
@@ -144,26 +147,43 @@ def check_sample(config: dict) -> None:
             raise FileNotFoundError(f"sample.{key}: structure file not found: {path}")
 
 
+def measured_source(config: dict) -> str | None:
+    """The config key of the measured data the run imports instead of simulating:
+    ``"cxi"`` (``cxi.path``), ``"euxfel"`` (``euxfel.path``) or None (simulated data, with a
+    truth store)."""
+    return "cxi" if config["cxi"]["path"] else "euxfel" if config["euxfel"]["path"] else None
+
+
 def check_run(config: dict) -> None:
     """Fail fast (at workflow start) on settings that cannot work together, naming the keys:
-    with ``cxi.path`` (measured data, no truth) the file must exist and neither the
-    ``truth`` oracle nor ``vae`` (its latent analysis compares with true conformations) may
-    be among ``reconstruction.methods``; ``evaluate.half_sets`` must be among the methods.
-    Without ``cxi.path``, the sample (:func:`check_sample`).
-    Raises ValueError or FileNotFoundError."""
+    ``evaluate.half_sets`` must be among ``reconstruction.methods``; measured data come from
+    at most one of ``cxi.path`` (a CXI file that must exist) and ``euxfel.path`` (a run
+    directory that must exist, with ``euxfel.distance_m`` and ``euxfel.photon_energy_ev``
+    set); with measured data (no truth) neither the ``truth`` oracle nor ``vae`` (its latent
+    analysis compares with true conformations) may be among the methods. Without measured
+    data, the sample (:func:`check_sample`). Raises ValueError or FileNotFoundError."""
     methods = config["reconstruction"]["methods"]
     extra = sorted(set(config["evaluate"]["half_sets"]) - set(methods))
     if extra:
         raise ValueError(f"evaluate.half_sets: {extra} not in reconstruction.methods {methods}")
-    cxi = config["cxi"]["path"]
-    if cxi is None:
+    source = measured_source(config)
+    if source is None:
         check_sample(config)
         return
-    if not Path(cxi).is_file():
-        raise FileNotFoundError(f"cxi.path: CXI file not found: {cxi}")
+    if config["cxi"]["path"] and config["euxfel"]["path"]:
+        raise ValueError("cxi.path and euxfel.path are both set: measured data come from one of them")
+    path = Path(config[source]["path"])
+    if source == "cxi" and not path.is_file():
+        raise FileNotFoundError(f"cxi.path: CXI file not found: {path}")
+    if source == "euxfel":
+        if not path.is_dir():
+            raise FileNotFoundError(f"euxfel.path: run directory not found: {path}")
+        for key in ("distance_m", "photon_energy_ev"):
+            if config["euxfel"][key] is None:
+                raise ValueError(f"euxfel.{key}: required with euxfel.path (a run holds no standard record of it)")
     bad = [m for m in methods if m in ("truth", "vae")]
     if bad:
-        raise ValueError(f"reconstruction.methods: {bad} need simulated data (a truth), but cxi.path is set; "
+        raise ValueError(f"reconstruction.methods: {bad} need simulated data (a truth), but {source}.path is set; "
                          f"use emc, mtip, selfsup, mtip_selfsup")
 
 

@@ -1,4 +1,4 @@
-EVAL_PLOTS = ["intensity_sections", "density_slices", "prtf"] + ([] if CXI else ["orientation_errors"])
+EVAL_PLOTS = ["intensity_sections", "density_slices", "prtf"] + ([] if MEASURED else ["orientation_errors"])
 LATENT_PLOTS = ["latent_pca", "latent_traversal"]
 
 
@@ -8,13 +8,13 @@ rule evaluate:
     but vae, which has rule evaluate_vae)."""
     input:
         unpack(lambda wc: halfset_inputs(config, P, wc.method)),
-        truth=[] if CXI else P["truth"],
+        truth=[] if MEASURED else P["truth"],
         patterns=P["patterns"],
         intensity=P["intensity"],
         orientations=P["orientations"],
         density=P["density"],
     output:
-        fsc=[] if CXI else P["fsc"],
+        fsc=[] if MEASURED else P["fsc"],
         prtf=P["prtf"],
         metrics=P["metrics"],
         plots=[report(P["eval_plot"].format(method="{method}", plot=p), caption="../report/method_plot.rst",
@@ -77,7 +77,7 @@ rule summary:
     """One table comparing every method on the same data, with the overview plots."""
     input:
         metrics=expand(P["metrics"], method=METHODS),
-        fsc=[] if CXI else expand(P["fsc"], method=METHODS),
+        fsc=[] if MEASURED else expand(P["fsc"], method=METHODS),
         patterns=P["patterns"],
         emc_log=[P["emc_log"]] if "emc" in METHODS else [],
     output:

@@ -1,12 +1,12 @@
 SHARDS = config["simulate"]["shards"]
 
 
-if CXI:
+if MEASURED == "cxi":
 
     rule import_cxi:
         """Measured data in: the CXI file cxi.path as the run's patterns store (no truth)."""
         input:
-            cxi=CXI,
+            cxi=config["cxi"]["path"],
         output:
             patterns=directory(P["patterns"]),
         log:
@@ -22,6 +22,30 @@ if CXI:
             mem_mb=2000,
         script:
             "../scripts/import_cxi.py"
+
+elif MEASURED == "euxfel":
+
+    rule import_euxfel:
+        """Measured data in: the hits of the European XFEL run euxfel.path (corrected AGIPD-1M
+        data) as the run's patterns store (no truth); every frame's lit-pixel count and hit flag
+        in simulate/hits.csv, their histogram in simulate/hits.png."""
+        output:
+            patterns=directory(P["patterns"]),
+            hits_csv=P["hits_csv"],
+            hits_png=report(P["hits_png"], category="Summary", labels={"figure": "hit finding"}),
+        log:
+            f"{LOGS}/import_euxfel.log",
+        benchmark:
+            f"{BENCH}/import_euxfel.tsv"
+        params:
+            config=stage_config(config, "import_euxfel"),
+        conda:
+            "../envs/spiflow.yaml"
+        threads: 1
+        resources:
+            mem_mb=4000,
+        script:
+            "../scripts/import_euxfel.py"
 
 else:
 
