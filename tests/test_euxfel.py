@@ -319,3 +319,18 @@ def test_run_directory_to_reconstruction_through_the_workflow(run, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     res = snakemake(tmp_path, "-n", configfile="bad.yaml", check=False)
     assert res.returncode != 0 and "euxfel.path: run directory not found" in res.stdout + res.stderr
+
+
+def test_cli_imports_a_run_where_the_workflow_would(run, tmp_path):
+    from spiflow import cli
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"run": "cli", "euxfel": {"path": str(run["path"]), "distance_m": DIST,
+                                                             "photon_energy_ev": E_EV, "binning": BIN}}))
+    assert cli.main(["import-euxfel", "--configfile", str(cfg), "--results", str(tmp_path), "--quiet"]) == 0
+    hits = pd.read_csv(tmp_path / "cli" / "simulate" / "hits.csv")
+    assert hits["hit"].sum() == run["hits"].sum()
+    assert xr.open_zarr(tmp_path / "cli" / "simulate" / "patterns.zarr").sizes["frame"] == run["hits"].sum()
+    cfg.write_text(yaml.safe_dump({"run": "cli", "euxfel": {"path": str(run["path"]), "distance_m": DIST,
+                                                             "photon_energy_ev": 0.0}}))
+    assert cli.main(["import-euxfel", "--configfile", str(cfg), "--results", str(tmp_path)]) == 2  # names the key

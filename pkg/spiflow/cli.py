@@ -8,6 +8,7 @@
     spiflow summary
     spiflow config                     # print the complete configuration
     spiflow import-cxi FILE.cxi [--patterns PATTERNS.zarr] # measured data -> patterns store
+    spiflow import-euxfel              # the hits of the run euxfel.path -> patterns store, hits.csv/png
     spiflow export-cxi FILE.cxi [--patterns PATTERNS.zarr]
     spiflow export-dragonfly --photons photons.emc --detector det.dat [--patterns ...]
 
@@ -26,7 +27,7 @@ import yaml
 
 from . import pipeline
 from .config import load_config
-from .rules import layout, stage_config, vae_orientations_source
+from .rules import layout, measured_source, stage_config, vae_orientations_source
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                         ("phase", "phase one method's intensity"),
                         ("evaluate", "evaluate one method against the truth"),
                         ("summary", "write evaluate/summary.csv and overview plots"),
+                        ("import-euxfel", "the hits of the European XFEL run euxfel.path as the patterns store"),
                         ("config", "print the complete, validated configuration")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--configfile", nargs="*", default=[], help="YAML files, later ones win")
@@ -104,7 +106,8 @@ def _run_format(args, config: dict, patterns: str) -> int:
 FORMAT_STAGES = ("import-cxi", "export-cxi", "export-dragonfly")
 # the Snakemake rule of each stage, whose config keys it gets (evaluate --method vae: evaluate_vae)
 RULES = {"simulate": "simulate", "recon-truth": "recon_truth", "emc": "orient_emc", "mtip": "orient_mtip",
-         "selfsup": "train_selfsup", "vae": "train_vae", "phase": "phase", "evaluate": "evaluate", "summary": "summary"}
+         "selfsup": "train_selfsup", "vae": "train_vae", "phase": "phase", "evaluate": "evaluate", "summary": "summary",
+         "import-euxfel": "import_euxfel"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage == "simulate":
             pipeline.stage_simulate(c, f["patterns"], f["truth"], progress=progress)
+        elif args.stage == "import-euxfel":
+            pipeline.stage_import_euxfel(c, f["patterns"], f["hits_csv"], f["hits_png"])
         elif args.stage == "recon-truth":
             pipeline.stage_recon_truth(c, f["truth"], f["patterns"], P["intensity"].format(method="truth"),
                                        P["orientations"].format(method="truth"))
@@ -163,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.stage_phase(c, f["intensity"], f["density"], f["density_mrc"], f["phase_log"])
         elif args.stage == "evaluate":
             vae = method == "vae"
-            truth = None if config["cxi"]["path"] else f["truth"]  # measured data: no truth
+            truth = None if measured_source(config) else f["truth"]  # measured data: no truth
             pipeline.stage_evaluate(c, method, truth, f["patterns"], f["intensity"],
                                     f["orientations"], f["density"], f["eval_dir"],
                                     latent=f["latent"] if vae else None, decoder=f["vae_decoder"] if vae else None)
         elif args.stage == "summary":
             methods = config["reconstruction"]["methods"]
             pipeline.stage_summary(c, [P["metrics"].format(method=m) for m in methods],
-                                   [] if config["cxi"]["path"] else [P["fsc"].format(method=m) for m in methods],
+                                   [] if measured_source(config) else [P["fsc"].format(method=m) for m in methods],
                                    f["patterns"], f["summary"],
                                    f["emc_log"] if "emc" in methods else None)
     except (FileNotFoundError, ValueError) as exc:
