@@ -28,7 +28,7 @@ from .grid import Grid
 from .io import atomic_path, open_dataset, write_dataset
 from .phasing import phase
 from .selfsup import run_selfsup
-from .settings import EMCSettings, MTIPSettings, PhasingSettings, SelfSupSettings, VAESettings
+from .settings import EMCSettings, EuXFELSettings, MTIPSettings, PhasingSettings, SelfSupSettings, VAESettings
 from .simulate import gather_shards, simulate, simulate_shard
 from .symmetry import point_group
 from .vae import decode, latent_dataset, run_vae
@@ -399,8 +399,7 @@ def stage_import_euxfel(config: dict, patterns: str, hits_csv: str, hits_png: st
     histogram in ``hits_png``; see :func:`spiflow.euxfel.import_euxfel`. Reads the ``euxfel``
     section, ``reconstruction.grid_oversampling`` and ``dataset.chunk_frames``. Errors name
     the key or the path (ValueError, FileNotFoundError)."""
-    from .euxfel import import_euxfel
-    from .settings import EuXFELSettings
+    from .euxfel import import_euxfel  # extra-data and extra-geom: the optional extra euxfel
 
     out = import_euxfel(EuXFELSettings(**config["euxfel"]), patterns, hits_csv, hits_png,
                         grid_oversampling=config["reconstruction"]["grid_oversampling"],
