@@ -30,12 +30,19 @@ trilinear slicing. Only valid pixels count. One iteration:
 3. match: the model is the phased ``|F[ρ]|²`` (``use_phased_model``; an intensity consistent
    with a bounded, positive density everywhere, unmeasured voxels included) or the merged W.
    Every frame gets the sampled orientation (:func:`spiflow.sampling.so3_sampling`) of
-   smallest distance, optionally refined locally (``refine_steps`` rounds trying ±α about
-   x, y, z, α halving from half the sampling step), and the gain
+   smallest distance (global matching), or, in the local iterations below, the rotation of
+   smallest distance among ``R_i D_j`` around its current orientation ``R_i``; and the gain
    ``φ_i = N_i / Σ_p s_p W(R_iᵀ q_p)`` (N_i its photons), normalised to mean 1.
 
-The loop stops after ``iterations`` or once at most ``converge_fraction`` of the frames
-moved by more than half the finest search step (73.5° / num_div / 2^(refine_steps + 1)).
+The global iterations stop after ``iterations`` or once at most ``converge_fraction`` of
+the frames moved by more than half the sampling step (73.5° / num_div / 2). Global
+matching cannot place a frame closer than the sampling allows (covering radius 53° /
+num_div, 13° at num_div 4), so ``refine_iterations`` local iterations follow, as in EMC
+(:mod:`spiflow.refine`): merge and phase as above, then match each frame only among the
+rotations ``R_i D_j``, D_j the ball of ``refine_radius_steps`` steps of a step that
+shrinks geometrically from ``53° / (num_div · refine_radius_steps)`` to
+``refine_step_end_deg`` (:func:`spiflow.refine.refine_steps_deg`), by the distance below,
+through the search EMC's local iterations use (:func:`spiflow.refine.local_search`).
 
 Distance (``distance``). ``"poisson"`` (default) is the negative multinomial
 log-likelihood of the frame's photons among its valid pixels, without the r-independent
@@ -55,7 +62,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -70,13 +76,14 @@ from .grid import Grid, friedel_symmetrize
 from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .phasing import (autocorrelation_support, fourier_error, half_spectrum, modulus_projection, phasing_step,
                       shrinkwrap)
-from .rotation import angle_between, canonical, multiply, quaternion_to_matrix, random_quaternions
-from .sampling import angular_step_deg, so3_sampling
+from .refine import local_search, refine_steps_deg
+from .rotation import angle_between, canonical, quaternion_to_matrix, random_quaternions
+from .sampling import angular_step_deg, local_rotations, so3_sampling
 from .settings import MTIPSettings
 from .slicing import merge_ratio, merge_rotated, slice_rotated
 
 LOG_COLUMNS = ["iteration", "orientation_change", "data_distance", "phasing_error", "support_fraction",
-               "gain_std", "seconds"]
+               "gain_std", "seconds", "step_deg"]
 _AXES = (-3, -2, -1)
 
 
@@ -94,7 +101,8 @@ class MTIPResult:
     quaternion: (frames, 4) float64 [w, x, y, z], w >= 0, frame i recording
     ``W(R_iᵀ q)``; gain: (frames,) float64, mean 1; distance: (frames,) float64, each
     frame's final distance (module docstring); log: one row per iteration
-    (:data:`LOG_COLUMNS`); converged: whether ``converge_fraction`` was reached.
+    (:data:`LOG_COLUMNS`); converged: whether the global iterations reached
+    ``converge_fraction``.
     """
 
     intensity: np.ndarray
@@ -178,13 +186,13 @@ class _Problem:
         return (b * b).sum(-1) + (a * a).sum(1)[:, None] - 2 * torch.einsum("bjp,bp->bj", b, a)
 
     def match(self, W):
-        """Match every frame to model W (n, n, n): quaternions (frames, 4), ``Σ_p s_p W(R_iᵀ q_p)``
-        (frames,) and distances (frames,) at them, all on the device."""
-        floor = 1e-6 * W.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
+        """Match every frame to model W (n, n, n) among the reference orientations:
+        quaternions (frames, 4), ``Σ_p s_p W(R_iᵀ q_p)`` (frames,) and distances (frames,) at
+        them, all on the device."""
+        floor = _floor(W)
         frames, M, C = self.data.frames, len(self.quats), self.chunk
         quat = torch.empty((frames, 4), dtype=self.dtype, device=self.device)
         sdot, dist = torch.empty_like(quat[:, 0]), torch.empty_like(quat[:, 0])
-        step = math.radians(angular_step_deg(self.cfg.num_div))
         for i0, i1, K in self.data:
             best = torch.full((i1 - i0,), float("inf"), dtype=self.dtype, device=self.device)
             arg = torch.zeros(i1 - i0, dtype=torch.long, device=self.device)
@@ -194,24 +202,36 @@ class _Problem:
                 better = val < best
                 best, arg = torch.where(better, val, best), torch.where(better, idx + r0, arg)
             q_blk = self.quats[arg]
-            for k in range(self.cfg.refine_steps):
-                q_blk = self._refine(W, q_blk, K, floor, step / 2 ** (k + 1))
             S = slice_rotated(W, self.q, quaternion_to_matrix(q_blk), self.grid)
             quat[i0:i1] = canonical(q_blk)
             dist[i0:i1] = self._distance(S[:, None], K, floor)[:, 0]
             sdot[i0:i1] = S @ self.s
         return quat, sdot, dist
 
-    def _refine(self, W, q_blk, K, floor, angle):
-        """One local round: each frame tries ``R_i δ_j``, δ_j the identity and rotations by
-        ±angle (rad) about x, y, z; the one of smallest distance is kept. q_blk (B, 4)."""
-        axes = torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)]).to(self.device, self.dtype)
-        half = torch.full((7, 1), angle / 2, dtype=self.dtype, device=self.device)
-        half[0] = 0
-        cand = multiply(q_blk[:, None], torch.cat([half.cos(), half.sin() * axes], 1)[None])  # (B, 7, 4)
-        B, P = len(q_blk), len(self.q)
-        S = slice_rotated(W, self.q, quaternion_to_matrix(cand.reshape(-1, 4)), self.grid).view(B, 7, P)
-        return cand[torch.arange(B, device=self.device), self._distance(S, K, floor).argmin(1)]
+    def match_local(self, W, quat, step_deg: float):
+        """Match every frame to model W among the rotations ``R_i D_j`` around its orientation
+        ``R_i`` (quat (frames, 4)), D_j the ball of ``refine_radius_steps`` steps of
+        ``step_deg`` (:func:`spiflow.sampling.local_rotations`), searched by
+        :func:`spiflow.refine.local_search` with the distance as score. Returns as :meth:`match`."""
+        floor = _floor(W)
+        D = torch.as_tensor(local_rotations(step_deg, self.cfg.refine_radius_steps)).to(self.device, self.dtype)
+        new, sdot, dist = torch.empty_like(quat), torch.empty_like(quat[:, 0]), torch.empty_like(quat[:, 0])
+
+        def score(S, K, i0, i1):
+            return -self._distance(S, K, floor)
+
+        for i0, i1, _, cand, _, S, L in local_search(self.data, W, quat, D, self.q, self.grid, score,
+                                                     self.cfg.memory_budget_gb):
+            rows, best = torch.arange(i1 - i0, device=self.device), L.argmax(1)
+            new[i0:i1] = canonical(cand[rows, best])
+            dist[i0:i1] = -L[rows, best]
+            sdot[i0:i1] = S[rows, best] @ self.s
+        return new, sdot, dist
+
+
+def _floor(W):
+    """The floor of slice values in the distance's logarithms: 1e-6 of W's largest magnitude."""
+    return 1e-6 * W.abs().max().clamp_min(torch.finfo(W.dtype).tiny)
 
 
 def _fingerprint(settings: MTIPSettings, seed: int, grid: Grid, shape, n_valid: int, init, data: str) -> str:
@@ -250,10 +270,11 @@ def _quaternions(quat, frames: int, name: str) -> np.ndarray:
 
 def match_orientations(model, photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings | None = None,
                        *, device: str = "auto"):
-    """Orientation matching alone (step 3): the best orientation of every frame against ``model``.
+    """Global orientation matching alone (step 3): the best sampled orientation of every frame
+    against ``model``.
 
     model: (n, n, n) intensity on ``grid``; photons, valid, q, pixel_factor, device as in
-    :func:`run_mtip`; of ``settings`` num_div, distance, refine_steps, orientation_chunk,
+    :func:`run_mtip`; of ``settings`` num_div, distance, orientation_chunk,
     memory_budget_gb and dtype are used. Returns numpy ``(quaternion (frames, 4) [w, x, y, z] w >= 0, gain (frames,)
     φ_i = N_i / Σ_p s_p W(R_iᵀ q_p) normalised to mean 1, distance (frames,))``.
     """
@@ -299,13 +320,15 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
     which also seeds the first phasing's random ρ. device: "auto", "cpu", "cuda", …
     (:func:`spiflow.io.resolve_device`). Gains start at ``N_i / mean N`` (1 without update_gain).
     log_path: CSV, one row per iteration (:data:`LOG_COLUMNS`), appended as it goes.
+    The log's ``step_deg`` is the local search step of a local iteration (NaN for global ones).
     checkpoint_path: ``torch.save`` of ``{iteration, quaternion, gain, distance, rho,
-    support, converged, fingerprint}`` written atomically after every iteration; an
-    existing one with the same fingerprint (every setting except iterations,
+    support, converged, local_done, fingerprint}`` written atomically after every
+    iteration; an existing one with the same fingerprint (every setting except iterations,
     orientation_chunk and memory_budget_gb; seed; grid; data shape; valid-pixel count; the
-    per-frame photon totals; init_quaternions) is
-    resumed (loaded with ``weights_only=True``), the CSV cut back to it; a converged run
-    or one at or past ``iterations`` is returned as it is (one final merge). A different
+    per-frame photon totals; init_quaternions) is resumed (loaded with
+    ``weights_only=True``), the CSV cut back to it; a run whose global iterations ended
+    (converged or at ``iterations``) continues with the local ones, and one with all
+    ``refine_iterations`` done is returned as it is (one final merge). A different
     fingerprint restarts from scratch (UserWarning). The result's W is one final merge at
     the final orientations and gains.
     Raises ValueError for bad shapes, an empty mask, pixel_factor <= 0, negative or
@@ -320,12 +343,11 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
     frames, device, dtype = len(n_frame), problem.device, problem.dtype
     init = None if init_quaternions is None else _quaternions(init_quaternions, frames, "init_quaternions")
     fp = _fingerprint(settings, seed, grid, photons.shape, len(problem.q), init, data_digest(n_frame))
-    # a frame "changed" when it moved by more than half the finest search step
-    threshold = angular_step_deg(settings.num_div) / 2 ** (settings.refine_steps + 1)
+    steps = refine_steps_deg(settings)
 
-    start, converged, ckpt = 0, False, load_checkpoint(checkpoint_path, fp)
+    start, converged, done, ckpt = 0, False, 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
-        start, converged = int(ckpt["iteration"]), bool(ckpt["converged"])
+        start, converged, done = int(ckpt["iteration"]), bool(ckpt["converged"]), int(ckpt["local_done"])
         quat, gain, dist, rho = (ckpt[k].to(device, dtype) for k in ("quaternion", "gain", "distance", "rho"))
         support = ckpt["support"].to(device)
     else:
@@ -336,28 +358,43 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
         dist = torch.full((frames,), float("nan"), dtype=dtype, device=device)
     rows = RunLog(log_path, LOG_COLUMNS, ckpt)
 
-    bar = tqdm(total=settings.iterations, initial=min(start, settings.iterations), disable=not progress, desc="M-TIP")
+    total = settings.iterations + len(steps)
+    bar = tqdm(total=total, initial=min(start, total), disable=not progress, desc="M-TIP")
     it = start
-    while it < settings.iterations and not converged:
+    while True:
+        if not (converged or done or it >= settings.iterations):
+            step = None                           # global matching
+        elif done < len(steps):
+            step = float(steps[done])             # local matching (spiflow.refine) at this step
+        else:
+            break
         it, t0 = it + 1, time.perf_counter()
         W, weight = problem.merge(quaternion_to_matrix(quat), gain)                      # 1. merge
         rho, support, err, phased = problem.phase(W, weight > 0, rho, generator)           # 2. phase
-        new, sdot, dist = problem.match(phased if settings.use_phased_model else W)          # 3. match
+        model = phased if settings.use_phased_model else W                                 # 3. match
+        new, sdot, dist = problem.match(model) if step is None else problem.match_local(model, quat, step)
+        # a frame "changed" when it moved by more than half the search step
+        threshold = angular_step_deg(settings.num_div) / 2 if step is None else step / 2
         change = (angle_between(quat, new) > threshold).double().mean().item()
         if settings.update_gain:
             gain = torch.as_tensor(n_frame).to(device, dtype) / sdot.clamp_min(torch.finfo(dtype).tiny)
             gain = gain / gain.mean()
-        quat, converged = new, change <= settings.converge_fraction
+        quat = new
+        if step is None:
+            converged = change <= settings.converge_fraction
+        else:
+            done += 1
         d = dist.double().mean().item() if settings.distance == "euclidean" else \
             (dist.double().sum().item() - klogs) / n_frame.sum()
         row = {"iteration": it, "orientation_change": change, "data_distance": d, "phasing_error": err,
                "support_fraction": support.double().mean().item(),
-               "gain_std": gain.double().std().item() if frames > 1 else 0.0, "seconds": time.perf_counter() - t0}
+               "gain_std": gain.double().std().item() if frames > 1 else 0.0, "seconds": time.perf_counter() - t0,
+               "step_deg": np.nan if step is None else step}
         rows.append(row)
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"iteration": it, "quaternion": quat.cpu(), "gain": gain.cpu(),
                                                "distance": dist.cpu(), "rho": rho.cpu(), "support": support.cpu(),
-                                               "converged": converged, "fingerprint": fp,
+                                               "converged": converged, "local_done": done, "fingerprint": fp,
                                                "log_rows": rows.state()})
         bar.update(1)
         bar.set_postfix(change=f"{change:.3f}", distance=f"{d:.4g}", phasing=f"{err:.3f}")
