@@ -44,9 +44,14 @@ shrinks geometrically from ``53° / (num_div · refine_radius_steps)`` to
 ``refine_step_end_deg`` (:func:`spiflow.refine.refine_steps_deg`), by the distance below,
 through the search EMC's local iterations use (:func:`spiflow.refine.local_search`).
 
-Distance (``distance``). ``"poisson"`` (default) is the negative multinomial
-log-likelihood of the frame's photons among its valid pixels, without the r-independent
-``Σ_p K_ip log s_p``: ``D_ri = N_i log Σ_p s_p W_rp − Σ_p K_ip log W_rp``. It is the Poisson
+Distance (``distance``), over the *orientation pixels* O only: the valid pixels at ``|q| ≥
+orientation_min_radius_voxels · dq``, as in :mod:`spiflow.emc` (the central speckle holds
+most photons but little orientation; with it, the local iterations on the default data
+settled at a 3.0° median error even from the true orientations, without it at 1.6°); all
+valid pixels are merged and give the gains. ``"poisson"`` (default) is the negative
+multinomial log-likelihood of the frame's photons among the pixels of O (sums over p ∈ O,
+N_i its photons there), without the r-independent ``Σ_p K_ip log s_p``: ``D_ri = N_i log
+Σ_p s_p W_rp − Σ_p K_ip log W_rp``. It is the Poisson
 log-likelihood with the gain at its optimum for each orientation, so it is right for photon
 counts (most pixels hold 0 or 1 photon, where a Euclidean distance weighs noise like
 signal) and independent of the gain and of the model's scale. ``"euclidean"`` is
@@ -55,7 +60,7 @@ unit sum, so gains and scale drop out here too), suited to high counts. Both are
 product per frame block and orientation chunk; frames × orientations × pixels is never
 formed, and photons stream block by block as in :mod:`spiflow.emc`. The log's
 ``data_distance`` is, for "poisson", ``−Σ_i Σ_p K_ip log(s_p W_ip / Σ_p' s_p' W_ip') / Σ_i N_i``
-in nats per photon at the matched orientations (the photons' cross entropy against the
+(sums over O) in nats per photon at the matched orientations (the photons' cross entropy against the
 slices), for "euclidean" the mean distance.
 """
 from __future__ import annotations
@@ -76,7 +81,7 @@ from .grid import Grid, friedel_symmetrize
 from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
 from .phasing import (autocorrelation_support, fourier_error, half_spectrum, modulus_projection, phasing_step,
                       shrinkwrap)
-from .refine import local_search, refine_steps_deg
+from .refine import local_search, orientation_pixel_order, refine_steps_deg
 from .rotation import angle_between, canonical, quaternion_to_matrix, random_quaternions
 from .sampling import angular_step_deg, local_rotations, so3_sampling
 from .settings import MTIPSettings
@@ -120,8 +125,9 @@ class MTIPResult:
 class _Problem:
     """The data (photon blocks), pixels, reference rotations and the three M-TIP steps."""
 
-    def __init__(self, data: PhotonBlocks, qv, sv, grid: Grid, settings: MTIPSettings, device, dtype):
+    def __init__(self, data: PhotonBlocks, qv, sv, n_orient: int, grid: Grid, settings: MTIPSettings, device, dtype):
         self.data, self.grid, self.cfg, self.chunk = data, grid, settings, settings.orientation_chunk
+        self.po = n_orient  # the first po valid pixels are the orientation pixels
         self.q = torch.as_tensor(qv).to(device, dtype)
         self.s = torch.as_tensor(sv).to(device, dtype)
         self.logs = torch.log(self.s)
@@ -170,9 +176,11 @@ class _Problem:
     # -- 3. match --------------------------------------------------------------------------------
     def _distance(self, S, K, floor):
         """Distances (module docstring) of slices S (C, P) to frames K (B, P): (C, B); or of
-        per-frame slices S (B, J, P): (B, J). Slice values are floored at ``floor`` in logs."""
+        per-frame slices S (B, J, P): (B, J); over the orientation pixels (the first ``po``
+        columns; S may hold only those). Slice values are floored at ``floor`` in logs."""
+        S, K = S[..., :self.po], K[:, :self.po]
         pair, N = S.dim() == 2, K.sum(1)
-        sS = S * self.s
+        sS = S * self.s[:self.po]
         sdot = sS.sum(-1)
         if self.cfg.distance == "poisson":  # N log Σ s W − Σ K log W  (Σ K log s added in the log only)
             logS = torch.log(S.clamp_min(floor))
@@ -197,7 +205,7 @@ class _Problem:
             best = torch.full((i1 - i0,), float("inf"), dtype=self.dtype, device=self.device)
             arg = torch.zeros(i1 - i0, dtype=torch.long, device=self.device)
             for r0 in range(0, M, C):  # global search, one orientation chunk at a time
-                S = slice_rotated(W, self.q, self.rot[r0:r0 + C], self.grid)
+                S = slice_rotated(W, self.q[:self.po], self.rot[r0:r0 + C], self.grid)
                 val, idx = self._distance(S, K, floor).min(0)
                 better = val < best
                 best, arg = torch.where(better, val, best), torch.where(better, idx + r0, arg)
@@ -244,21 +252,26 @@ def _fingerprint(settings: MTIPSettings, seed: int, grid: Grid, shape, n_valid: 
 
 
 def _setup(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings, device: str):
-    """Validated inputs → (_Problem, photons per frame N_i (frames,), Σ_i Σ_p K_ip log s_p)."""
+    """Validated inputs → (_Problem, photons per frame N_i (frames,), and over the orientation
+    pixels O: ``Σ_i Σ_{p∈O} K_ip log s_p`` and ``Σ_i Σ_{p∈O} K_ip``)."""
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
+    order, n_orient = orientation_pixel_order(qv, grid, settings.orientation_min_radius_voxels,
+                                              "mtip.orientation_min_radius_voxels")
+    qv, sv, pixels = qv[order], sv[order], np.flatnonzero(valid.reshape(-1))[order]
     device, dtype = resolve_device(device), getattr(torch, settings.dtype)
     item, P = torch.finfo(dtype).bits // 8, len(qv)
     budget = settings.memory_budget_gb * 1e9
     block = int(max(1, min(frames, budget // (item * (40 * P + settings.orientation_chunk)))))
-    data = PhotonBlocks(photons, valid, block, frames * P * item <= budget, device, dtype)
-    problem = _Problem(data, qv, sv, grid, settings, device, dtype)
-    n_frame, klogs = np.zeros(frames), 0.0
+    data = PhotonBlocks(photons, pixels, block, frames * P * item <= budget, device, dtype)
+    problem = _Problem(data, qv, sv, n_orient, grid, settings, device, dtype)
+    n_frame, klogs, n_orient_photons = np.zeros(frames), 0.0, 0.0
     for i0, i1, K in data:  # validates every block, fills the cache when enabled
         n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
-        klogs += (K @ problem.logs).double().sum().item()
+        klogs += (K[:, :n_orient] @ problem.logs[:n_orient]).double().sum().item()
+        n_orient_photons += K[:, :n_orient].double().sum().item()
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
-    return problem, n_frame, klogs
+    return problem, n_frame, klogs, n_orient_photons
 
 
 def _quaternions(quat, frames: int, name: str) -> np.ndarray:
@@ -279,7 +292,7 @@ def match_orientations(model, photons, valid, q, pixel_factor, grid: Grid, setti
     φ_i = N_i / Σ_p s_p W(R_iᵀ q_p) normalised to mean 1, distance (frames,))``.
     """
     settings = settings or MTIPSettings()
-    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, settings, device)
+    problem, n_frame, *_ = _setup(photons, valid, q, pixel_factor, grid, settings, device)
     W = torch.as_tensor(np.asarray(model)).to(problem.device, problem.dtype)
     if W.shape != (grid.n,) * 3:
         raise ValueError(f"model has shape {tuple(W.shape)}, expected {(grid.n,) * 3}")
@@ -298,7 +311,7 @@ def merge_frames(photons, valid, q, pixel_factor, grid: Grid, quaternion, gain=N
     :func:`run_mtip`.
     """
     settings = settings or MTIPSettings()
-    problem, n_frame, _ = _setup(photons, valid, q, pixel_factor, grid, settings, device)
+    problem, n_frame, *_ = _setup(photons, valid, q, pixel_factor, grid, settings, device)
     quat = torch.as_tensor(_quaternions(quaternion, len(n_frame), "quaternion")).to(problem.device, problem.dtype)
     g = torch.as_tensor(np.ones(len(n_frame)) if gain is None else np.asarray(gain, dtype=np.float64))
     W, weight = problem.merge(quaternion_to_matrix(quat), g.to(problem.device, problem.dtype))
@@ -338,7 +351,7 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
     settings = settings or MTIPSettings()
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    problem, n_frame, klogs = _setup(photons, valid, q, pixel_factor, grid, settings, device)
+    problem, n_frame, klogs, n_orient_photons = _setup(photons, valid, q, pixel_factor, grid, settings, device)
     generator = torch.Generator().manual_seed(seed)
     frames, device, dtype = len(n_frame), problem.device, problem.dtype
     init = None if init_quaternions is None else _quaternions(init_quaternions, frames, "init_quaternions")
@@ -385,7 +398,7 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
         else:
             done += 1
         d = dist.double().mean().item() if settings.distance == "euclidean" else \
-            (dist.double().sum().item() - klogs) / n_frame.sum()
+            (dist.double().sum().item() - klogs) / max(n_orient_photons, 1.0)
         row = {"iteration": it, "orientation_change": change, "data_distance": d, "phasing_error": err,
                "support_fraction": support.double().mean().item(),
                "gain_std": gain.double().std().item() if frames > 1 else 0.0, "seconds": time.perf_counter() - t0,

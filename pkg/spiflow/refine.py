@@ -163,6 +163,18 @@ def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch
                        new_gain / scale, friedel_symmetrize(accum[1]), stats)
 
 
+def orientation_pixel_order(q_valid: np.ndarray, grid: Grid, min_radius_voxels: float, key: str):
+    """The valid pixels reordered for orientation finding: the *orientation pixels*
+    (``|q| >= min_radius_voxels · grid.dq``) first, the central ones last, each group in its
+    original order (the ordering :func:`local_iteration` and :mod:`spiflow.mtip` expect).
+    q_valid (P, 3) Å⁻¹. Returns ``(order (P,) indices, number of orientation pixels)``.
+    Raises ValueError naming the setting ``key`` when no pixel is left for orientations."""
+    central = np.linalg.norm(q_valid, axis=1) < min_radius_voxels * grid.dq
+    if central.all():
+        raise ValueError(f"{key} = {min_radius_voxels:g} leaves no valid pixel for orientation determination")
+    return np.argsort(central, kind="stable"), int((~central).sum())
+
+
 def step_schedule(start_deg: float, end_deg: float, iterations: int) -> np.ndarray:
     """Local search steps (degrees) of ``iterations`` iterations, geometric from start to end."""
     if iterations < 1:

@@ -226,7 +226,9 @@ class MTIPSettings(Section):
     ``refine_radius_steps`` steps around every frame's orientation (:mod:`spiflow.refine`,
     shared with EMC), the step shrinking geometrically from ``53° / (num_div ·
     refine_radius_steps)`` to ``refine_step_end_deg``; 0 iterations: global matching only.
-    use_phased_model: match against the phased
+    orientation_min_radius_voxels: valid pixels with ``|q| < this · grid.dq`` are merged
+    but left out of the distance, as in EMC (:class:`EMCSettings`; measured effect in
+    :mod:`spiflow.mtip`). use_phased_model: match against the phased
     ``|F[ρ]|²`` (M-TIP) rather than the merged W. update_gain: fit per-frame gains (else
     φ ≡ 1). phasing_hio, phasing_er (>= 1, so that the fed-back ρ obeys support and
     positivity): iterations per M-TIP iteration; beta_hio: HIO β. shrinkwrap_every (HIO
@@ -247,6 +249,7 @@ class MTIPSettings(Section):
     refine_iterations: int = Field(10, ge=0, description='local refinement iterations after the global ones (spiflow.refine; 0: none)')
     refine_step_end_deg: float = Field(0.5, gt=0, description='local search step of the last refinement iteration, degrees (the first is 53 / (num_div * refine_radius_steps))')
     refine_radius_steps: int = Field(2, ge=1, le=8, description='local search radius in steps (2: 33 rotations per frame, 3: 123)')
+    orientation_min_radius_voxels: float = Field(4.0, ge=0, description='valid pixels with |q| below this many grid steps are merged but not used to match orientations (the central speckle)')
     use_phased_model: bool = Field(True)
     update_gain: bool = Field(True)
     phasing_hio: int = Field(30, ge=0)
