@@ -43,6 +43,11 @@ rotations ``R_i D_j``, D_j the ball of ``refine_radius_steps`` steps of a step t
 shrinks geometrically from ``53° / (num_div · refine_radius_steps)`` to
 ``refine_step_end_deg`` (:func:`spiflow.refine.refine_steps_deg`), by the distance below,
 through the search EMC's local iterations use (:func:`spiflow.refine.local_search`).
+Measured on the default data (2CEX, 3,000 patterns of 40², about 3,000 photons each;
+num_div 4, 20 global iterations): median orientation error 9.4° after the global
+iterations; after 6, 8, 10 and 14 local iterations (radius 2, 6.6° → 0.5°) 2.0°, 1.9°,
+1.8° and 1.8°, at about 7 s per local iteration on 2 CPU cores (the default, 10: FSC 0.5
+at 6.2 Å against 5.7 Å for the photons merged at the true orientations).
 
 Distance (``distance``), over the *orientation pixels* O only: the valid pixels at ``|q| ≥
 orientation_min_radius_voxels · dq``, as in :mod:`spiflow.emc` (the central speckle holds
