@@ -236,10 +236,18 @@ class MTIPSettings(Section):
 
     num_div: reference orientations, the 600-cell refinement (10 (5n³+n) rotations,
     spacing ≈ 73.5° / n). iterations: maximum number of M-TIP iterations (a resumed run
-    continues up to it). converge_fraction: stop once at most this fraction of the frames
-    moved (by more than half the finest search step) in an iteration. distance: "poisson"
-    or "euclidean". refine_steps: local refinement rounds after the global match (0: none;
-    each tries 7 rotations per frame). use_phased_model: match against the phased
+    continues up to it) of global matching. converge_fraction: end the global iterations
+    once at most this fraction of the frames moved (by more than half the sampling step)
+    in an iteration. distance: "poisson"
+    or "euclidean". refine_iterations, refine_step_end_deg, refine_radius_steps: local
+    refinement after the global iterations (after ``iterations`` or convergence):
+    ``refine_iterations`` more iterations whose matching searches only the ball of
+    ``refine_radius_steps`` steps around every frame's orientation (:mod:`spiflow.refine`,
+    shared with EMC), the step shrinking geometrically from ``53° / (num_div ·
+    refine_radius_steps)`` to ``refine_step_end_deg``; 0 iterations: global matching only.
+    orientation_min_radius_voxels: valid pixels with ``|q| < this · grid.dq`` are merged
+    but left out of the distance, as in EMC (:class:`EMCSettings`; measured effect in
+    :mod:`spiflow.mtip`). use_phased_model: match against the phased
     ``|F[ρ]|²`` (M-TIP) rather than the merged W. update_gain: fit per-frame gains (else
     φ ≡ 1). phasing_hio, phasing_er (>= 1, so that the fed-back ρ obeys support and
     positivity): iterations per M-TIP iteration; beta_hio: HIO β. shrinkwrap_every (HIO
@@ -248,16 +256,19 @@ class MTIPSettings(Section):
     support, a fraction of the maximum of the autocorrelation blurred by 1 voxel.
     orientation_chunk: orientations sliced at once (chunk × valid pixels).
     memory_budget_gb: bounds the frame block B by ``B (40 P + chunk) · itemsize <= budget``
-    (P valid pixels: photons, per-frame slicing coordinates, merge values, refinement
-    slices, the chunk × B distances); the photons stay in memory when frames × P fits in it
-    too. dtype: "float32" or "float64". The run's seed (random initial orientations and ρ)
+    (P valid pixels: photons, per-frame slicing coordinates, merge values, the chunk × B
+    distances) and the local search's sub-blocks (:func:`spiflow.refine.local_search`);
+    the photons stay in memory when frames × P fits in it too. dtype: "float32" or "float64". The run's seed (random initial orientations and ρ)
     and device are arguments of :func:`spiflow.mtip.run_mtip`.
     """
     num_div: int = Field(4, ge=1, le=40)
     iterations: int = Field(20, ge=1)
     converge_fraction: float = Field(0.0, ge=0, le=1, description='stop when fewer frames than this change orientation')
     distance: Literal['poisson', 'euclidean'] = Field('poisson')
-    refine_steps: int = Field(0, ge=0)
+    refine_iterations: int = Field(10, ge=0, description='local refinement iterations after the global ones (spiflow.refine; 0: none)')
+    refine_step_end_deg: float = Field(0.5, gt=0, description='local search step of the last refinement iteration, degrees (the first is 53 / (num_div * refine_radius_steps))')
+    refine_radius_steps: int = Field(2, ge=1, le=8, description='local search radius in steps (2: 33 rotations per frame, 3: 123)')
+    orientation_min_radius_voxels: float = Field(4.0, ge=0, description='valid pixels with |q| below this many grid steps are merged but not used to match orientations (the central speckle)')
     use_phased_model: bool = Field(True)
     update_gain: bool = Field(True)
     phasing_hio: int = Field(30, ge=0)
