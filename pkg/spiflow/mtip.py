@@ -99,7 +99,7 @@ _AXES = (-3, -2, -1)
 
 @dataclass
 class MTIPResult:
-    """Output of :func:`run_mtip` (all numpy, on the grid of SPEC.md).
+    """Output of :func:`run_mtip` (all numpy, on the grid of docs/conventions.md).
 
     intensity: (n, n, n) float32, W merged at the final orientations and gains, photons per
     unit pixel factor for a gain-1 frame (0 where unmeasured). weight: (n, n, n) float32,
