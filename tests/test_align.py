@@ -1,6 +1,4 @@
 """Tests of spiflow.align: density registration, volume rotation, intensity rotation search."""
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ from spiflow import align
 from spiflow.align import align_density, align_intensity_rotation, fourier_shift, pearson, rotate_volume
 from spiflow.grid import Grid
 from spiflow.rotation import angle_between, matrix_to_quaternion, quaternion_to_matrix, random_quaternions
+from spiflow.sampling import so3_sampling
 
 N = 33
 GRID = Grid(N, 1.0 / (N * 2.0))  # 2 Å voxels
@@ -121,38 +120,11 @@ def test_density_rotation_consistent_with_intensity_rotation():
     assert pearson(rotate_volume(rho_mov, A_found.T), rho_ref) < 0.9  # the wrong way round fails
 
 
-def test_global_rotations_both_paths(monkeypatch):
-    monkeypatch.setattr(align, "_load_so3_sampling", lambda: None)
-    fallback = align.global_rotations(4, seed=0)
-    assert fallback.shape == (3240, 4) and np.allclose(np.linalg.norm(fallback, axis=1), 1)
-    assert np.array_equal(fallback, align.global_rotations(4, seed=0))
-
-    calls = []
-
-    def fake(num_div):
-        calls.append(num_div)
-        return random_quaternions(100, np.random.default_rng(1)), np.full(100, 0.01)
-
-    monkeypatch.setattr(align, "_load_so3_sampling", lambda: fake)
-    assert align.global_rotations(2).shape == (100, 4) and calls == [2]
-
-    monkeypatch.undo()  # real loader again: works whether or not spiflow.sampling exists
+def test_global_rotations_are_the_600_cell_sampling():
     quats = align.global_rotations(4)
-    assert quats.shape[1] == 4 and len(quats) >= 3000
-
-
-@pytest.mark.slow
-def test_align_intensity_rotation_with_sampling_module(monkeypatch):
-    """The spiflow.sampling path (faked here by a module in sys.modules) feeds the global search."""
-    fake = types.ModuleType("spiflow.sampling")
-    fake.so3_sampling = lambda d: (random_quaternions(10 * (5 * d ** 3 + d), np.random.default_rng(11)),
-                                   np.ones(10 * (5 * d ** 3 + d)))
-    monkeypatch.setitem(sys.modules, "spiflow.sampling", fake)
-    pos, amp, width = blob_model(8)
-    A = random_rotation(9)
-    A_found, _ = align_intensity_rotation(intensity(pos @ A, amp, width), intensity(pos, amp, width), GRID,
-                                          mask=GRID.q_norm() > 0)
-    assert angle_deg(A_found, A) < 2.0
+    assert quats.shape == (3240, 4) and quats.dtype == np.float64
+    assert np.allclose(np.linalg.norm(quats, axis=1), 1)
+    assert np.allclose(quats, so3_sampling(4)[0])
 
 
 def test_align_intensity_rotation_errors():

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from spiflow.grid import Grid, rotated_points, slice_volume
-from spiflow.rotation import multiply, quaternion_to_matrix, random_quaternions
-from spiflow.sampling import n_orientations
+from spiflow.rotation import multiply, quaternion_to_matrix
+from spiflow.sampling import so3_sampling
 
 _AXES = (-3, -2, -1)
 
@@ -147,29 +147,17 @@ def rotate_volume(volume, rotation, chunk: int = 1 << 20):
 # ----------------------------------------------------------------------------- rotations
 
 
-def _load_so3_sampling():
-    """``spiflow.sampling.so3_sampling`` when that module exists, else None."""
-    try:
-        from spiflow.sampling import so3_sampling
-    except ImportError:
-        return None
-    return so3_sampling
+def global_rotations(num_div: int) -> np.ndarray:
+    """Quaternions (M, 4) float64 covering SO(3) for the global search: the 600-cell
+    refinement :func:`spiflow.sampling.so3_sampling` (num_div), M =
+    :func:`spiflow.sampling.n_orientations` (num_div) (3,240 for 4).
 
-
-def global_rotations(num_div: int, seed: int = 0) -> np.ndarray:
-    """Quaternions (M, 4) covering SO(3) for the global search.
-
-    Uses ``spiflow.sampling.so3_sampling(num_div)`` (600-cell refinement) when available;
-    otherwise :func:`spiflow.sampling.n_orientations` (num_div) Haar-uniform random
-    quaternions (the 600-cell refinement's count: 3,240 for 4) from ``default_rng(seed)``.
+    Raises ValueError unless num_div is a positive integer.
     """
     if int(num_div) != num_div or num_div < 1:
         raise ValueError(f"num_div must be a positive integer, got {num_div}")
-    so3 = _load_so3_sampling()
-    if so3 is not None:
-        quats, _ = so3(int(num_div))
-        return np.asarray(quats, dtype=np.float64)
-    return random_quaternions(n_orientations(num_div), np.random.default_rng(seed))
+    quats, _ = so3_sampling(int(num_div))
+    return np.asarray(quats, dtype=np.float64)
 
 
 def _axis_angle_quats(vecs: np.ndarray) -> np.ndarray:
@@ -289,7 +277,7 @@ def align_intensity_rotation(moving, reference, grid: Grid, mask=None, num_div: 
             out.append(_weighted_pearson(x[:npts], Y, w))
         return torch.cat(out).double().numpy()
 
-    quats = global_rotations(num_div, seed)
+    quats = global_rotations(num_div)
     cc = score(quats, n_points_global)
     order = np.argsort(-cc)[:n_candidates]
     spacing = (8 * math.pi ** 2 / len(quats)) ** (1 / 3)  # typical neighbour distance, rad
