@@ -60,14 +60,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from . import __version__
 from .detector import CLASSICAL_ELECTRON_RADIUS_ANGSTROM, reconstruction_grid, wavelength_angstrom
 from .formats import pixel_q_and_factor
 from .io import atomic_path
-from .plots import DPI
+from .plots import new_figure, save_figure
 from .settings import EuXFELSettings
 from .stores import write_patterns
 
@@ -189,19 +187,15 @@ def _blocks(det, chunk_trains: int, train_ids=None):
 
 def plot_hit_scores(scores: np.ndarray, threshold: float, path) -> None:
     """Histogram of the frames' lit-pixel counts (log frequency) with the hit threshold marked, as PNG."""
-    fig = Figure(figsize=(6.0, 4.0), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.tick_params(labelsize=8)
+    fig, axes = new_figure((6.0, 4.0))
+    ax = axes[0, 0]
     top = max(float(np.max(scores)) if len(scores) else 1.0, threshold, 1.0)
     ax.hist(scores, bins=np.linspace(0, top * 1.02, 61), color="steelblue", log=True)
     ax.axvline(threshold, color="crimson", ls="--", label=f"threshold {threshold:.4g}")
     ax.set_xlabel("lit pixels per frame")
     ax.set_ylabel("frames")
     ax.legend(fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-    fig.clear()
+    save_figure(fig, path)
 
 
 def import_euxfel(s: EuXFELSettings, patterns, table_csv, histogram_png=None, *, grid_oversampling: float = 1.0,

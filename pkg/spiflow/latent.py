@@ -35,28 +35,16 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
 
 from . import metrics
 from .align import align_density, rotate_volume
 from .grid import Grid
 from .io import atomic_path
 from .phasing import phase
-from .plots import DPI, save_figure
+from .plots import new_figure, save_figure
 from .settings import PhasingSettings, VAESettings
 from .vae import IntensityDecoder, decode, kmeans_representatives, pca, traversal
-
-
-def _figure(size: tuple[float, float], nrows: int, ncols: int):
-    """A fresh Agg figure (inches × :data:`spiflow.plots.DPI`) with a grid of axes."""
-    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat:
-        ax.tick_params(labelsize=8)
-    return fig, axes
 
 
 def save_decoder(path, decoder: IntensityDecoder, grid: Grid, settings: VAESettings) -> None:
@@ -137,7 +125,7 @@ def plot_latent(scores: np.ndarray, conformation: np.ndarray | None, names: list
     with ``versus``, component 1 vs each true parameter (with |Spearman ρ|; meaningful for
     PCA, not for UMAP, whose axes are arbitrary); ``axes_names`` label the components."""
     k = 1 + (len(names) if conformation is not None and versus else 0)
-    fig, axes = _figure((4.0 * k, 3.6), 1, k)
+    fig, axes = new_figure((4.0 * k, 3.6), 1, k)
     pc2 = scores[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
     ax = axes[0, 0]
     c = conformation[:, 0] if conformation is not None else None
@@ -161,7 +149,7 @@ def plot_traversal(volumes: np.ndarray, grid: Grid, steps_sd: np.ndarray, path) 
     """Central sections qz = 0 (top) and qx = 0 (bottom) of volumes (m, n, n, n) along PC1,
     log colour scale (five decades below the overall maximum), axes in Å⁻¹."""
     m, c = len(volumes), grid.center
-    fig, axes = _figure((2.2 * m, 4.6), 2, m)
+    fig, axes = new_figure((2.2 * m, 4.6), 2, m)
     vmax = float(volumes.max())
     norm = LogNorm(vmin=vmax * 1e-5, vmax=vmax)
     q = grid.q_axis

@@ -8,7 +8,6 @@ Units follow docs/conventions.md: q in Å⁻¹ (no 2π), resolution 1/q in Å, r
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from spiflow.grid import Grid
+from spiflow.io import atomic_path
 
 DPI = 100
 FIGSIZE = {  # inches (width, height)
@@ -38,9 +38,14 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _figure(name: str, nrows: int = 1, ncols: int = 1, **kw):
-    """A fresh Agg figure of the fixed size for ``name`` with a grid of axes."""
-    fig = Figure(figsize=FIGSIZE[name], dpi=DPI, layout="constrained")
+def new_figure(size, nrows: int = 1, ncols: int = 1, **kw):
+    """A fresh Agg figure with a grid of axes: ``(fig, axes)``, axes (nrows, ncols).
+
+    size: a name of :data:`FIGSIZE` (the fixed size of a standard figure) or (width,
+    height) in inches; the figure has :data:`DPI` dots per inch and a constrained layout.
+    ``kw`` goes to ``Figure.subplots`` (e.g. ``sharex``). Raises KeyError for an unknown name.
+    """
+    fig = Figure(figsize=FIGSIZE[size] if isinstance(size, str) else size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     for ax in axes.flat:
@@ -49,9 +54,10 @@ def _figure(name: str, nrows: int = 1, ncols: int = 1, **kw):
 
 
 def save_figure(fig: Figure, path) -> None:
-    """Write ``fig`` as a PNG at :data:`DPI` to ``path`` (its folder created), then clear it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    """Write ``fig`` as a PNG at :data:`DPI` to ``path`` (its folder created; atomically, by
+    :func:`spiflow.io.atomic_path`: an old file stays whole if writing fails), then clear it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     fig.clear()
 
 
@@ -79,7 +85,7 @@ def plot_fsc(tables: dict[str, pd.DataFrame], path, ylabel: str = "FSC",
     """
     if not tables:
         raise ValueError("plot_fsc: no FSC tables given")
-    fig, axes = _figure("fsc")
+    fig, axes = new_figure("fsc")
     ax = axes[0, 0]
     q_max, f_min = 0.0, -0.2
     for name, t in tables.items():
@@ -114,7 +120,7 @@ def plot_intensity_sections(truth, recon, grid: Grid, path, title: str = "") -> 
     """
     vols = {"truth": truth, "reconstruction": recon}
     vols = {k: _np(v).astype(float) for k, v in vols.items() if v is not None}
-    fig, axes = _figure("intensity_sections", len(vols), 3)
+    fig, axes = new_figure("intensity_sections", len(vols), 3)
     q = grid.q_axis
     ext = [q[0] - grid.dq / 2, q[-1] + grid.dq / 2] * 2
     for row, (label, v) in enumerate(vols.items()):
@@ -144,7 +150,7 @@ def plot_density_slices(truth, recon, grid: Grid, path, project: bool = False) -
     """
     vols = {"truth": truth, "reconstruction": recon}
     vols = {k: np.real(_np(v)).astype(float) for k, v in vols.items() if v is not None}
-    fig, axes = _figure("density_slices", len(vols), 3)
+    fig, axes = new_figure("density_slices", len(vols), 3)
     r = grid.r_axis
     h = grid.voxel_size / 2
     ext = [r[0] - h, r[-1] + h] * 2
@@ -175,7 +181,7 @@ def plot_orientation_errors(errors_deg, path) -> None:
     e = _np(errors_deg).astype(float).ravel()
     if e.size == 0 or not np.all(np.isfinite(e)):
         raise ValueError("plot_orientation_errors: need a non-empty array of finite errors")
-    fig, axes = _figure("orientation_errors")
+    fig, axes = new_figure("orientation_errors")
     ax = axes[0, 0]
     ax.hist(e, bins=np.linspace(0, max(float(e.max()), 1e-3), 41), color="steelblue")
     med = float(np.median(e))
@@ -197,7 +203,7 @@ def plot_pattern_montage(photons, valid, path) -> None:
     k = p.shape[0]
     ncols = math.ceil(math.sqrt(k))
     nrows = math.ceil(k / ncols)
-    fig, axes = _figure("pattern_montage", nrows, ncols)
+    fig, axes = new_figure("pattern_montage", nrows, ncols)
     vmax = float(np.log1p(p[:, m].max())) if m.any() else 1.0
     cmap = colormaps["magma"].with_extremes(bad="0.6")
     for i, ax in enumerate(axes.flat):
@@ -224,7 +230,7 @@ def plot_emc_log(log_df: pd.DataFrame, path) -> None:
     missing = [c for c in EMC_COLUMNS if c not in log_df.columns]
     if missing:
         raise ValueError(f"plot_emc_log: missing columns {missing}")
-    fig, axes = _figure("emc_log", 2, 2, sharex=True)
+    fig, axes = new_figure("emc_log", 2, 2, sharex=True)
     starts = log_df["start"] if "start" in log_df.columns else pd.Series(0, index=log_df.index)
     panels = [("log_likelihood", "log-likelihood"), ("rms_change", "rms model change"),
               ("mutual_info", "mutual information"), ("beta", "β (deterministic annealing)")]
