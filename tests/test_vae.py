@@ -212,6 +212,8 @@ def test_options_train(data, options):
     assert res.z_mu.shape == (40, 2) and np.isfinite(res.z_mu).all() and np.isfinite(res.log["loss"]).all()
     vol = vae.decode(res.decoder, res.z_mu[:2])
     assert vol.shape == (2, 15, 15, 15) and (vol > 0).all()
+    with pytest.raises(ValueError, match="decoder_grid"):
+        vae.decode(res.decoder, res.z_mu[:2], grid=res.grid)
 
 
 def test_training_separates_two_states_in_latent_space(data):

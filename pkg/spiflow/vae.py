@@ -506,7 +506,10 @@ def decode(decoder: IntensityDecoder, z, grid: Grid | None = None, decoder_grid:
     """Intensity volumes (m, n, n, n) float64 of latents z (m, D) or (D,).
 
     Photons per unit pixel factor of a gain-1 frame on the decoder's grid, or resampled
-    trilinearly onto ``grid`` (then ``decoder_grid``, the decoder's own grid, is needed)."""
+    trilinearly onto ``grid`` (then ``decoder_grid``, the decoder's own grid, is needed).
+    Raises ValueError for ``grid`` without ``decoder_grid``."""
+    if grid is not None and decoder_grid is None:
+        raise ValueError("decode onto a grid needs decoder_grid, the decoder's own grid")
     p = next(decoder.parameters())
     z = torch.as_tensor(np.atleast_2d(np.asarray(z, dtype=np.float32)), device=p.device)
     vol = decoder.eval()(z).double().cpu()
