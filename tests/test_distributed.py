@@ -4,11 +4,17 @@ between process counts, and an error on one rank stops both."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 
+from conftest import TINY, snakemake
 from spiflow.distributed import FrameRange, Ranks, frame_ranges, run_local
+from spiflow.io import open_dataset
+from spiflow.launch import launch_command, run_stage, slurm_tasks
+from spiflow.settings import EMCSettings
 from test_emc import SMALL, _run, data  # noqa: F401  (data: the EMC tests' synthetic frames, a fixture)
 
 torch.set_num_threads(2)
@@ -101,3 +107,42 @@ def test_two_ranks_equal_one_process(data, tmp_path):  # noqa: F811
     assert err1.startswith("ValueError: photons[100:200]") and "negative" in err1
     assert err0 == "RuntimeError: rank(s) [1] failed; see their error"
 
+
+
+def test_launch_command_torchrun_or_srun(tmp_path):
+    cmd, extra = launch_command(3, tmp_path / "s.json", "emc.processes", env={})
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"] and extra == {}
+    assert cmd[-3:] == ["-m", "spiflow.launch", str(tmp_path / "s.json")]
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
+    cmd, extra = launch_command(4, "s.json", "emc.processes", env=slurm)
+    assert cmd[:3] == ["srun", "--ntasks=4", "--kill-on-bad-exit=1"] and int(extra["MASTER_PORT"]) > 0
+    with pytest.raises(ValueError, match="emc.processes = 8, but this SLURM allocation has 4 tasks"):
+        launch_command(8, "s.json", "emc.processes", env=slurm)
+    assert slurm_tasks({"SLURM_NTASKS": "4"}) == 0  # not inside an allocation
+    with pytest.raises(ValueError, match="no stage 'phase'"):
+        run_stage("phase", {}, 2)
+
+
+@pytest.mark.slow
+def test_workflow_runs_emc_on_two_processes(tmp_path):
+    """orient_emc with emc.processes: 2 runs under torchrun through Snakemake and writes what
+    one process writes (within float32 summation-order tolerance)."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "emc": {**TINY["emc"], "processes": 2}}))
+    run = tmp_path / "results" / "tiny"
+    snakemake(tmp_path, targets=[str((run / "recon/emc/intensity.zarr").relative_to(tmp_path))])
+    log = (run / "logs" / "orient_emc.log").read_text()
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in log and "rank 1 " in log
+    config = {"emc": {**EMCSettings().model_dump(), **TINY["emc"]}, "dataset": TINY["dataset"], "device": "cpu"}
+    one = tmp_path / "one"
+    run_stage("emc", config, 1, progress=False, patterns=str(run / "simulate/patterns.zarr"),
+              intensity=str(one / "intensity.zarr"), orientations=str(one / "orientations.zarr"),
+              log_csv=str(one / "log.csv"), checkpoint=str(one / "checkpoint.pt"))
+    for store, names in [("intensity.zarr", ["intensity"]), ("orientations.zarr", ["quaternion", "gain"])]:
+        a, b = open_dataset(run / "recon/emc" / store), open_dataset(one / store)
+        for name in names:
+            x, y = a[name].values, b[name].values
+            if name == "quaternion":
+                x, y = np.abs(np.sum(x * y, -1)), np.ones(len(x))
+            np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-3 * np.abs(y).max())
+    np.testing.assert_allclose(pd.read_csv(run / "recon/emc/emc_log.csv").log_likelihood,
+                               pd.read_csv(one / "log.csv").log_likelihood, rtol=1e-4)

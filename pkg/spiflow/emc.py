@@ -323,10 +323,11 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
 def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: int, data: str) -> str:
     """The settings a checkpoint must share to be resumed: all but the iteration count
     (a resumed run may go on), the random starts' count of it (``trial_iterations`` stands
-    for it), and the cost settings (orientation_chunk, memory_budget_gb, photon_format);
+    for it), and the cost settings (orientation_chunk, memory_budget_gb, photon_format,
+    processes);
     plus the seed, grid, data shape, valid-pixel count and per-frame photon totals."""
     fp = settings.model_dump(exclude={"iterations", "start_iterations", "orientation_chunk", "memory_budget_gb",
-                                      "photon_format"})
+                                      "photon_format", "processes"})
     fp.update(seed=seed, trial_iterations=settings.trial_iterations, grid_n=grid.n, grid_dq=grid.dq,
               data_shape=list(shape), n_valid=int(n_valid), data=data)
     return json.dumps(fp, sort_keys=True)
@@ -362,7 +363,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
     orientations, probability_max, weight and ``local_done``); if it exists with the same
     fingerprint (every setting but ``iterations``, ``start_iterations`` beyond
     ``trial_iterations`` and the cost settings orientation_chunk, memory_budget_gb,
-    photon_format; the seed, grid, data shape, valid-pixel count and the data's per-frame
+    photon_format, processes; the seed, grid, data shape, valid-pixel count and the data's per-frame
     photon totals (:func:`spiflow.io.data_digest`)) the run resumes from it, the CSV is
     rewritten from the checkpoint's rows (:class:`spiflow.io.RunLog`: complete even if the
     CSV was deleted), and a finished run only repeats the final global E-step (or nothing,

@@ -194,6 +194,11 @@ class EMCSettings(Section):
     cost). "auto" picks sparse when at most :data:`AUTO_SPARSE_DENSITY` of the orientation
     pixels hold photons (measured over the first frames), where sparse was measured faster.
     Not part of the checkpoint fingerprint: a run may resume in the other format.
+    processes: ranks of one EMC run across processes (:mod:`spiflow.distributed`): the
+    workflow starts the stage under ``torchrun`` on one node, or ``srun`` inside a SLURM
+    allocation of that many tasks (:mod:`spiflow.launch`); each rank owns a contiguous
+    range of the frames. Same result up to floating-point summation order; not part of
+    the checkpoint fingerprint (a checkpoint resumes with any number of processes).
     """
     num_div: int = Field(10, ge=1, le=40)
     iterations: int = Field(30, ge=1)
@@ -218,6 +223,8 @@ class EMCSettings(Section):
         "auto", description="photons in the E-step as a dense (frames, pixels) block or sparse CSR (same result, different "
         "cost); auto: sparse when at most spiflow.emc.AUTO_SPARSE_DENSITY of the orientation pixels hold photons "
         "(sparse measured faster up to about 10 %)")
+    processes: int = Field(1, ge=1, description="ranks of one EMC run: torchrun on one node, or srun inside a SLURM "
+                           "allocation of this many tasks (spiflow.launch); 1: one process")
 
     @property
     def trial_iterations(self) -> int:
