@@ -136,14 +136,21 @@ def stage_mtip(config: dict, patterns: str, intensity: str, orientations: str, l
                prior: str | None = None, progress: bool = True, seed_offset: int = 0) -> None:
     """orient with M-TIP (:mod:`spiflow.mtip`), from random orientations or, with ``prior``
     (an orientations store, e.g. ``recon/selfsup``), seeded with its quaternions: the
-    method ``mtip_selfsup``. Never reads the truth. seed_offset: as for :func:`stage_emc`."""
+    method ``mtip_selfsup``. Never reads the truth. seed_offset: as for :func:`stage_emc`.
+    Under torchrun or srun (``mtip.processes`` > 1) every rank runs this; rank 0 writes."""
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
     cfg = MTIPSettings(**config["mtip"])
     init = open_dataset(prior, "prior orientations store").quaternion.values if prior else None
-    res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init,
-                   seed=config["dataset"]["seed"] + seed_offset, device=config["device"], log_path=log_csv,
-                   checkpoint_path=checkpoint, progress=progress)
+    ranks = setup_ranks(resolve_device(config["device"]))
+    try:
+        res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init,
+                       seed=config["dataset"]["seed"] + seed_offset, device=config["device"], log_path=log_csv,
+                       checkpoint_path=checkpoint, progress=progress)
+    finally:
+        ranks.close()
+    if not ranks.is_root:
+        return
     method = "mtip_selfsup" if prior else "mtip"
     attrs = {"method": method, "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
              "iterations": len(res.log), "seeded_from": str(prior or "")}

@@ -267,6 +267,8 @@ class MTIPSettings(Section):
     distances) and the local search's sub-blocks (:func:`spiflow.refine.local_search`);
     the photons stay in memory when frames × P fits in it too. dtype: "float32" or "float64". The run's seed (random initial orientations and ρ)
     and device are arguments of :func:`spiflow.mtip.run_mtip`.
+    processes: ranks of one M-TIP run, as ``emc.processes`` (:mod:`spiflow.launch`); not
+    part of the checkpoint fingerprint.
     """
     num_div: int = Field(4, ge=1, le=40)
     iterations: int = Field(20, ge=1)
@@ -288,6 +290,8 @@ class MTIPSettings(Section):
     orientation_chunk: int = Field(1024, ge=1)
     memory_budget_gb: float = Field(2.0, gt=0)
     dtype: Literal['float32', 'float64'] = Field('float32')
+    processes: int = Field(1, ge=1, description="ranks of one M-TIP run: torchrun on one node, or srun inside a SLURM "
+                           "allocation of this many tasks (spiflow.launch); 1: one process")
 
 
 class SelfSupSettings(Section):
