@@ -2,6 +2,9 @@
 one-process result to floating-point tolerance (summation order differs), checkpoints move
 between process counts, and an error on one rank stops both."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -10,7 +13,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from conftest import TINY, snakemake
+from conftest import ROOT, TINY, snakemake
 from spiflow.distributed import FrameRange, Ranks, frame_ranges, run_local
 from spiflow.io import open_dataset
 from spiflow.launch import launch_command, run_stage, slurm_tasks
@@ -146,3 +149,16 @@ def test_workflow_runs_emc_on_two_processes(tmp_path):
             np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-3 * np.abs(y).max())
     np.testing.assert_allclose(pd.read_csv(run / "recon/emc/emc_log.csv").log_likelihood,
                                pd.read_csv(one / "log.csv").log_likelihood, rtol=1e-4)
+
+
+def test_torch_threads_survive_numba_pool_launch():
+    """A rank keeps the threads it was given: the first numba kernel launches numba's OpenMP
+    pool, which used to raise torch's threads to all cores (two ranks × two threads on two
+    cores). In a fresh process, since the pool launches once per process."""
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from spiflow import slicing_cpu\n"
+            "slicing_cpu.numba is None or slicing_cpu._threads()\n"
+            "assert torch.get_num_threads() == 1, torch.get_num_threads()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "pkg")))
+    assert res.returncode == 0, res.stderr[-2000:]
