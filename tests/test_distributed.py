@@ -129,13 +129,16 @@ def test_launch_command_torchrun_or_srun(tmp_path):
 @pytest.mark.slow
 def test_workflow_runs_emc_on_two_processes(tmp_path):
     """orient_emc with emc.processes: 2 runs under torchrun through Snakemake and writes what
-    one process writes (within float32 summation-order tolerance)."""
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "emc": {**TINY["emc"], "processes": 2}}))
+    one process writes (to summation-order tolerance, in float64)."""
+    # float64: in float32 the summation order (ranks, numba's threads) flipped some hard local
+    # assignments, moving 1 % of the voxels by up to 2× (measured)
+    emc = {**TINY["emc"], "dtype": "float64"}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "emc": {**emc, "processes": 2}}))
     run = tmp_path / "results" / "tiny"
     snakemake(tmp_path, targets=[str((run / "recon/emc/intensity.zarr").relative_to(tmp_path))])
     log = (run / "logs" / "orient_emc.log").read_text()
     assert "torch.distributed.run --standalone --nproc_per_node=2" in log and "rank 1 " in log
-    config = {"emc": {**EMCSettings().model_dump(), **TINY["emc"]}, "dataset": TINY["dataset"], "device": "cpu"}
+    config = {"emc": {**EMCSettings().model_dump(), **emc}, "dataset": TINY["dataset"], "device": "cpu"}
     one = tmp_path / "one"
     run_stage("emc", config, 1, progress=False, patterns=str(run / "simulate/patterns.zarr"),
               intensity=str(one / "intensity.zarr"), orientations=str(one / "orientations.zarr"),
@@ -146,9 +149,9 @@ def test_workflow_runs_emc_on_two_processes(tmp_path):
             x, y = a[name].values, b[name].values
             if name == "quaternion":
                 x, y = np.abs(np.sum(x * y, -1)), np.ones(len(x))
-            np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-3 * np.abs(y).max())
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9 * np.abs(y).max())
     np.testing.assert_allclose(pd.read_csv(run / "recon/emc/emc_log.csv").log_likelihood,
-                               pd.read_csv(one / "log.csv").log_likelihood, rtol=1e-4)
+                               pd.read_csv(one / "log.csv").log_likelihood, rtol=1e-9)
 
 
 def test_torch_threads_survive_numba_pool_launch():
