@@ -32,3 +32,9 @@ slurm:
 .PHONY: bench
 bench: install
 	$(PYTHON) benchmarks/run.py $(BENCH_ARGS)
+
+# Every CUDA path (simulate, EMC dense and sparse, M-TIP, selfsup, phasing) against the CPU on a
+# tiny case, with timings; exits 1 on a mismatch, 0 with "skipped" where there is no CUDA.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -1,5 +1,6 @@
 """The benchmark script (benchmarks/run.py) runs: its --tiny smoke run, without Dragonfly."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +26,12 @@ def test_benchmark_script_tiny_run(tmp_path):
     assert not any(r["tool"] == "dragonfly" for r in rows)
     md = (out / "results.md").read_text()
     assert "| section | problem |" in md and "load average" in md
+
+
+def test_gpu_check_skips_cleanly_without_cuda():
+    """make gpu-check on a machine without CUDA: a clear "skipped" line and exit status 0."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gpu-check: skipped, no CUDA device here" in proc.stdout

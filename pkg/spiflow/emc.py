@@ -55,6 +55,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .distributed import FrameRange, Ranks, frame_ranges, photon_chunk, setup
 from .grid import Grid, friedel_symmetrize
 from .io import (RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint,
                  validate_detector_inputs)
@@ -195,7 +196,8 @@ class PhotonBlocks:
             raw = np.asarray(self.photons[i0:i1])
             k = raw.reshape(i1 - i0, -1)[:, self.pixels]
             if not np.isfinite(k).all() or (k < 0).any():
-                raise ValueError(f"photons[{i0}:{i1}]: negative or non-finite counts in valid pixels")
+                o = getattr(self.photons, "start", 0)  # a FrameRange's first frame
+                raise ValueError(f"photons[{o + i0}:{o + i1}]: negative or non-finite counts in valid pixels")
             k = k.astype(np.float32 if self.dtype == torch.float32 else np.float64, copy=False)
             if self.sparse_orient is None:
                 item = (i0, i1, torch.as_tensor(k).to(self.device))
@@ -216,7 +218,8 @@ class _Engine:
     The first ``n_orient`` valid pixels are the orientation pixels (E-step); all are merged."""
 
     def __init__(self, data: PhotonBlocks, q_valid, s_valid, n_orient: int, grid: Grid, settings: EMCSettings,
-                 device, dtype):
+                 device, dtype, comm: Ranks | None = None):
+        self.comm = comm or Ranks(device=device)
         quats, weights = so3_sampling(settings.num_div)
         self.quats, self.M = quats, len(quats)
         self.rot = quaternion_to_matrix(torch.as_tensor(quats)).to(device, dtype)
@@ -239,7 +242,8 @@ class _Engine:
         """One E + gain + M pass with model W (n, n, n) and gains (frames,).
 
         Returns (W_new, gain_new, stats, most likely index (frames,), its P (frames,),
-        Friedel-symmetrised merge denominator (n, n, n))."""
+        Friedel-symmetrised merge denominator (n, n, n)). Across ranks (``self.comm``) the
+        frames are this rank's; the merge sums and the statistics are all-reduced."""
         M, C, dev, dt = self.M, self.chunk, W.device, W.dtype
         frames = self.data.frames
         accum = torch.zeros((2,) + W.shape, dtype=dt, device=dev)  # numerator, denominator
@@ -293,10 +297,12 @@ class _Engine:
                     torch.mm(P[r0:r1], K, out=vals[0])
                 torch.mul((P[r0:r1] @ new_gain[i0:i1])[:, None], self.s[None, :], out=vals[1])
                 merge_rotated(accum, self.q, self.rot[r0:r1], self.grid, vals)
-        scale = new_gain.mean() if update_gain else torch.ones((), dtype=dt, device=dev)
+        comm = self.comm
+        comm.sum_(accum)
+        scale = comm.mean(new_gain) if update_gain else torch.ones((), dtype=dt, device=dev)
         W_new = merge_ratio(accum[0], accum[1]) * scale
-        stats = {"log_likelihood": ll.mean().item(), "mutual_info": mi.mean().item(),
-                 "mean_max_probability": pmax.double().mean().item()}
+        stats = {"log_likelihood": comm.mean(ll).item(), "mutual_info": comm.mean(mi).item(),
+                 "mean_max_probability": comm.mean(pmax.double()).item()}
         return W_new, new_gain / scale, stats, best, pmax, friedel_symmetrize(accum[1])
 
 
@@ -317,10 +323,11 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
 def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: int, data: str) -> str:
     """The settings a checkpoint must share to be resumed: all but the iteration count
     (a resumed run may go on), the random starts' count of it (``trial_iterations`` stands
-    for it), and the cost settings (orientation_chunk, memory_budget_gb, photon_format);
+    for it), and the cost settings (orientation_chunk, memory_budget_gb, photon_format,
+    processes);
     plus the seed, grid, data shape, valid-pixel count and per-frame photon totals."""
     fp = settings.model_dump(exclude={"iterations", "start_iterations", "orientation_chunk", "memory_budget_gb",
-                                      "photon_format"})
+                                      "photon_format", "processes"})
     fp.update(seed=seed, trial_iterations=settings.trial_iterations, grid_n=grid.n, grid_dq=grid.dq,
               data_shape=list(shape), n_valid=int(n_valid), data=data)
     return json.dumps(fp, sort_keys=True)
@@ -356,7 +363,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
     orientations, probability_max, weight and ``local_done``); if it exists with the same
     fingerprint (every setting but ``iterations``, ``start_iterations`` beyond
     ``trial_iterations`` and the cost settings orientation_chunk, memory_budget_gb,
-    photon_format; the seed, grid, data shape, valid-pixel count and the data's per-frame
+    photon_format, processes; the seed, grid, data shape, valid-pixel count and the data's per-frame
     photon totals (:func:`spiflow.io.data_digest`)) the run resumes from it, the CSV is
     rewritten from the checkpoint's rows (:class:`spiflow.io.RunLog`: complete even if the
     CSV was deleted), and a finished run only repeats the final global E-step (or nothing,
@@ -372,14 +379,68 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
     Raises ValueError for mismatched shapes, an empty valid mask, pixel_factor <= 0,
     negative or non-finite counts in valid pixels (checked per block), frames without any
     photon at all. Invalid settings are refused by :class:`~spiflow.settings.EMCSettings` itself.
+
+    Across processes (started by ``torchrun`` or ``srun``: ``WORLD_SIZE`` > 1, see
+    :mod:`spiflow.distributed`), every rank calls run_emc with the same arguments; rank r
+    reads only its contiguous frames (whole Zarr chunks, :func:`spiflow.distributed.frame_ranges`)
+    and runs the E-step, gain update and local refinement on them; the merge numerator and
+    denominator, the log-likelihood and every other sum over frames are all-reduced. The
+    random starts share the first ``start_frames`` frames evenly. Rank 0 writes the log and
+    the checkpoints (with the gains and orientations of all frames gathered, so a checkpoint
+    resumes with any number of processes); every rank returns the complete result. The
+    result equals the one-process run up to floating-point summation order (tested).
     """
     settings = settings or EMCSettings()
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
-    device, dtype = resolve_device(device), getattr(torch, settings.dtype)
+    comm = setup(resolve_device(device))
+    try:
+        return _run(comm, photons, frames, valid, qv, sv, grid, settings, seed, log_path, checkpoint_path, progress)
+    finally:
+        comm.close()
+
+
+def _reduced(comm: Ranks, x: np.ndarray) -> np.ndarray:
+    """The sum over ranks of the float64 array x (x itself in one process)."""
+    if comm.world == 1:
+        return x
+    return comm.sum_(torch.as_tensor(x, device=comm.device)).cpu().numpy()
+
+
+def _gathered(comm: Ranks, x: np.ndarray, counts: list[int]) -> np.ndarray:
+    """The per-frame float64 arrays x of all ranks in frame order (x itself in one process)."""
+    if comm.world == 1:
+        return x
+    return comm.gather(torch.as_tensor(x, device=comm.device), counts).cpu().numpy()
+
+
+def _validated_sums(comm: Ranks, data: PhotonBlocks, n_pixels: int, counts: list[int]):
+    """One pass over this rank's photon blocks (validating them, filling the cache when
+    enabled): (photons per valid pixel (P,) summed over all frames of all ranks, photons per
+    frame (all frames,)). A ValueError on any rank is raised on all (:meth:`Ranks.agree`)."""
+    sum_counts, n_local, error = np.zeros(n_pixels), np.zeros(data.frames), None
+    try:
+        for i0, i1, K in data:
+            pixel_sums, frame_sums = _sums(K)
+            sum_counts += pixel_sums.double().cpu().numpy()
+            n_local[i0:i1] = frame_sums.double().cpu().numpy()
+    except ValueError as exc:
+        error = exc
+    comm.agree(error)
+    return _reduced(comm, sum_counts), _gathered(comm, n_local, counts)
+
+
+def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_path, checkpoint_path, progress):
+    """:func:`run_emc` on this rank's frames (all of them in one process)."""
+    device, dtype = comm.device, getattr(torch, settings.dtype)
+    ranges = frame_ranges(frames, comm.world, photon_chunk(photons)) if comm.world > 1 else [(0, frames)]
+    f0, f1 = ranges[comm.rank]
+    counts = [b - a for a, b in ranges]
+    mine = photons if comm.world == 1 else FrameRange(photons, f0, f1)
+    progress = progress and comm.is_root
     item = torch.finfo(dtype).bits // 8
     M = n_orientations(settings.num_div)
     budget = settings.memory_budget_gb * 1e9
-    block = int(max(1, min(frames, budget // (item * (2 * M + len(qv))))))
+    block = int(max(1, min(f1 - f0, budget // (item * (2 * M + len(qv))))))
     # orientation pixels first (stable order), the central ones last: see EMCSettings
     central = np.linalg.norm(qv, axis=1) < settings.orientation_min_radius_voxels * grid.dq
     if central.all():
@@ -389,40 +450,46 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
     qv, sv = qv[order], sv[order]
     pixels = np.flatnonzero(valid.reshape(-1))[order]
     n_orient = int((~central).sum())
-    if settings.photon_format == "auto":
+    if settings.photon_format == "auto":  # every rank reads the same first frames: the same choice
         settings = settings.model_copy(update={"photon_format": choose_photon_format(photons, pixels[:n_orient])})
     if settings.photon_format == "sparse":
-        data = PhotonBlocks(photons, pixels, block, True, device, dtype, sparse_orient=n_orient, cache_bytes=budget)
+        data = PhotonBlocks(mine, pixels, block, True, device, dtype, sparse_orient=n_orient, cache_bytes=budget)
     else:
-        data = PhotonBlocks(photons, pixels, block, frames * len(qv) * item <= budget, device, dtype)
+        data = PhotonBlocks(mine, pixels, block, (f1 - f0) * len(qv) * item <= budget, device, dtype)
 
-    sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
-    for i0, i1, K in data:  # validates every block, fills the cache when enabled
-        pixel_sums, frame_sums = _sums(K)
-        sum_counts += pixel_sums.double().cpu().numpy()
-        n_frame[i0:i1] = frame_sums.double().cpu().numpy()
+    sum_counts, n_frame = _validated_sums(comm, data, len(qv), counts)
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
-    engine = _Engine(data, qv, sv, n_orient, grid, settings, device, dtype)
+    engine = _Engine(data, qv, sv, n_orient, grid, settings, device, dtype, comm)
     fp = _fingerprint(settings, seed, grid, photons.shape, len(qv), data_digest(n_frame))
 
-    start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
-    rows = RunLog(log_path, LOG_COLUMNS, ckpt)
+    start = 0
+    ckpt = comm.broadcast(load_checkpoint(checkpoint_path, fp) if comm.is_root else None)
+    rows = RunLog(log_path if comm.is_root else None, LOG_COLUMNS, ckpt)
     g0 = n_frame / n_frame.mean() if settings.update_gain else np.ones(frames)
-    gain = torch.as_tensor(g0).to(device, dtype)
+    gain = torch.as_tensor(g0[f0:f1]).to(device, dtype)
     best_start = 0
+
+    def checkpoint(it, **extra):  # rank 0 writes the per-frame arrays of all ranks
+        if checkpoint_path is None:
+            return
+        state = {"iteration": it, "start": best_start, "model": W.cpu(), "gain": comm.gather(gain, counts).cpu(),
+                 "beta": settings.beta(it), "fingerprint": fp, "log_rows": rows.state()}
+        for k, v in extra.items():
+            state[k] = (comm.gather(v, counts) if k in ("quaternion", "probability_max") else v)
+            state[k] = state[k].cpu() if torch.is_tensor(state[k]) else state[k]
+        if comm.is_root:
+            save_checkpoint(checkpoint_path, state)
+
     if ckpt is not None:
         start, best_start = int(ckpt["iteration"]), int(ckpt["start"])
         log.info("EMC resumes from checkpoint %s after iteration %d", checkpoint_path, start)
-        W, gain = ckpt["model"].to(device, dtype), ckpt["gain"].to(device, dtype)
+        W, gain = ckpt["model"].to(device, dtype), ckpt["gain"][f0:f1].to(device, dtype)
     elif settings.trial_iterations > 0:
         W, best_start = _random_starts(photons, pixels, qv, sv, n_orient, grid, settings, seed, device, dtype,
-                                       rows, progress)
+                                       rows, progress, comm)
         start = settings.trial_iterations
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {"iteration": start, "start": best_start, "model": W.cpu(),
-                                              "gain": gain.cpu(), "beta": settings.beta(start), "fingerprint": fp,
-                                              "log_rows": rows.state()})
+        checkpoint(start)
     else:
         W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, seed)).to(device, dtype)
 
@@ -430,13 +497,6 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
     local = ckpt is not None and "quaternion" in ckpt  # a checkpoint of the local refinement
     bar = tqdm(total=settings.iterations + len(steps), initial=min(start, settings.iterations + len(steps)),
                disable=not progress, desc="EMC")
-
-    def checkpoint(it, **extra):
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {"iteration": it, "start": best_start, "model": W.cpu(),
-                                              "gain": gain.cpu(), "beta": settings.beta(it), "fingerprint": fp,
-                                              "log_rows": rows.state(),
-                                              **{k: v.cpu() if torch.is_tensor(v) else v for k, v in extra.items()}})
 
     for it in range(start + 1, settings.iterations + 1) if not local else ():
         W, gain = _step(engine, W, gain, it, best_start, settings, rows)
@@ -447,7 +507,8 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
 
     last_beta = settings.beta(max(start, settings.iterations))
     if local:
-        quat, pmax, weight = (ckpt[k].to(device, dtype) for k in ("quaternion", "probability_max", "weight"))
+        quat, pmax = (ckpt[k][f0:f1].to(device, dtype) for k in ("quaternion", "probability_max"))
+        weight = ckpt["weight"].to(device, dtype)
     else:
         _, _, _, best, pmax, weight = engine.iterate(W, gain, last_beta, update_gain=False)
         quat = torch.as_tensor(engine.quats).to(device, dtype)[best]
@@ -458,14 +519,14 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
         t0, it = time.perf_counter(), settings.iterations + k + 1
         res = local_iteration(data, W, quat, gain, q_t, s_t, n_orient, grid, float(steps[k]),
                               settings.refine_radius_steps, settings.refine_assignment, settings.beta_max,
-                              settings.update_gain, settings.memory_budget_gb)
+                              settings.update_gain, settings.memory_budget_gb, comm=comm)
         change = (torch.linalg.norm(res.W - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
         W, quat, gain, weight = res.W, res.quaternion, res.gain, res.weight
         if W.device.type == "cuda":
             torch.cuda.synchronize(W.device)
         row = {"iteration": it, "start": best_start,
                "beta": settings.beta_max if settings.refine_assignment == "soft" else np.nan, **res.stats,
-               "rms_change": change, "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
+               "rms_change": change, "gain_std": comm.std(gain),
                "seconds": time.perf_counter() - t0, "step_deg": float(steps[k])}
         rows.append(row)
         checkpoint(it, quaternion=quat, probability_max=pmax, weight=weight, local_done=k + 1)
@@ -475,6 +536,7 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
     bar.close()
 
     log_df = rows.frame()
+    quat, gain, pmax = (comm.gather(x, counts) for x in (quat, gain, pmax))
     return EMCResult(intensity=W.cpu().numpy().astype(np.float32),
                      weight=weight.cpu().numpy().astype(np.float32),
                      quaternion=canonical(quat.double()).cpu().numpy(),
@@ -485,45 +547,46 @@ def run_emc(photons, valid, q, pixel_factor, grid: Grid, settings: EMCSettings |
 def _step(engine: _Engine, W, gain, it: int, start_index: int, settings: EMCSettings, rows: RunLog):
     """Iteration ``it`` (1-based) of the schedule: one :meth:`_Engine.iterate` pass, logged.
     Returns the new (W, gain)."""
-    t0, beta = time.perf_counter(), settings.beta(it)
+    t0, beta, sent = time.perf_counter(), settings.beta(it), engine.comm.bytes_communicated
     W_new, gain, stats, _, _, _ = engine.iterate(W, gain, beta, settings.update_gain)
     change = (torch.linalg.norm(W_new - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
     if W.device.type == "cuda":
         torch.cuda.synchronize(W.device)
     row = {"iteration": it, "start": start_index, "beta": beta, **stats, "rms_change": change,
-           "gain_std": gain.double().std().item() if len(gain) > 1 else 0.0,
-           "seconds": time.perf_counter() - t0}
+           "gain_std": engine.comm.std(gain), "seconds": time.perf_counter() - t0}
+    if engine.comm.world > 1:
+        log.info("EMC iteration %d: %d bytes sent into collectives by rank %d of %d", it,
+                 engine.comm.bytes_communicated - sent, engine.comm.rank, engine.comm.world)
     rows.append(row)
     return W_new, gain
 
 
 def _random_starts(photons, pixels, qv, sv, n_orient, grid, settings: EMCSettings, seed: int, device, dtype,
-                   rows: RunLog, progress) -> tuple[torch.Tensor, int]:
+                   rows: RunLog, progress, comm: Ranks) -> tuple[torch.Tensor, int]:
     """The first ``start_iterations`` of the schedule from ``n_starts`` seeded initial models
     on the first ``start_frames`` frames at ``start_num_div`` (see :class:`~spiflow.settings.EMCSettings`).
+    Across ranks, each reads an even share of those frames.
 
     Returns the model of the start with the highest final log-likelihood and its index;
     every start's iterations are logged (``start`` column)."""
     n = min(settings.start_frames, photons.shape[0])
-    sub = np.asarray(photons[:n])
+    ranges = frame_ranges(n, comm.world)
+    a, b = ranges[comm.rank]
+    sub = np.asarray(photons[a:b])
     trial = settings.model_copy(update={"num_div": min(settings.start_num_div, settings.num_div)})
     M = n_orientations(trial.num_div)
     item = torch.finfo(dtype).bits // 8
-    block = int(max(1, min(n, settings.memory_budget_gb * 1e9 // (item * (2 * M + len(qv))))))
+    block = int(max(1, min(b - a, settings.memory_budget_gb * 1e9 // (item * (2 * M + len(qv))))))
     data = PhotonBlocks(sub, pixels, block, True, device, dtype,
-                 sparse_orient=n_orient if settings.photon_format == "sparse" else None)
-    engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype)
-    sum_counts, n_frame = np.zeros(len(qv)), np.zeros(n)
-    for i0, i1, K in data:
-        pixel_sums, frame_sums = _sums(K)
-        sum_counts += pixel_sums.double().cpu().numpy()
-        n_frame[i0:i1] = frame_sums.double().cpu().numpy()
+                        sparse_orient=n_orient if settings.photon_format == "sparse" else None)
+    engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype, comm)
+    sum_counts, n_frame = _validated_sums(comm, data, len(qv), [y - x for x, y in ranges])
     g0 = n_frame / n_frame.mean() if settings.update_gain else np.ones(n)
     best = (-np.inf, None, 0)
     bar = tqdm(total=settings.n_starts * settings.trial_iterations, disable=not progress, desc="EMC starts")
     for k in range(settings.n_starts):
         W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, seed + k)).to(device, dtype)
-        gain = torch.as_tensor(g0).to(device, dtype)
+        gain = torch.as_tensor(g0[a:b]).to(device, dtype)
         for it in range(1, settings.trial_iterations + 1):
             W, gain = _step(engine, W, gain, it, k, trial, rows)
             bar.update(1)

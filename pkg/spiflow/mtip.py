@@ -81,6 +81,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .distributed import FrameRange, Ranks, frame_ranges, photon_chunk, setup
 from .emc import PhotonBlocks
 from .grid import Grid, friedel_symmetrize
 from .io import RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint, validate_detector_inputs
@@ -130,8 +131,10 @@ class MTIPResult:
 class _Problem:
     """The data (photon blocks), pixels, reference rotations and the three M-TIP steps."""
 
-    def __init__(self, data: PhotonBlocks, qv, sv, n_orient: int, grid: Grid, settings: MTIPSettings, device, dtype):
+    def __init__(self, data: PhotonBlocks, qv, sv, n_orient: int, grid: Grid, settings: MTIPSettings, device, dtype,
+                 comm: Ranks | None = None):
         self.data, self.grid, self.cfg, self.chunk = data, grid, settings, settings.orientation_chunk
+        self.comm = comm or Ranks(device=device)  # across ranks: data are this rank's frames
         self.po = n_orient  # the first po valid pixels are the orientation pixels
         self.q = torch.as_tensor(qv).to(device, dtype)
         self.s = torch.as_tensor(sv).to(device, dtype)
@@ -142,11 +145,13 @@ class _Problem:
 
     # -- 1. merge --------------------------------------------------------------------------------
     def merge(self, rot: torch.Tensor, gain: torch.Tensor):
-        """W (n, n, n) and its Friedel-symmetrised weight at per-frame rotations (frames, 3, 3)."""
+        """W (n, n, n) and its Friedel-symmetrised weight at per-frame rotations (frames, 3, 3)
+        (this rank's frames; the sums are all-reduced over the ranks)."""
         accum = torch.zeros((2,) + (self.grid.n,) * 3, dtype=self.dtype, device=self.device)
         for i0, i1, K in self.data:
             vals = torch.stack([K, gain[i0:i1, None] * self.s.expand_as(K)])
             merge_rotated(accum, self.q, rot[i0:i1], self.grid, vals)
+        self.comm.sum_(accum)
         return merge_ratio(accum[0], accum[1]), friedel_symmetrize(accum[1])
 
     # -- 2. phase --------------------------------------------------------------------------------
@@ -248,32 +253,49 @@ def _floor(W):
 
 
 def _fingerprint(settings: MTIPSettings, seed: int, grid: Grid, shape, n_valid: int, init, data: str) -> str:
-    """All settings but the iteration count and the cost settings, the seed, grid, data
+    """All settings but the iteration count and the cost settings (orientation_chunk,
+    memory_budget_gb, processes), the seed, grid, data
     shape, valid-pixel count, per-frame photon totals and initial orientations."""
-    fp = settings.model_dump(exclude={"iterations", "orientation_chunk", "memory_budget_gb"})
+    fp = settings.model_dump(exclude={"iterations", "orientation_chunk", "memory_budget_gb", "processes"})
     fp.update(seed=seed, grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), data=data,
               init=None if init is None else hashlib.sha1(np.ascontiguousarray(init).tobytes()).hexdigest())
     return json.dumps(fp, sort_keys=True)
 
 
-def _setup(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings, device: str):
+def _setup(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings, device,
+           comm: Ranks | None = None):
     """Validated inputs → (_Problem, photons per frame N_i (frames,), and over the orientation
-    pixels O: ``Σ_i Σ_{p∈O} K_ip log s_p`` and ``Σ_i Σ_{p∈O} K_ip``)."""
+    pixels O: ``Σ_i Σ_{p∈O} K_ip log s_p`` and ``Σ_i Σ_{p∈O} K_ip``). With ``comm`` (ranks)
+    the problem holds this rank's frames (range ``problem.frames``, every rank's count in
+    ``problem.counts``) and the photon totals are those of all frames; a bad block on any
+    rank raises on all."""
+    comm = comm or Ranks(device=resolve_device(device))
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
     order, n_orient = orientation_pixel_order(qv, grid, settings.orientation_min_radius_voxels,
                                               "mtip.orientation_min_radius_voxels")
     qv, sv, pixels = qv[order], sv[order], np.flatnonzero(valid.reshape(-1))[order]
-    device, dtype = resolve_device(device), getattr(torch, settings.dtype)
+    device, dtype = comm.device, getattr(torch, settings.dtype)
+    ranges = frame_ranges(frames, comm.world, photon_chunk(photons)) if comm.world > 1 else [(0, frames)]
+    f0, f1 = ranges[comm.rank]
+    mine = photons if comm.world == 1 else FrameRange(photons, f0, f1)
     item, P = torch.finfo(dtype).bits // 8, len(qv)
     budget = settings.memory_budget_gb * 1e9
-    block = int(max(1, min(frames, budget // (item * (40 * P + settings.orientation_chunk)))))
-    data = PhotonBlocks(photons, pixels, block, frames * P * item <= budget, device, dtype)
-    problem = _Problem(data, qv, sv, n_orient, grid, settings, device, dtype)
-    n_frame, klogs, n_orient_photons = np.zeros(frames), 0.0, 0.0
-    for i0, i1, K in data:  # validates every block, fills the cache when enabled
-        n_frame[i0:i1] = K.sum(1).double().cpu().numpy()
-        klogs += (K[:, :n_orient] @ problem.logs[:n_orient]).double().sum().item()
-        n_orient_photons += K[:, :n_orient].double().sum().item()
+    block = int(max(1, min(f1 - f0, budget // (item * (40 * P + settings.orientation_chunk)))))
+    data = PhotonBlocks(mine, pixels, block, (f1 - f0) * P * item <= budget, device, dtype)
+    problem = _Problem(data, qv, sv, n_orient, grid, settings, device, dtype, comm)
+    problem.frames, problem.counts = (f0, f1), [b - a for a, b in ranges]
+    n_local, klogs, n_orient_photons, error = np.zeros(f1 - f0), 0.0, 0.0, None
+    try:
+        for i0, i1, K in data:  # validates every block, fills the cache when enabled
+            n_local[i0:i1] = K.sum(1).double().cpu().numpy()
+            klogs += (K[:, :n_orient] @ problem.logs[:n_orient]).double().sum().item()
+            n_orient_photons += K[:, :n_orient].double().sum().item()
+    except ValueError as exc:
+        error = exc
+    comm.agree(error)
+    klogs, n_orient_photons = comm.total(klogs, n_orient_photons)
+    n_frame = n_local if comm.world == 1 else \
+        comm.gather(torch.as_tensor(n_local, device=device), problem.counts).cpu().numpy()
     if n_frame.sum() <= 0:
         raise ValueError("photons: no photon in any valid pixel")
     return problem, n_frame, klogs, n_orient_photons
@@ -349,6 +371,14 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
     ``refine_iterations`` done is returned as it is (one final merge). A different
     fingerprint restarts from scratch (UserWarning). The result's W is one final merge at
     the final orientations and gains.
+
+    Across processes (``WORLD_SIZE`` > 1: torchrun, srun; :mod:`spiflow.distributed`) every
+    rank calls run_mtip with the same arguments and reads only its contiguous frames (whole
+    Zarr chunks); matching and local refinement run per rank, the merge sums and the
+    per-frame means and sums of the log are all-reduced, and the phasing runs identically
+    on every rank (the same merged W and generator). Rank 0 writes the log and checkpoints
+    (per-frame arrays of all frames gathered: they resume with any process count); every
+    rank returns the whole result, equal to one process's up to summation order (tested).
     Raises ValueError for bad shapes, an empty mask, pixel_factor <= 0, negative or
     non-finite counts, no photon at all, bad init_quaternions and a negative seed (invalid
     settings are refused by :class:`~spiflow.settings.MTIPSettings` itself).
@@ -356,25 +386,40 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
     settings = settings or MTIPSettings()
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    problem, n_frame, klogs, n_orient_photons = _setup(photons, valid, q, pixel_factor, grid, settings, device)
+    comm = setup(resolve_device(device))
+    try:
+        return _run(comm, photons, valid, q, pixel_factor, grid, settings, init_quaternions, seed, log_path,
+                    checkpoint_path, progress)
+    finally:
+        comm.close()
+
+
+def _run(comm: Ranks, photons, valid, q, pixel_factor, grid, settings, init_quaternions, seed, log_path,
+         checkpoint_path, progress) -> MTIPResult:
+    """:func:`run_mtip` on this rank's frames (all of them in one process)."""
+    problem, n_frame, klogs, n_orient_photons = _setup(photons, valid, q, pixel_factor, grid, settings, comm.device,
+                                                       comm)
+    (f0, f1), counts = problem.frames, problem.counts
+    progress = progress and comm.is_root
     generator = torch.Generator().manual_seed(seed)
     frames, device, dtype = len(n_frame), problem.device, problem.dtype
     init = None if init_quaternions is None else _quaternions(init_quaternions, frames, "init_quaternions")
     fp = _fingerprint(settings, seed, grid, photons.shape, len(problem.q), init, data_digest(n_frame))
     steps = refine_steps_deg(settings)
 
-    start, converged, done, ckpt = 0, False, 0, load_checkpoint(checkpoint_path, fp)
+    start, converged, done = 0, False, 0
+    ckpt = comm.broadcast(load_checkpoint(checkpoint_path, fp) if comm.is_root else None)
     if ckpt is not None:
         start, converged, done = int(ckpt["iteration"]), bool(ckpt["converged"]), int(ckpt["local_done"])
-        quat, gain, dist, rho = (ckpt[k].to(device, dtype) for k in ("quaternion", "gain", "distance", "rho"))
-        support = ckpt["support"].to(device)
+        quat, gain, dist = (ckpt[k][f0:f1].to(device, dtype) for k in ("quaternion", "gain", "distance"))
+        rho, support = ckpt["rho"].to(device, dtype), ckpt["support"].to(device)
     else:
         q0 = init if init is not None else random_quaternions(frames, np.random.default_rng(seed))
-        quat = canonical(torch.as_tensor(q0)).to(device, dtype)
+        quat = canonical(torch.as_tensor(q0[f0:f1])).to(device, dtype)
         g0 = n_frame / n_frame.mean() if settings.update_gain else np.ones(frames)
-        gain, rho, support = torch.as_tensor(g0).to(device, dtype), None, None
-        dist = torch.full((frames,), float("nan"), dtype=dtype, device=device)
-    rows = RunLog(log_path, LOG_COLUMNS, ckpt)
+        gain, rho, support = torch.as_tensor(g0[f0:f1]).to(device, dtype), None, None
+        dist = torch.full((f1 - f0,), float("nan"), dtype=dtype, device=device)
+    rows = RunLog(log_path if comm.is_root else None, LOG_COLUMNS, ckpt)
 
     total = settings.iterations + len(steps)
     bar = tqdm(total=total, initial=min(start, total), disable=not progress, desc="M-TIP")
@@ -393,27 +438,29 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
         new, sdot, dist = problem.match(model) if step is None else problem.match_local(model, quat, step)
         # a frame "changed" when it moved by more than half the search step
         threshold = angular_step_deg(settings.num_div) / 2 if step is None else step / 2
-        change = (angle_between(quat, new) > threshold).double().mean().item()
+        change = comm.mean((angle_between(quat, new) > threshold).double()).item()
         if settings.update_gain:
-            gain = torch.as_tensor(n_frame).to(device, dtype) / sdot.clamp_min(torch.finfo(dtype).tiny)
-            gain = gain / gain.mean()
+            gain = torch.as_tensor(n_frame[f0:f1]).to(device, dtype) / sdot.clamp_min(torch.finfo(dtype).tiny)
+            gain = gain / comm.mean(gain)
         quat = new
         if step is None:
             converged = change <= settings.converge_fraction
         else:
             done += 1
-        d = dist.double().mean().item() if settings.distance == "euclidean" else \
-            (dist.double().sum().item() - klogs) / max(n_orient_photons, 1.0)
+        d = comm.mean(dist.double()).item() if settings.distance == "euclidean" else \
+            (comm.total(dist.double().sum().item())[0] - klogs) / max(n_orient_photons, 1.0)
         row = {"iteration": it, "orientation_change": change, "data_distance": d, "phasing_error": err,
                "support_fraction": support.double().mean().item(),
-               "gain_std": gain.double().std().item() if frames > 1 else 0.0, "seconds": time.perf_counter() - t0,
+               "gain_std": comm.std(gain), "seconds": time.perf_counter() - t0,
                "step_deg": np.nan if step is None else step}
         rows.append(row)
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {"iteration": it, "quaternion": quat.cpu(), "gain": gain.cpu(),
-                                               "distance": dist.cpu(), "rho": rho.cpu(), "support": support.cpu(),
-                                               "converged": converged, "local_done": done, "fingerprint": fp,
-                                               "log_rows": rows.state()})
+            state = {"iteration": it, **{k: comm.gather(v, counts).cpu() for k, v in
+                                         (("quaternion", quat), ("gain", gain), ("distance", dist))},
+                     "rho": rho.cpu(), "support": support.cpu(), "converged": converged, "local_done": done,
+                     "fingerprint": fp, "log_rows": rows.state()}
+            if comm.is_root:
+                save_checkpoint(checkpoint_path, state)
         bar.update(1)
         bar.set_postfix(change=f"{change:.3f}", distance=f"{d:.4g}", phasing=f"{err:.3f}")
     bar.close()
@@ -421,6 +468,7 @@ def run_mtip(photons, valid, q, pixel_factor, grid: Grid, settings: MTIPSettings
     W, weight = problem.merge(quaternion_to_matrix(quat), gain)
     phased = torch.fft.fftshift(torch.fft.fftn(rho).abs() ** 2, dim=_AXES) * grid.voxel_size ** 6
     log = rows.frame()
+    quat, gain, dist = (comm.gather(x, counts) for x in (quat, gain, dist))
     quat = canonical(quat.double() / quat.double().norm(dim=1, keepdim=True))
     f32 = lambda x: x.cpu().numpy().astype(np.float32)  # noqa: E731
     return MTIPResult(intensity=f32(W), weight=f32(weight), phased_intensity=f32(phased),

@@ -24,8 +24,9 @@ from . import halfsets, metrics, plots, stores
 from .align import align_density, align_intensity_rotation, rotate_volume
 from .emc import run_emc
 from .mtip import run_mtip
+from .distributed import setup as setup_ranks
 from .grid import Grid
-from .io import atomic_path, open_dataset, write_dataset
+from .io import atomic_path, open_dataset, resolve_device, write_dataset
 from .phasing import phase
 from .selfsup import run_selfsup
 from .settings import EMCSettings, EuXFELSettings, MTIPSettings, PhasingSettings, SelfSupSettings, VAESettings
@@ -111,12 +112,20 @@ def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, lo
     The model W (photons per unit pixel factor) becomes electrons² through the nominal
     fluence J of the patterns' metadata: ``I = W / (J r_e²)``. seed_offset: added to
     ``dataset.seed`` (half set h runs with offset h, so the halves share no random start).
+    Under torchrun or srun (``emc.processes`` > 1, :mod:`spiflow.launch`) every rank runs
+    this; rank 0 writes the outputs.
     """
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
     cfg = EMCSettings(**config["emc"])
-    res = run_emc(photons, valid, q, pf, grid, cfg, seed=config["dataset"]["seed"] + seed_offset,
-                  device=config["device"], log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    ranks = setup_ranks(resolve_device(config["device"]))
+    try:
+        res = run_emc(photons, valid, q, pf, grid, cfg, seed=config["dataset"]["seed"] + seed_offset,
+                      device=config["device"], log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    finally:
+        ranks.close()
+    if not ranks.is_root:
+        return
     attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
              "iterations": cfg.iterations, "refine_iterations": cfg.refine_iterations}
     _write_recon(res.intensity, res.weight > 0, res.quaternion, res.gain, grid, scale, attrs, intensity,
@@ -127,14 +136,21 @@ def stage_mtip(config: dict, patterns: str, intensity: str, orientations: str, l
                prior: str | None = None, progress: bool = True, seed_offset: int = 0) -> None:
     """orient with M-TIP (:mod:`spiflow.mtip`), from random orientations or, with ``prior``
     (an orientations store, e.g. ``recon/selfsup``), seeded with its quaternions: the
-    method ``mtip_selfsup``. Never reads the truth. seed_offset: as for :func:`stage_emc`."""
+    method ``mtip_selfsup``. Never reads the truth. seed_offset: as for :func:`stage_emc`.
+    Under torchrun or srun (``mtip.processes`` > 1) every rank runs this; rank 0 writes."""
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
     cfg = MTIPSettings(**config["mtip"])
     init = open_dataset(prior, "prior orientations store").quaternion.values if prior else None
-    res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init,
-                   seed=config["dataset"]["seed"] + seed_offset, device=config["device"], log_path=log_csv,
-                   checkpoint_path=checkpoint, progress=progress)
+    ranks = setup_ranks(resolve_device(config["device"]))
+    try:
+        res = run_mtip(photons, valid, q, pf, grid, cfg, init_quaternions=init,
+                       seed=config["dataset"]["seed"] + seed_offset, device=config["device"], log_path=log_csv,
+                       checkpoint_path=checkpoint, progress=progress)
+    finally:
+        ranks.close()
+    if not ranks.is_root:
+        return
     method = "mtip_selfsup" if prior else "mtip"
     attrs = {"method": method, "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
              "iterations": len(res.log), "seeded_from": str(prior or "")}

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .distributed import Ranks
 from .grid import Grid, friedel_symmetrize
 from .rotation import canonical, multiply, quaternion_to_matrix
 from .sampling import COVERING_RADIUS_DEG, local_rotations
@@ -102,7 +103,7 @@ def local_search(data, W: torch.Tensor, quaternion: torch.Tensor, D: torch.Tenso
 def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
                     s_valid: torch.Tensor, n_orient: int, grid: Grid, step_deg: float, radius_steps: int,
                     assignment: str = "hard", beta: float = 1.0, update_gain: bool = True,
-                    memory_budget_gb: float = 2.0) -> LocalResult:
+                    memory_budget_gb: float = 2.0, comm: Ranks | None = None) -> LocalResult:
     """One local EMC iteration (module docstring) around each frame's orientation.
 
     data: iterable of ``(i0, i1, K)`` photon blocks over all frames, K (b, P) counts of the
@@ -112,7 +113,10 @@ def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch
     q_valid (P, 3) Å⁻¹; s_valid (P,) pixel factors; all on one device and dtype.
     step_deg, radius_steps: the local set (:func:`spiflow.sampling.local_rotations`);
     assignment "hard" or "soft" (soft at inverse temperature ``beta``); update_gain: else
-    the gains stay. The candidates are scored by :func:`local_search`. Returns a
+    the gains stay. The candidates are scored by :func:`local_search`. comm: the
+    :class:`~spiflow.distributed.Ranks` of a run across processes: then data, quaternion
+    and gain are this rank's frames, the returned quaternion and gain too, while the merge
+    sums, the gains' mean and the statistics are all-reduced (None: one process). Returns a
     :class:`LocalResult`. Raises ValueError for an unknown assignment or a bad local set.
     """
     if assignment not in ASSIGNMENTS:
@@ -156,9 +160,12 @@ def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch
             vals = torch.stack([(prob[:, :, None] * k[:, None, :]).reshape(b * J, P),
                                 (prob * new_gain[i0:i1, None]).reshape(-1, 1) * s_valid[None, :]])
             merge_model(accum, coords.reshape(b * J, P, 3), vals)
-    scale = new_gain.mean() if update_gain else torch.ones((), dtype=dt, device=dev)
-    stats = {"log_likelihood": ll.mean().item(), "mutual_info": mi.mean().item(),
-             "mean_max_probability": pmax.mean().item(), "moved_fraction": moved / frames}
+    comm = comm or Ranks(device=dev)
+    comm.sum_(accum)
+    scale = comm.mean(new_gain) if update_gain else torch.ones((), dtype=dt, device=dev)
+    moved, frames = comm.total(moved, frames)
+    stats = {"log_likelihood": comm.mean(ll).item(), "mutual_info": comm.mean(mi).item(),
+             "mean_max_probability": comm.mean(pmax).item(), "moved_fraction": moved / frames}
     return LocalResult(merge_ratio(accum[0], accum[1]) * scale, new_q / new_q.norm(dim=1, keepdim=True),
                        new_gain / scale, friedel_symmetrize(accum[1]), stats)
 

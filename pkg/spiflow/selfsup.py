@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
+from .distributed import setup as setup_ranks
 from .grid import Grid
 from .io import (RunLog, data_digest, derived_seed, load_checkpoint, radial_log_profile, resolve_device,
                  save_checkpoint, validate_detector_inputs)
@@ -248,20 +249,6 @@ def _fingerprint(settings: SelfSupSettings, seed: int, grid: Grid, shape, n_vali
     return json.dumps(fp, sort_keys=True)
 
 
-def _setup_distributed(device: torch.device):
-    """(rank, world, device, initialised_here) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device, False
-    here = not dist.is_initialized()
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, here
-
-
 def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSettings | None = None, *,
                 seed: int = 0, device: str = "auto", log_path: str | os.PathLike | None = None,
                 checkpoint_path: str | os.PathLike | None = None, progress: bool = True) -> SelfSupResult:
@@ -291,7 +278,8 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
     if settings.min_lr > settings.lr:
         raise ValueError(f"selfsup.min_lr ({settings.min_lr}) exceeds selfsup.lr ({settings.lr})")
     frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
-    rank, world, device, own_group = _setup_distributed(resolve_device(device))
+    ranks = setup_ranks(resolve_device(device))  # torchrun's environment (spiflow.distributed)
+    rank, world, device, own_group = ranks.rank, ranks.world, ranks.device, ranks.owned
     amp = settings.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     cache = frames * len(qv) * 4 <= settings.memory_budget_gb * 1e9
     stream = FrameStream(photons, valid, settings.chunk_frames, settings.batch_size, seed, cache, rank, world)

@@ -194,6 +194,11 @@ class EMCSettings(Section):
     cost). "auto" picks sparse when at most :data:`AUTO_SPARSE_DENSITY` of the orientation
     pixels hold photons (measured over the first frames), where sparse was measured faster.
     Not part of the checkpoint fingerprint: a run may resume in the other format.
+    processes: ranks of one EMC run across processes (:mod:`spiflow.distributed`): the
+    workflow starts the stage under ``torchrun`` on one node, or ``srun`` inside a SLURM
+    allocation of that many tasks (:mod:`spiflow.launch`); each rank owns a contiguous
+    range of the frames. Same result up to floating-point summation order; not part of
+    the checkpoint fingerprint (a checkpoint resumes with any number of processes).
     """
     num_div: int = Field(10, ge=1, le=40)
     iterations: int = Field(30, ge=1)
@@ -218,6 +223,8 @@ class EMCSettings(Section):
         "auto", description="photons in the E-step as a dense (frames, pixels) block or sparse CSR (same result, different "
         "cost); auto: sparse when at most spiflow.emc.AUTO_SPARSE_DENSITY of the orientation pixels hold photons "
         "(sparse measured faster up to about 10 %)")
+    processes: int = Field(1, ge=1, description="ranks of one EMC run: torchrun on one node, or srun inside a SLURM "
+                           "allocation of this many tasks (spiflow.launch); 1: one process")
 
     @property
     def trial_iterations(self) -> int:
@@ -260,6 +267,8 @@ class MTIPSettings(Section):
     distances) and the local search's sub-blocks (:func:`spiflow.refine.local_search`);
     the photons stay in memory when frames × P fits in it too. dtype: "float32" or "float64". The run's seed (random initial orientations and ρ)
     and device are arguments of :func:`spiflow.mtip.run_mtip`.
+    processes: ranks of one M-TIP run, as ``emc.processes`` (:mod:`spiflow.launch`); not
+    part of the checkpoint fingerprint.
     """
     num_div: int = Field(4, ge=1, le=40)
     iterations: int = Field(20, ge=1)
@@ -281,6 +290,8 @@ class MTIPSettings(Section):
     orientation_chunk: int = Field(1024, ge=1)
     memory_budget_gb: float = Field(2.0, gt=0)
     dtype: Literal['float32', 'float64'] = Field('float32')
+    processes: int = Field(1, ge=1, description="ranks of one M-TIP run: torchrun on one node, or srun inside a SLURM "
+                           "allocation of this many tasks (spiflow.launch); 1: one process")
 
 
 class SelfSupSettings(Section):

@@ -45,9 +45,16 @@ def available(*tensors: torch.Tensor) -> bool:
 
 
 def _threads() -> int:
-    """numba's threads set to torch's (``spiflow.pipeline.configure_threads``); returns them."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """numba's threads set to torch's (``spiflow.pipeline.configure_threads``); returns them.
+
+    The first call launches numba's thread pool, whose OpenMP layer sets OpenMP's thread
+    count, and with it torch's, to ``NUMBA_NUM_THREADS`` (all cores; measured): torch's is
+    set back, so that a stage or rank keeps the threads it was given."""
+    t = torch.get_num_threads()
+    n = max(1, min(t, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
+    if torch.get_num_threads() != t:
+        torch.set_num_threads(t)
     return n
 
 

@@ -1,7 +1,9 @@
-"""rule orient_mtip → spiflow.pipeline.stage_mtip."""
-from spiflow.pipeline import snakemake_stage, stage_mtip
+"""rule orient_mtip → spiflow.pipeline.stage_mtip, across mtip.processes ranks (spiflow.launch)."""
+from spiflow.launch import run_stage
+from spiflow.pipeline import snakemake_stage
 
 with snakemake_stage(snakemake) as config:
-    stage_mtip(config, snakemake.input.patterns, snakemake.output.intensity,
-               snakemake.output.orientations, snakemake.output.log_csv, snakemake.params.checkpoint,
-               prior=snakemake.input.prior or None)
+    run_stage("mtip", config, config["mtip"]["processes"], snakemake.threads, patterns=snakemake.input.patterns,
+              intensity=snakemake.output.intensity, orientations=snakemake.output.orientations,
+              log_csv=snakemake.output.log_csv, checkpoint=snakemake.params.checkpoint,
+              prior=snakemake.input.prior or None)
