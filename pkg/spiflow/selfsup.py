@@ -27,6 +27,27 @@ zeroed rectangles, and the counts the encoder sees scaled by a log-normal fluenc
 ``f`` (mean 1, coefficient of variation ``fluence_jitter``) whose effect the gain undoes
 (``g = g_pred / f``), so the loss is always against the measured counts.
 
+Pose-search warm start (``search_epochs`` > 0; issue 12: trained from random weights on
+this loss alone the encoder never oriented the default data, 142° median error, see
+benchmarks/selfsup_diagnosis.py). In epochs 1 … ``search_epochs`` the decoder is trained by
+the pose-marginalised likelihood of each batch over the 600-cell sampling of
+``search_num_div`` (:meth:`SelfSupModel.marginal_loss`: every frame against the slices of
+the M sampled rotations, the gain at its maximum, inverse temperature annealed from
+``search_beta_start`` to ``search_beta_end``; low q first: the pixels up to a |q| cut rising
+from ``search_q_start`` of the largest to all of them). That is the objective of EMC (Loh &
+Elser, PRE 80, 026705 (2009)) minimised by stochastic gradient descent as in cryoSPARC's
+ab initio reconstruction (Punjani et al., Nature Methods 14, 290 (2017)); the cryoDRGN2 /
+DRGN-AI schedule of searching poses in the first epochs and amortizing them later. Each
+frame's best sampled rotation becomes its pose, and the encoder is trained to reproduce it
+(chordal loss ``pose_weight ‖R − R_pose‖²_F``). Later epochs refine those poses locally
+against the decoder's volume (``refine_iterations`` hard-assignment iterations of
+:func:`spiflow.refine.local_search` on all valid pixels, Poisson score with the gain at its
+maximum: :func:`poisson_pose_score`) and train the decoder by the photon loss at them and
+the gain head and encoder as before. After training the encoder's poses for all frames
+(one forward pass each) are refined per frame the same way (``final_refine``: the
+semi-amortized result; the encoder-only poses are returned as ``encoder_quaternion``).
+No truth and no EMC result is read.
+
 Output (:func:`run_selfsup`): ``intensity = exp(D)`` on the grid × mean(g) in photons per
 unit pixel factor of a gain-1 frame (the scale of EMC's W), gains divided by their mean,
 quaternions of the encoder's R_i on the unaugmented patterns (eval mode). The learnt frame
@@ -67,6 +88,7 @@ from .refine import local_search, step_schedule
 from .rotation import canonical, matrix_to_quaternion, quaternion_to_matrix
 from .sampling import COVERING_RADIUS_DEG, local_rotations, so3_sampling
 from .settings import SelfSupSettings
+from .slicing import slice_rotated
 
 LOG_COLUMNS = ["epoch", "loss", "lr", "patterns_per_second", "seconds", "pose_loss", "search_seconds"]
 GROUP_CHUNKS = 4  # chunks shuffled together
@@ -78,7 +100,8 @@ class SelfSupResult:
 
     intensity: (n, n, n) float32, exp(log-intensity) on the grid in photons per unit pixel
     factor of a gain-1 frame. quaternion: (frames, 4) float64 ``[w, x, y, z]``, w >= 0, the
-    encoder's R_i. gain: (frames,) float64, mean 1. log: one row per epoch (:data:`LOG_COLUMNS`).
+    encoder's R_i, refined per frame when ``final_refine`` (else equal to encoder_quaternion).
+    encoder_quaternion: (frames, 4) the encoder's R_i alone (amortized: one forward pass). gain: (frames,) float64, mean 1. log: one row per epoch (:data:`LOG_COLUMNS`).
     """
 
     intensity: np.ndarray
@@ -375,6 +398,16 @@ class PoseSearch:
         start = COVERING_RADIUS_DEG / c.search_num_div / c.refine_radius_steps
         return step_schedule(start, min(start, c.refine_step_end_deg), c.refine_iterations)
 
+    @torch.no_grad()
+    def gains(self, W: torch.Tensor, quat: torch.Tensor) -> torch.Tensor:
+        """Each frame's maximum-likelihood gain at its pose, ``φ_i = N_i / Σ_p s_p W(R_iᵀ q_p)``
+        (EMC's scaling update, Loh & Elser 2009), (frames,) float64, not normalised."""
+        out = torch.zeros(len(quat), dtype=torch.float64)
+        for i0, i1, K in self.blocks():
+            S = slice_rotated(W, self.q, quaternion_to_matrix(quat[i0:i1].to(self.device, torch.float32)), self.grid)
+            out[i0:i1] = (K.sum(1) / (S @ self.s).clamp_min(1e-30)).double().cpu()
+        return out
+
     def refine(self, W: torch.Tensor, quat: torch.Tensor, steps) -> torch.Tensor:
         """Local refinement on all valid pixels from ``quat`` (frames, 4) against W (n, n, n)."""
         return refine_poses(self.blocks, W, quat.to(self.device, torch.float32), self.q, self.s, self.grid,
@@ -533,10 +566,14 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
             dist.broadcast(b, 0)
     result = infer(model, stream, inputs, grid, settings.batch_size, device, amp)
     result["encoder_quaternion"] = result["quaternion"]
-    if settings.final_refine and settings.refine_iterations > 0:  # semi-amortized: refine the encoder's poses
+    if settings.final_refine:  # semi-amortized: per-frame poses refined against the decoder
         W = torch.exp(model.render(grid))
-        result["quaternion"] = search.refine(W, torch.as_tensor(result["quaternion"]),
-                                             search.global_steps()).double().cpu().numpy()
+        if poses is not None:  # the poses of the search, refined in every later epoch
+            final = search.refine(W, poses, late_steps)
+        else:  # the encoder's, refined from the global search's scale down
+            final = search.refine(W, torch.as_tensor(result["quaternion"]), search.global_steps())
+        gain = search.gains(W, final).numpy()
+        result.update(quaternion=final.double().cpu().numpy(), gain=gain / gain.mean())
     log = rows.frame()
     if own_group:
         dist.destroy_process_group()
