@@ -146,19 +146,24 @@ def main(argv=None):
     df = pd.DataFrame(table)
     df.to_csv(args.out / "selfsup_diagnosis.csv", index=False)
     print(df.to_string(index=False))
+    plot(df, args.out / "selfsup_diagnosis.png")
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    """Median orientation error against epoch, one line per mode (the searched poses dashed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for mode, g in df.groupby("mode", sort=False):
-        ax.plot(g["epoch"], g["median_error_deg"], "o-", label=f"{mode} (encoder)")
+        ax.plot(g["epoch"], g["median_error_deg"], "o-", ms=3, label=f"{mode} (encoder)")
         if "search_median_error_deg" in g and g["search_median_error_deg"].notna().any():
             ax.plot(g["epoch"], g["search_median_error_deg"], "x--", label=f"{mode} (searched poses)")
     ax.set(xlabel="epoch", ylabel="median orientation error (°)", yscale="log",
-           title=f"selfsup diagnosis: {args.frames} frames")
+           title=f"selfsup diagnosis: {int(df['frames'].iloc[0])} frames of 2CEX")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out / "selfsup_diagnosis.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

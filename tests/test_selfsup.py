@@ -127,8 +127,11 @@ def test_pattern_loss_is_least_at_the_counts(kind):
         assert pattern_loss(torch.log(counts.clamp_min(1e-3)) + shift, counts, kind) > best
 
 
-def test_resume_equals_uninterrupted_run(data, tmp_path):
-    cfg = dict(epochs=2, loss="poisson", decoder="voxel")
+@pytest.mark.parametrize("cfg", [dict(epochs=2, loss="poisson", decoder="voxel"),
+                                 dict(epochs=2, decoder="voxel", search_epochs=1, search_num_div=1, refine_iterations=1)],
+                         ids=["encoder", "pose_search"])
+def test_resume_equals_uninterrupted_run(data, tmp_path, cfg):
+    """Cut after epoch 1 (for pose_search: after the search epoch, so the poses come from the checkpoint)."""
     full = _run(data, config=cfg, checkpoint_path=tmp_path / "full.pt", log_path=tmp_path / "full.csv")
     save = selfsup.save_checkpoint
 
