@@ -17,7 +17,7 @@ from spiflow.settings import SelfSupSettings
 torch.set_num_threads(2)
 TINY = dict(batch_size=16, warmup_epochs=1, siren_width=16, siren_layers=2, encoder_width=4,
             encoder_stages=2, encoder_blocks=1, patch_count=3, patch_size_min=0.1, patch_size_max=0.2,
-            chunk_frames=24)
+            chunk_frames=24, search_epochs=0, decoder="siren", loss="mse", decoder_lr=None)  # the encoder path of Chen et al.; SEARCH below for the warm start
 
 
 def _simulate(frames: int, photons_per_frame: float, n_atoms: int, extent: float, seed: int = 0) -> dict:

@@ -455,7 +455,10 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
     the voxel decoder's and the q scale). settings: :class:`spiflow.settings.SelfSupSettings`
     (None: its defaults). seed: network initialisation, data order and augmentation.
     device: "auto" (CUDA when available), "cpu", "cuda", …
-    log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`), appended per epoch.
+    log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`), appended per epoch: ``loss`` the
+    marginal loss per pixel in search epochs, else the photon loss; ``pose_loss`` the mean
+    chordal distance² of the encoder to the poses (0 without poses; 6 is chance);
+    ``search_seconds`` the local refinement's share of ``seconds``.
     checkpoint_path: written atomically after every epoch with ``{epoch, model, optimizer,
     scheduler, rng, fingerprint}`` and read with ``torch.load(weights_only=True)``; an
     existing one with the same fingerprint (every setting but epochs, amp, memory_budget_gb;
