@@ -338,11 +338,11 @@ class SelfSupSettings(Section):
     search_q_start: float = Field(0.5, gt=0, le=1, description='frequency marching: the search scores pixels up to this fraction of the largest pixel |q| in the first search epoch, rising linearly to all in the last')
     search_beta_start: float = Field(0.05, gt=0, description='inverse temperature of the marginal likelihood in the first search epoch (deterministic annealing, as EMC beta_start)')
     search_beta_end: float = Field(0.2, gt=0, description='inverse temperature in the last search epoch (geometric in between)')
-    refine_iterations: int = Field(3, ge=0, description='local refinement iterations (spiflow.refine.local_search, hard assignment) after each global search, per later epoch, and of the final encoder poses')
+    refine_iterations: int = Field(3, ge=0, description='local refinement iterations (spiflow.refine.local_search, hard assignment) at the start of every epoch after the search epochs and once more at the end (steps from the search sampling covering radius / radius_steps down to refine_step_end_deg in the first, 2 x refine_step_end_deg to it later)')
     refine_radius_steps: int = Field(2, ge=1, description='radius of the local search ball in steps')
     refine_step_end_deg: float = Field(0.5, gt=0, description='smallest local search step, degrees')
     pose_weight: float = Field(1.0, ge=0, description='weight of the chordal pose loss |R_encoder - R_pose|_F^2 against the photon loss while poses are searched')
-    final_refine: bool = Field(True, description='refine the encoder poses per frame after training (semi-amortized); the encoder-only poses are kept as encoder_quaternion')
+    final_refine: bool = Field(True, description='return per-frame refined poses and their maximum-likelihood gains: the searched poses refined once more (search_epochs > 0) or the encoder poses refined from the search scale (search_epochs 0); false: the encoder poses and gains. The encoder-only poses are always returned as encoder_quaternion')
 
 
 class VAESettings(Section):
