@@ -306,7 +306,8 @@ class SelfSupSettings(Section):
     The defaults are sized for a CPU and were measured on the default data (README, "Why
     selfsup did not orient"): the pose-search warm start (search_*, refine_*), a voxel
     decoder at decoder_lr, the Poisson loss. The paper's values are in brackets; its method
-    is ``search_epochs: 0, decoder: siren, loss: mse, lr: 3e-4, decoder_lr: null``.
+    is ``search_epochs: 0, decoder: siren, loss: mse, lr: 3e-4, decoder_lr: null, final_refine: false``
+    (with epochs 20, warmup_epochs 2 as measured before).
     """
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(80, ge=1)
