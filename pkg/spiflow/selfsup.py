@@ -43,9 +43,12 @@ frame's best sampled rotation becomes its pose, and the encoder is trained to re
 against the decoder's volume (``refine_iterations`` hard-assignment iterations of
 :func:`spiflow.refine.local_search` on all valid pixels, Poisson score with the gain at its
 maximum: :func:`poisson_pose_score`) and train the decoder by the photon loss at them and
-the gain head and encoder as before. After training the encoder's poses for all frames
-(one forward pass each) are refined per frame the same way (``final_refine``: the
-semi-amortized result; the encoder-only poses are returned as ``encoder_quaternion``).
+the gain head and encoder as before. After training (``final_refine``) the result's poses
+are those per-frame poses refined once more (with ``search_epochs`` 0: the encoder's poses
+refined from the search scale down) and its gains the maximum-likelihood gains
+``N_i / Σ_p s_p W(R_iᵀ q_p)`` at them; the encoder's own one-pass poses are returned as
+``encoder_quaternion`` (measured on the default data they do not yet amortize the search:
+README, "Why selfsup did not orient").
 No truth and no EMC result is read.
 
 Output (:func:`run_selfsup`): ``intensity = exp(D)`` on the grid × mean(g) in photons per
