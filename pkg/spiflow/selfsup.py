@@ -53,7 +53,8 @@ No truth and no EMC result is read.
 
 Output (:func:`run_selfsup`): ``intensity = exp(D)`` on the grid × mean(g) in photons per
 unit pixel factor of a gain-1 frame (the scale of EMC's W), gains divided by their mean,
-quaternions of the encoder's R_i on the unaugmented patterns (eval mode). The learnt frame
+quaternions of the encoder's R_i on the unaugmented patterns (eval mode); with
+``final_refine`` the refined poses, and g their maximum-likelihood gains. The learnt frame
 is arbitrary up to one global rotation (and the intensity's symmetries); evaluation aligns it.
 
 Data: photons are read as ``photons[i0:i1]`` in chunks of ``chunk_frames`` (a Zarr array
@@ -579,7 +580,8 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
         else:  # the encoder's, refined from the global search's scale down
             final = search.refine(W, torch.as_tensor(result["quaternion"]), search.global_steps())
         gain = search.gains(W, final).numpy()
-        result.update(quaternion=final.double().cpu().numpy(), gain=gain / gain.mean())
+        result.update(quaternion=final.double().cpu().numpy(), gain=gain / gain.mean(),
+                      intensity=(W.double().cpu().numpy() * gain.mean()).astype(np.float32))
     log = rows.frame()
     if own_group:
         dist.destroy_process_group()
