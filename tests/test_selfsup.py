@@ -8,6 +8,7 @@ import torch
 
 from spiflow import selfsup
 from spiflow.grid import Grid
+from spiflow.metrics import orientation_errors
 from spiflow.nets import FriedelSiren, VoxelVolume, matrix_to_rotation_6d, rotation_6d_to_matrix
 from spiflow.rotation import quaternion_to_matrix, random_quaternions
 from spiflow.selfsup import LOG_COLUMNS, pattern_loss, run_selfsup
@@ -16,15 +17,15 @@ from spiflow.settings import SelfSupSettings
 torch.set_num_threads(2)
 TINY = dict(batch_size=16, warmup_epochs=1, siren_width=16, siren_layers=2, encoder_width=4,
             encoder_stages=2, encoder_blocks=1, patch_count=3, patch_size_min=0.1, patch_size_max=0.2,
-            chunk_frames=24)
+            chunk_frames=24, search_epochs=0, decoder="siren", loss="mse", decoder_lr=None)  # the encoder path of Chen et al.; SEARCH below for the warm start
 
 
-@pytest.fixture(scope="module")
-def data():
-    """64 frames of 16 × 16 pixels of point atoms, ≈ 2000 photons each, gains ~ Gamma(4)."""
-    rng = np.random.default_rng(0)
+def _simulate(frames: int, photons_per_frame: float, n_atoms: int, extent: float, seed: int = 0) -> dict:
+    """``frames`` patterns of 16 × 16 pixels (curved Ewald sphere, 2 × 2 centre masked) of
+    ``n_atoms`` point atoms uniform in ±extent Å, ≈ photons_per_frame each, gains ~ Gamma(4)."""
+    rng = np.random.default_rng(seed)
     grid = Grid(15, 0.0125)
-    atoms = rng.uniform(-12, 12, (6, 3))
+    atoms = rng.uniform(-extent, extent, (n_atoms, 3))
     k, npix = 0.15, 16
     ax = np.linspace(-1, 1, npix) * np.tan(2 * np.arcsin(0.95 * grid.q_max / (2 * k))) / np.sqrt(2)
     d = np.stack([*np.meshgrid(ax, ax, indexing="ij"), np.ones((npix, npix))], -1)
@@ -32,14 +33,26 @@ def data():
     q = k * (d / r[..., None] - np.array([0.0, 0.0, 1.0]))  # Ewald sphere, Å⁻¹
     valid = np.ones((npix, npix), bool)
     valid[7:9, 7:9] = False
-    frames = 64
-    rot = quaternion_to_matrix(torch.as_tensor(random_quaternions(frames, rng))).numpy()
+    quat = random_quaternions(frames, rng)
+    rot = quaternion_to_matrix(torch.as_tensor(quat)).numpy()
     qr = np.einsum("yxk,fkl->fyxl", q, rot)  # R_iᵀ q
     intensity = np.abs(np.exp(2j * np.pi * qr @ atoms.T).sum(-1)) ** 2
     gain = rng.gamma(4.0, 0.25, frames)
     mu = gain[:, None, None] * r ** -3.0 * intensity
-    photons = rng.poisson(mu * 2000 / mu[:, valid].sum(1).mean()).astype(np.int32)
-    return dict(photons=photons, valid=valid, q=q, pf=r ** -3.0, grid=grid, gain=gain)
+    photons = rng.poisson(mu * photons_per_frame / mu[:, valid].sum(1).mean()).astype(np.int32)
+    return dict(photons=photons, valid=valid, q=q, pf=r ** -3.0, grid=grid, gain=gain, quaternion=quat)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """64 frames of 16 × 16 pixels of 6 point atoms, ≈ 2000 photons each, gains ~ Gamma(4)."""
+    return _simulate(64, 2000.0, 6, 12.0)
+
+
+@pytest.fixture(scope="module")
+def rich():
+    """The tiny high-signal case of the orientation tests: 200 frames, 16 atoms in ±15 Å, ≈ 3000 photons."""
+    return _simulate(200, 3000.0, 16, 15.0, seed=1)
 
 
 def _run(d, photons=None, **kw):
@@ -114,8 +127,11 @@ def test_pattern_loss_is_least_at_the_counts(kind):
         assert pattern_loss(torch.log(counts.clamp_min(1e-3)) + shift, counts, kind) > best
 
 
-def test_resume_equals_uninterrupted_run(data, tmp_path):
-    cfg = dict(epochs=2, loss="poisson", decoder="voxel")
+@pytest.mark.parametrize("cfg", [dict(epochs=2, loss="poisson", decoder="voxel"),
+                                 dict(epochs=2, decoder="voxel", search_epochs=1, search_num_div=1, refine_iterations=1)],
+                         ids=["encoder", "pose_search"])
+def test_resume_equals_uninterrupted_run(data, tmp_path, cfg):
+    """Cut after epoch 1 (for pose_search: after the search epoch, so the poses come from the checkpoint)."""
     full = _run(data, config=cfg, checkpoint_path=tmp_path / "full.pt", log_path=tmp_path / "full.csv")
     save = selfsup.save_checkpoint
 
@@ -137,8 +153,8 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
     np.testing.assert_array_equal(resumed.quaternion, full.quaternion)
     np.testing.assert_array_equal(resumed.gain, full.gain)
-    pd.testing.assert_frame_equal(resumed.log.drop(columns=["patterns_per_second", "seconds"]),
-                                  full.log.drop(columns=["patterns_per_second", "seconds"]))
+    pd.testing.assert_frame_equal(resumed.log.drop(columns=["patterns_per_second", "seconds", "search_seconds"]),
+                                  full.log.drop(columns=["patterns_per_second", "seconds", "search_seconds"]))
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +175,37 @@ def test_training_lowers_the_loss_and_returns_the_contract(trained):
     assert res.gain.shape == (64,) and res.gain.mean() == pytest.approx(1)
 
 
-@pytest.mark.xfail(strict=True, reason="selfsup does not find the orientations yet, so its gains stay at the photon "
-                   "counts they start from (measured rms log error 0.170 against the counts' 0.164)")
-def test_learned_gains_beat_the_photon_counts(data, trained):
+SEARCH = dict(epochs=6, search_epochs=4, search_beta_end=0.2, decoder="voxel", decoder_lr=0.1, batch_size=16, lr=3e-3, search_q_start=1.0,
+              search_num_div=4, refine_iterations=2, refine_step_end_deg=1.0)
+
+
+@pytest.fixture(scope="module")
+def searched(rich):
+    """The pose-search warm start on the tiny high-signal data (module docstring of spiflow.selfsup)."""
+    return _run(rich, config=SEARCH)
+
+
+@pytest.mark.slow
+def test_pose_search_finds_the_orientations(rich, searched):
+    """Aligned to the truth (one global rotation), the learned poses are close to the true
+    orientations (measured 5.0°; the search's sampling at num_div 4 is 18° apart, random
+    rotations give a median of ≈ 126°). The tiny encoder does not amortize them in 6 epochs
+    (measured 125°), so its poses are only checked for shape here."""
+    truth = rich["quaternion"]
+    refined = np.median(orientation_errors(searched.quaternion, truth)[0])
+    assert refined < 8.0, refined
+    assert searched.encoder_quaternion.shape == truth.shape
+
+
+@pytest.mark.slow
+def test_learned_gains_beat_the_photon_counts(rich, searched):
     """log g_i starts at log(N_i / N̄) (a zero-initialised head): only a model that explains
     the orientation's share of N_i can bring the gains closer to the true ones."""
-    true = np.log(data["gain"] / data["gain"].mean())
-    n = data["photons"][:, data["valid"]].sum(1)
+    true = np.log(rich["gain"] / rich["gain"].mean())
+    n = rich["photons"][:, rich["valid"]].sum(1)
     error = lambda g: np.sqrt(np.mean((np.log(g / g.mean()) - true) ** 2))  # noqa: E731
-    assert error(trained.gain) < 0.8 * error(n)
+    assert error(searched.gain) < 0.8 * error(n)  # measured 0.065 against 0.137
+    assert np.corrcoef(np.log(searched.gain), true)[0, 1] > np.corrcoef(np.log(n), true)[0, 1]
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("loss", "l1"), ("decoder", "mlp"), ("lr", -1.0),

@@ -169,8 +169,10 @@ def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str
                       log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
     qn = np.linalg.norm(q[valid], axis=-1)
     measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
-    attrs = {"method": "selfsup", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs}
-    _write_recon(res.intensity, measured, res.quaternion, res.gain, grid, scale, attrs, intensity, orientations)
+    attrs = {"method": "selfsup", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs,
+             "training_seconds": float(res.log["seconds"].sum()), "search_epochs": cfg.search_epochs}
+    _write_recon(res.intensity, measured, res.quaternion, res.gain, grid, scale, attrs, intensity, orientations,
+                 encoder_quaternion=res.encoder_quaternion)
 
 
 

@@ -27,9 +27,34 @@ zeroed rectangles, and the counts the encoder sees scaled by a log-normal fluenc
 ``f`` (mean 1, coefficient of variation ``fluence_jitter``) whose effect the gain undoes
 (``g = g_pred / f``), so the loss is always against the measured counts.
 
+Pose-search warm start (``search_epochs`` > 0; issue 12: trained from random weights on
+this loss alone the encoder never oriented the default data, 142° median error, see
+benchmarks/selfsup_diagnosis.py). In epochs 1 … ``search_epochs`` the decoder is trained by
+the pose-marginalised likelihood of each batch over the 600-cell sampling of
+``search_num_div`` (:meth:`SelfSupModel.marginal_loss`: every frame against the slices of
+the M sampled rotations, the gain at its maximum, inverse temperature annealed from
+``search_beta_start`` to ``search_beta_end``; low q first: the pixels up to a |q| cut rising
+from ``search_q_start`` of the largest to all of them). That is the objective of EMC (Loh &
+Elser, PRE 80, 026705 (2009)) minimised by stochastic gradient descent as in cryoSPARC's
+ab initio reconstruction (Punjani et al., Nature Methods 14, 290 (2017)); the cryoDRGN2 /
+DRGN-AI schedule of searching poses in the first epochs and amortizing them later. Each
+frame's best sampled rotation becomes its pose, and the encoder is trained to reproduce it
+(chordal loss ``pose_weight ‖R − R_pose‖²_F``). Later epochs refine those poses locally
+against the decoder's volume (``refine_iterations`` hard-assignment iterations of
+:func:`spiflow.refine.local_search` on all valid pixels, Poisson score with the gain at its
+maximum: :func:`poisson_pose_score`) and train the decoder by the photon loss at them and
+the gain head and encoder as before. After training (``final_refine``) the result's poses
+are those per-frame poses refined once more (with ``search_epochs`` 0: the encoder's poses
+refined from the search scale down) and its gains the maximum-likelihood gains
+``N_i / Σ_p s_p W(R_iᵀ q_p)`` at them; the encoder's own one-pass poses are returned as
+``encoder_quaternion`` (measured on the default data they do not yet amortize the search:
+README, "Why selfsup did not orient").
+No truth and no EMC result is read.
+
 Output (:func:`run_selfsup`): ``intensity = exp(D)`` on the grid × mean(g) in photons per
 unit pixel factor of a gain-1 frame (the scale of EMC's W), gains divided by their mean,
-quaternions of the encoder's R_i on the unaugmented patterns (eval mode). The learnt frame
+quaternions of the encoder's R_i on the unaugmented patterns (eval mode); with
+``final_refine`` the refined poses, and g their maximum-likelihood gains. The learnt frame
 is arbitrary up to one global rotation (and the intensity's symmetries); evaluation aligns it.
 
 Data: photons are read as ``photons[i0:i1]`` in chunks of ``chunk_frames`` (a Zarr array
@@ -64,10 +89,13 @@ from .grid import Grid
 from .io import (RunLog, data_digest, derived_seed, load_checkpoint, radial_log_profile, resolve_device,
                  save_checkpoint, validate_detector_inputs)
 from .nets import FriedelSiren, ResNetEncoder, VoxelVolume, rotation_6d_to_matrix
-from .rotation import matrix_to_quaternion
+from .refine import local_search, step_schedule
+from .rotation import canonical, matrix_to_quaternion, quaternion_to_matrix
+from .sampling import COVERING_RADIUS_DEG, local_rotations, so3_sampling
 from .settings import SelfSupSettings
+from .slicing import slice_rotated
 
-LOG_COLUMNS = ["epoch", "loss", "lr", "patterns_per_second", "seconds"]
+LOG_COLUMNS = ["epoch", "loss", "lr", "patterns_per_second", "seconds", "pose_loss", "search_seconds"]
 GROUP_CHUNKS = 4  # chunks shuffled together
 
 
@@ -77,13 +105,30 @@ class SelfSupResult:
 
     intensity: (n, n, n) float32, exp(log-intensity) on the grid in photons per unit pixel
     factor of a gain-1 frame. quaternion: (frames, 4) float64 ``[w, x, y, z]``, w >= 0, the
-    encoder's R_i. gain: (frames,) float64, mean 1. log: one row per epoch (:data:`LOG_COLUMNS`).
+    encoder's R_i, refined per frame when ``final_refine`` (else equal to encoder_quaternion).
+    encoder_quaternion: (frames, 4) the encoder's R_i alone (amortized: one forward pass). gain: (frames,) float64, mean 1. log: one row per epoch (:data:`LOG_COLUMNS`).
     """
 
     intensity: np.ndarray
     quaternion: np.ndarray
     gain: np.ndarray
     log: pd.DataFrame
+    encoder_quaternion: np.ndarray
+
+
+@dataclass
+class SearchBatch:
+    """One batch of the pose-search phase (:meth:`SelfSupModel.marginal_loss`): q_unit (P', 3)
+    the marching pixels' q / q_max; base_log_s (P',) the radial baseline b(|q|) + log s_p there;
+    rotations (M, 3, 3) the global sampling; log_w (M,) log quadrature weights; K (B, P')
+    counts; beta the inverse temperature."""
+
+    q_unit: torch.Tensor
+    base_log_s: torch.Tensor
+    rotations: torch.Tensor
+    log_w: torch.Tensor
+    K: torch.Tensor
+    beta: float
 
 
 class FrameStream(IterableDataset):
@@ -163,6 +208,8 @@ class SelfSupModel(nn.Module):
         nn.init.zeros_(self.gain_head.bias)
         self.decoder = (FriedelSiren(c.siren_width, c.siren_layers, c.siren_omega0) if c.decoder == "siren"
                         else VoxelVolume(grid.n))
+        if c.decoder == "voxel" and c.voxel_init_noise > 0:  # a random start, as EMC's W0 (1 + 0.1 u)
+            nn.init.uniform_(self.decoder.volume, 0.0, c.voxel_init_noise)
         self.register_buffer("profile", profile.float())
         self.center, self.fit_gain = grid.center, c.fit_gain
 
@@ -175,20 +222,54 @@ class SelfSupModel(nn.Module):
         log_g = log_n + g.float().squeeze(-1) if self.fit_gain else torch.zeros_like(log_n)
         return rotation_6d_to_matrix(d6.float()), log_g
 
-    def log_intensity(self, u: torch.Tensor) -> torch.Tensor:
-        """D(u) = b(|u|) + decoder(u): u (..., 3) = q / q_max → (...) log photons per unit pixel factor."""
+    def baseline(self, u: torch.Tensor) -> torch.Tensor:
+        """b(|u|): u (..., 3) = q / q_max → (...) the radial log baseline, linearly interpolated."""
         r = (u.norm(dim=-1) * self.center).clamp(max=len(self.profile) - 1)
         i0 = r.floor().long().clamp(max=len(self.profile) - 2)
         w = r - i0
-        base = (1 - w) * self.profile[i0] + w * self.profile[i0 + 1]
-        return base + self.decoder(u)
+        return (1 - w) * self.profile[i0] + w * self.profile[i0 + 1]
 
-    def forward(self, image, log_n, q_unit, log_s, amp: bool = False):
+    def log_intensity(self, u: torch.Tensor) -> torch.Tensor:
+        """D(u) = b(|u|) + decoder(u): u (..., 3) = q / q_max → (...) log photons per unit pixel factor."""
+        return self.baseline(u) + self.decoder(u)
+
+    def forward(self, image, log_n, q_unit, log_s, amp: bool = False, pose: torch.Tensor | None = None,
+                search: "SearchBatch | None" = None):
         """log μ (B, P) for valid pixels at q_unit (P, 3) = q / q_max, pixel factors log_s (P,);
-        also R (B, 3, 3) and log g (B,)."""
+        also the encoder's R (B, 3, 3) and log g (B,). pose: (B, 3, 3) rotations to slice
+        the decoder at instead of the encoder's. search: a :class:`SearchBatch`; then the
+        pose-search phase: returns ``(marginal loss, best rotation index (B,), R, log g)``
+        (:meth:`marginal_loss`; the decoder is trained by that loss only)."""
         R, log_g = self.encode(image, log_n, amp)
-        log_mu = self.log_intensity(torch.matmul(q_unit, R)) + log_g[:, None] + log_s[None, :]
+        if search is not None:
+            loss, best = self.marginal_loss(search)
+            return loss, best, R, log_g
+        log_mu = self.log_intensity(torch.matmul(q_unit, R if pose is None else pose)) + log_g[:, None] + log_s[None, :]
         return log_mu, R, log_g
+
+    def marginal_loss(self, b: "SearchBatch"):
+        """Negative log marginal likelihood per pixel of a batch over the global sampling.
+
+        With the decoder's slices ``log S_jp = D(R_jᵀ q_p) + log s_p`` at the M sampled
+        rotations (shared by all frames) and the gain at its maximum, frame i scores
+        ``L_ij = Σ_p K_ip log S_jp − N_i log Σ_p S_jp`` (:func:`poisson_pose_score`); the loss is
+        ``−(1/β) mean_i log Σ_j w_j exp(β L_ij)`` divided by the pixels P' (w_j the sampling's
+        quadrature weights, β the inverse temperature): EMC's objective (Loh & Elser 2009)
+        as the pose-marginalised likelihood that cryoSPARC's ab initio reconstruction
+        minimises by stochastic gradient descent (Punjani et al., Nature Methods 14, 290
+        (2017)), so its gradient is the posterior-weighted one and no frame is forced to one
+        rotation of a still-random model. Returns (loss, argmax_j L_ij (B,))."""
+        u = torch.matmul(b.q_unit, b.rotations)  # (M, P', 3): R_jᵀ q_p rows
+        log_S = self.decoder(u) + b.base_log_s[None, :]
+        L = b.K @ log_S.T - b.K.sum(1, keepdim=True) * torch.logsumexp(log_S, 1)[None, :]
+        marginal = torch.logsumexp(b.beta * L + b.log_w[None, :], 1) / b.beta
+        return -marginal.mean() / b.K.shape[1], L.detach().argmax(1)
+    @torch.no_grad()
+    def render(self, grid: Grid) -> torch.Tensor:
+        """The log-intensity D on the grid, (n, n, n) float32 on the model's device."""
+        u = torch.as_tensor(grid.q_points().reshape(-1, 3) / grid.q_max, dtype=torch.float32,
+                            device=self.profile.device)
+        return torch.cat([self.log_intensity(c) for c in u.split(32768)]).reshape((grid.n,) * 3)
 
 
 def pattern_loss(log_mu: torch.Tensor, counts: torch.Tensor, kind: str) -> torch.Tensor:
@@ -199,7 +280,7 @@ def pattern_loss(log_mu: torch.Tensor, counts: torch.Tensor, kind: str) -> torch
     return (F.softplus(log_mu) - torch.log1p(counts)).square().mean()
 
 
-class _Inputs:
+class EncoderInputs:
     """Encoder inputs from valid-pixel counts: images, ``log(N_i/N̄)``, and augmentation."""
 
     def __init__(self, valid: np.ndarray, mean_photons: float, settings: SelfSupSettings, device):
@@ -234,6 +315,110 @@ class _Inputs:
         return image.view(B, 1, ny, nx), log_n, log_f
 
 
+def poisson_pose_score(S: torch.Tensor, K: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Poisson log-likelihood of counts K (b, P) under slices S (..., P) (b leading, or
+    (M, P) shared by all frames), with the frame's gain at its maximum: ``L = Σ_p K_p log S_p
+    − N log Σ_p s_p S_p`` (N = Σ_p K_p; the gain-free likelihood, as EMC's scaling update
+    φ = N / Σ s S in Loh & Elser, PRE 80, 026705 (2009), substituted back; constants
+    dropped). s (P,) pixel factors. Returns (b, M) or (b, J) scores, higher better."""
+    tiny = torch.finfo(S.dtype).tiny
+    logS, norm = S.clamp_min(tiny).log(), (S @ s).clamp_min(tiny).log()
+    N = K.sum(1)
+    if S.dim() == 2:
+        return K @ logS.T - N[:, None] * norm[None, :]
+    return torch.einsum("bjp,bp->bj", logS, K) - N[:, None] * norm
+
+
+def refine_poses(blocks, W: torch.Tensor, quaternion: torch.Tensor, q_valid: torch.Tensor, s_valid: torch.Tensor,
+                 grid: Grid, steps_deg, radius_steps: int, memory_budget_gb: float = 2.0) -> torch.Tensor:
+    """Local hard-assignment refinement of each frame's rotation against W: for every step
+    of ``steps_deg`` the candidates ``R_i D_j`` (:func:`spiflow.sampling.local_rotations`,
+    a ball of ``radius_steps`` steps) are scored by :func:`poisson_pose_score` through
+    :func:`spiflow.refine.local_search` and the best becomes R_i. blocks: a callable
+    returning a fresh iterable of ``(i0, i1, K (b, P))``; quaternion (frames, 4). Returns
+    the refined (frames, 4) quaternions (w ≥ 0)."""
+    for step in steps_deg:
+        D = torch.as_tensor(local_rotations(float(step), radius_steps)).to(W.device, W.dtype)
+        new = quaternion.clone()
+        score = lambda S, k, i0, i1: poisson_pose_score(S, k, s_valid)  # noqa: E731
+        for i0, i1, _, cand, _, _, L in local_search(blocks(), W, quaternion, D, q_valid, grid, score,
+                                                     memory_budget_gb):
+            new[i0:i1] = canonical(cand[torch.arange(i1 - i0, device=W.device), L.argmax(1)])
+        quaternion = new / new.norm(dim=1, keepdim=True)
+    return quaternion
+
+
+class PoseSearch:
+    """The pose-search phase and per-frame refinement of :func:`run_selfsup` (module doc).
+
+    stream: the :class:`FrameStream`; qv (P, 3) Å⁻¹ and sv (P,) of the valid pixels;
+    settings: the ``search_*`` and ``refine_*`` fields of :class:`SelfSupSettings`.
+    """
+
+    def __init__(self, stream: FrameStream, qv: np.ndarray, sv: np.ndarray, grid: Grid,
+                 settings: SelfSupSettings, device):
+        self.stream, self.grid, self.cfg, self.device = stream, grid, settings, device
+        self.q = torch.as_tensor(qv, dtype=torch.float32, device=device)
+        self.s = torch.as_tensor(sv, dtype=torch.float32, device=device)
+        self.q_norm = np.linalg.norm(qv, axis=1)
+        quat, weight = so3_sampling(settings.search_num_div)
+        self.quaternions = torch.as_tensor(quat, dtype=torch.float32, device=device)
+        self.rotations = quaternion_to_matrix(self.quaternions)
+        self.log_w = torch.as_tensor(np.log(weight), dtype=torch.float32, device=device)
+
+    def blocks(self):
+        for idx, K in self.stream.sequential(self.stream.chunk):
+            yield int(idx[0]), int(idx[-1]) + 1, K.to(self.device)
+
+    def pixels(self, epoch: int) -> torch.Tensor:
+        """Frequency marching: indices of the valid pixels with ``|q| <= q_cut`` in search
+        epoch ``epoch`` (1-based), q_cut rising linearly from ``search_q_start`` of the largest
+        pixel |q| in the first search epoch to all of it in the last."""
+        c = self.cfg
+        t = min(1.0, (epoch - 1) / max(1, c.search_epochs - 1))
+        cut = self.q_norm.max() * (c.search_q_start + (1 - c.search_q_start) * t)
+        return torch.as_tensor(np.flatnonzero(self.q_norm <= cut + 1e-12), device=self.device)
+
+    def beta(self, epoch: int) -> float:
+        """Inverse temperature of search epoch ``epoch``: geometric from ``search_beta_start``
+        to ``search_beta_end`` over the search epochs (deterministic annealing, as EMC's)."""
+        c = self.cfg
+        t = min(1.0, (epoch - 1) / max(1, c.search_epochs - 1))
+        return float(c.search_beta_start * (c.search_beta_end / c.search_beta_start) ** t)
+
+    def batch_maker(self, model: "SelfSupModel", q_unit: torch.Tensor, log_s: torch.Tensor, epoch: int):
+        """A function K (B, P) → :class:`SearchBatch` for search epoch ``epoch``."""
+        px = self.pixels(epoch)
+        qu = q_unit[px]
+        with torch.no_grad():
+            base = model.baseline(qu) + log_s[px]
+        beta = self.beta(epoch)
+        return lambda K: SearchBatch(qu, base, self.rotations, self.log_w, K[:, px], beta)
+
+    def global_steps(self) -> np.ndarray:
+        """Local steps after the global search: from the sampling's covering radius spread
+        over the ball (:data:`spiflow.sampling.COVERING_RADIUS_DEG` / num_div / radius) to
+        ``refine_step_end_deg``, ``refine_iterations`` of them."""
+        c = self.cfg
+        start = COVERING_RADIUS_DEG / c.search_num_div / c.refine_radius_steps
+        return step_schedule(start, min(start, c.refine_step_end_deg), c.refine_iterations)
+
+    @torch.no_grad()
+    def gains(self, W: torch.Tensor, quat: torch.Tensor) -> torch.Tensor:
+        """Each frame's maximum-likelihood gain at its pose, ``φ_i = N_i / Σ_p s_p W(R_iᵀ q_p)``
+        (EMC's scaling update, Loh & Elser 2009), (frames,) float64, not normalised."""
+        out = torch.zeros(len(quat), dtype=torch.float64)
+        for i0, i1, K in self.blocks():
+            S = slice_rotated(W, self.q, quaternion_to_matrix(quat[i0:i1].to(self.device, torch.float32)), self.grid)
+            out[i0:i1] = (K.sum(1) / (S @ self.s).clamp_min(1e-30)).double().cpu()
+        return out
+
+    def refine(self, W: torch.Tensor, quat: torch.Tensor, steps) -> torch.Tensor:
+        """Local refinement on all valid pixels from ``quat`` (frames, 4) against W (n, n, n)."""
+        return refine_poses(self.blocks, W, quat.to(self.device, torch.float32), self.q, self.s, self.grid,
+                            steps, self.cfg.refine_radius_steps, self.cfg.memory_budget_gb)
+
+
 def _lr_factor(step: int, warm: int, total: int, floor: float) -> float:
     """Linear warm-up over ``warm`` steps, then cosine from 1 to ``floor`` at ``total``."""
     if step < warm:
@@ -251,7 +436,8 @@ def _fingerprint(settings: SelfSupSettings, seed: int, grid: Grid, shape, n_vali
 
 def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSettings | None = None, *,
                 seed: int = 0, device: str = "auto", log_path: str | os.PathLike | None = None,
-                checkpoint_path: str | os.PathLike | None = None, progress: bool = True) -> SelfSupResult:
+                checkpoint_path: str | os.PathLike | None = None, progress: bool = True,
+                epoch_callback=None) -> SelfSupResult:
     """Train the encoder and decoder on the patterns and return intensity, orientations, gains.
 
     photons: (frames, ny, nx) counts, any array-like sliced as ``photons[i0:i1]`` (numpy,
@@ -260,13 +446,18 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
     the voxel decoder's and the q scale). settings: :class:`spiflow.settings.SelfSupSettings`
     (None: its defaults). seed: network initialisation, data order and augmentation.
     device: "auto" (CUDA when available), "cpu", "cuda", …
-    log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`), appended per epoch.
+    log_path: CSV, one row per epoch (:data:`LOG_COLUMNS`), appended per epoch: ``loss`` the
+    marginal loss per pixel in search epochs, else the photon loss; ``pose_loss`` the mean
+    chordal distance² of the encoder to the poses (0 without poses; 6 is chance);
+    ``search_seconds`` the local refinement's share of ``seconds``.
     checkpoint_path: written atomically after every epoch with ``{epoch, model, optimizer,
     scheduler, rng, fingerprint}`` and read with ``torch.load(weights_only=True)``; an
     existing one with the same fingerprint (every setting but epochs, amp, memory_budget_gb;
     seed; grid; data shape; valid pixels; ranks) is resumed (the CSV cut back to
     its epoch), and gives the same result as an uninterrupted run; another fingerprint
-    restarts (UserWarning). progress: tqdm bar (rank 0).
+    restarts (UserWarning). progress: tqdm bar (rank 0). epoch_callback: called as
+    ``epoch_callback(epoch, model, poses)`` after every epoch (diagnostics, e.g.
+    benchmarks/selfsup_diagnosis.py; poses the pose-search quaternions or None).
     Raises ValueError for mismatched shapes, an empty mask, pixel_factor <= 0, negative or
     non-finite counts in valid pixels, no photon at all, patch_size_min > patch_size_max and
     min_lr > lr.
@@ -299,15 +490,22 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
         model = SelfSupModel(settings, valid.shape, grid, profile).to(device)
     net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=not settings.fit_gain) if world > 1
            else model)
-    inputs = _Inputs(valid, n_frame.mean(), settings, device)
+    inputs = EncoderInputs(valid, n_frame.mean(), settings, device)
     q_unit = torch.as_tensor(qv / grid.q_max, dtype=torch.float32, device=device)
     log_s = torch.as_tensor(np.log(sv), dtype=torch.float32, device=device)
     steps = stream.batches // world
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(
-        s, settings.warmup_epochs * steps, settings.epochs * steps, settings.min_lr / settings.lr))
+    dec, dec_lr = list(model.decoder.parameters()), settings.decoder_lr or settings.lr
+    rest = [p for p in model.parameters() if all(p is not d for d in dec)]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": dec, "lr": dec_lr}],
+                            lr=settings.lr, weight_decay=settings.weight_decay)
+    dec_warm = 0 if settings.search_epochs > 0 else settings.warmup_epochs  # the search needs every step
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
+        lambda s: _lr_factor(s, settings.warmup_epochs * steps, settings.epochs * steps, settings.min_lr / settings.lr),
+        lambda s: _lr_factor(s, dec_warm * steps, settings.epochs * steps, min(1.0, settings.min_lr / dec_lr))])
 
     fp = _fingerprint(settings, seed, grid, photons.shape, len(qv), world, data_digest(n_frame))
+    search = PoseSearch(stream, qv, sv, grid, settings, device)
+    poses = None  # (frames, 4) quaternions of the pose-search phase, else None
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
         start = int(ckpt["epoch"])
@@ -315,63 +513,111 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
+        poses = ckpt.get("poses")
+        poses = None if poses is None else poses.to(device)
     rows = RunLog(log_path if rank == 0 else None, LOG_COLUMNS, ckpt, key="epoch")
 
     bar = tqdm(total=settings.epochs * steps, initial=min(start, settings.epochs) * steps,
                disable=not progress or rank != 0, desc="selfsup")
+    late_steps = step_schedule(2 * settings.refine_step_end_deg, settings.refine_step_end_deg,
+                               settings.refine_iterations)
     for epoch in range(start + 1, settings.epochs + 1):
         t0 = time.perf_counter()
         stream.set_epoch(epoch)
+        searching = epoch <= settings.search_epochs
+        if searching and poses is None:
+            poses = search.quaternions[:1].repeat(frames, 1)
+        if not searching and poses is not None and settings.refine_iterations > 0:  # local refinement
+            steps_deg = search.global_steps() if epoch == settings.search_epochs + 1 else late_steps
+            poses = search.refine(torch.exp(model.render(grid)), poses, steps_deg)
+        t_search = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(derived_seed(seed, epoch, rank))
-        acc, lr = _train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, settings.loss, gen, amp, bar)
+        maker = search.batch_maker(model, q_unit, log_s, epoch) if searching else None
+        acc, lr = train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, settings.loss, gen, amp, bar,
+                               poses, settings.pose_weight, maker, search.quaternions)
         if world > 1:
             dist.all_reduce(acc)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "loss": (acc[0] / acc[1]).item(), "lr": lr,
-               "patterns_per_second": acc[1].item() / seconds, "seconds": seconds}
+               "patterns_per_second": acc[1].item() / seconds, "seconds": seconds,
+               "pose_loss": (acc[2] / acc[1]).item(), "search_seconds": t_search}
         rows.append(row)
         if rank == 0 and checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "fingerprint": fp,
-                "log_rows": rows.state()})
+            state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "fingerprint": fp,
+                     "log_rows": rows.state()}
+            if poses is not None:
+                state["poses"] = poses.cpu()
+            save_checkpoint(checkpoint_path, state)
         bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4g}")
+        if epoch_callback is not None:
+            epoch_callback(epoch, model, poses)
     bar.close()
 
     if world > 1:  # BatchNorm statistics differ between ranks: use rank 0's
         for b in model.buffers():
             dist.broadcast(b, 0)
-    result = _infer(model, stream, inputs, grid, settings.batch_size, device, amp)
+    result = infer(model, stream, inputs, grid, settings.batch_size, device, amp)
+    result["encoder_quaternion"] = result["quaternion"]
+    if settings.final_refine:  # semi-amortized: per-frame poses refined against the decoder
+        W = torch.exp(model.render(grid))
+        if poses is not None:  # the poses of the search, refined in every later epoch
+            final = search.refine(W, poses, late_steps)
+        else:  # the encoder's, refined from the global search's scale down
+            final = search.refine(W, torch.as_tensor(result["quaternion"]), search.global_steps())
+        gain = search.gains(W, final).numpy()
+        result.update(quaternion=final.double().cpu().numpy(), gain=gain / gain.mean(),
+                      intensity=(W.double().cpu().numpy() * gain.mean()).astype(np.float32))
     log = rows.frame()
     if own_group:
         dist.destroy_process_group()
     return SelfSupResult(log=log, **result)
 
 
-def _train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str, gen, amp: bool, bar):
-    """One pass over this rank's batches; returns (Σ loss × frames, frames) and the last step's lr."""
+def train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str, gen, amp: bool, bar,
+                poses: torch.Tensor | None = None, pose_weight: float = 1.0, search=None,
+                sampling: torch.Tensor | None = None):
+    """One pass over this rank's batches; returns (Σ loss × frames, frames, Σ pose loss ×
+    frames) and the last step's lr.
+
+    poses (frames, 4): the decoder is sliced at them and the encoder's R is pulled towards
+    them by ``pose_weight`` × the chordal distance ``‖R − R_pose‖²_F`` (the amortization of
+    the pose search); None: at the encoder's R (the method of Chen et al.). search: a
+    function K → :class:`SearchBatch` (the pose-search phase): the loss is the marginal
+    likelihood (:meth:`SelfSupModel.marginal_loss`) and each frame's best rotation of the
+    ``sampling`` (M, 4) becomes its pose (written into ``poses``) and the encoder's target.
+    """
     net.train()
-    acc = torch.zeros(2, dtype=torch.float64, device=q_unit.device)
-    for _, K in stream:
+    acc = torch.zeros(3, dtype=torch.float64, device=q_unit.device)
+    for idx, K in stream:
         K = K.to(q_unit.device)
         image, log_n, log_f = inputs(K, gen)
-        log_mu, _, _ = net(image, log_n, q_unit, log_s, amp)
-        loss = pattern_loss(log_mu - log_f[:, None], K, loss_kind)  # gain of the measured frame: g / f
+        if search is not None:
+            loss, best, R, log_g = net(image, log_n, q_unit, log_s, amp, search=search(K))
+            poses[idx.to(poses.device)] = sampling[best]
+            loss = loss + 0.0 * log_g.sum()  # every parameter takes part (DistributedDataParallel)
+        target = None if poses is None else quaternion_to_matrix(poses[idx.to(poses.device)]).to(q_unit)
+        if search is None:
+            log_mu, R, _ = net(image, log_n, q_unit, log_s, amp, target)
+            loss = pattern_loss(log_mu - log_f[:, None], K, loss_kind)  # gain of the measured frame: g / f
+        pose_loss = (torch.zeros((), device=q_unit.device) if target is None
+                     else (R - target).square().sum((1, 2)).mean())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + pose_weight * pose_loss).backward()
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         acc[0] += loss.detach().double() * len(K)
         acc[1] += len(K)
+        acc[2] += pose_loss.detach().double() * len(K)
         bar.update(1)
     return acc, lr
 
 
 @torch.no_grad()
-def _infer(model: SelfSupModel, stream: FrameStream, inputs: _Inputs, grid: Grid, batch: int, device,
+def infer(model: SelfSupModel, stream: FrameStream, inputs: EncoderInputs, grid: Grid, batch: int, device,
            amp: bool) -> dict:
     """Encoder outputs on all unaugmented frames (eval mode) and the log-intensity on the grid."""
     model.eval()
@@ -383,9 +629,7 @@ def _infer(model: SelfSupModel, stream: FrameStream, inputs: _Inputs, grid: Grid
         log_g[idx.numpy()] = lg.double().cpu().numpy()
     gain = np.exp(log_g)
     scale = gain.mean()
-    u = torch.as_tensor(grid.q_points().reshape(-1, 3) / grid.q_max, dtype=torch.float32)
-    log_i = torch.cat([model.log_intensity(c.to(device)).cpu() for c in u.split(32768)])
-    intensity = torch.exp(log_i.double()).numpy().reshape((grid.n,) * 3) * scale
+    intensity = torch.exp(model.render(grid).double().cpu()).numpy() * scale
     return {"intensity": intensity.astype(np.float32), "quaternion": quat, "gain": gain / scale}
 
 

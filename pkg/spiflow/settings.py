@@ -314,16 +314,20 @@ class SelfSupSettings(Section):
     chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all photons in
     memory when frames × valid pixels × 4 bytes fits.
 
-    The defaults are sized for a CPU; the paper's are in brackets.
+    The defaults are sized for a CPU and were measured on the default data (README, "Why
+    selfsup did not orient"): the pose-search warm start (search_*, refine_*), a voxel
+    decoder at decoder_lr, the Poisson loss. The paper's values are in brackets; its method
+    is ``search_epochs: 0, decoder: siren, loss: mse, lr: 3e-4, decoder_lr: null, final_refine: false``
+    (with epochs 20, warmup_epochs 2 as measured before).
     """
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(80, ge=1)
-    lr: float = Field(0.0003, gt=0)
+    lr: float = Field(0.001, gt=0)
     weight_decay: float = Field(0.0001, ge=0)
-    warmup_epochs: int = Field(2, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
     min_lr: float = Field(1e-07, ge=0)
-    loss: Literal['mse', 'poisson'] = Field('mse')
-    decoder: Literal['siren', 'voxel'] = Field('siren')
+    loss: Literal['mse', 'poisson'] = Field('poisson')
+    decoder: Literal['siren', 'voxel'] = Field('voxel')
     siren_layers: int = Field(4, ge=2)
     siren_width: int = Field(128, ge=1)
     siren_omega0: float = Field(30.0, gt=0)
@@ -339,6 +343,18 @@ class SelfSupSettings(Section):
     amp: bool = Field(True, description='mixed precision on CUDA only')
     chunk_frames: int = Field(1024, ge=1)
     memory_budget_gb: float = Field(2.0, gt=0)
+    decoder_lr: float | None = Field(0.05, gt=0, description='AdamW learning rate of the decoder (None: lr); the voxel decoder needs far more than the SIREN')
+    voxel_init_noise: float = Field(0.1, ge=0, description='the voxel decoder starts at log-intensity noise U[0, voxel_init_noise) (the random start of EMC, W0 (1 + 0.1 u)), which breaks the tie between orientations in the first pose search')
+    search_epochs: int = Field(3, ge=0, description='pose-search warm start: in epochs 1 … search_epochs every frame is posed by a global search over the SO(3) sampling against the decoder (slices at those poses train the decoder; the encoder is pulled towards them); 0: the encoder poses from the start')
+    search_num_div: int = Field(4, ge=1, description='num_div of the 600-cell sampling of the global pose search')
+    search_q_start: float = Field(0.5, gt=0, le=1, description='frequency marching: the search scores pixels up to this fraction of the largest pixel |q| in the first search epoch, rising linearly to all in the last')
+    search_beta_start: float = Field(0.05, gt=0, description='inverse temperature of the marginal likelihood in the first search epoch (deterministic annealing, as EMC beta_start)')
+    search_beta_end: float = Field(0.2, gt=0, description='inverse temperature in the last search epoch (geometric in between)')
+    refine_iterations: int = Field(3, ge=0, description='local refinement iterations (spiflow.refine.local_search, hard assignment) at the start of every epoch after the search epochs and once more at the end (steps from the search sampling covering radius / radius_steps down to refine_step_end_deg in the first, 2 x refine_step_end_deg to it later)')
+    refine_radius_steps: int = Field(2, ge=1, description='radius of the local search ball in steps')
+    refine_step_end_deg: float = Field(0.5, gt=0, description='smallest local search step, degrees')
+    pose_weight: float = Field(1.0, ge=0, description='weight of the chordal pose loss |R_encoder - R_pose|_F^2 against the photon loss while poses are searched')
+    final_refine: bool = Field(True, description='return per-frame refined poses and their maximum-likelihood gains: the searched poses refined once more (search_epochs > 0) or the encoder poses refined from the search scale (search_epochs 0); false: the encoder poses and gains. The encoder-only poses are always returned as encoder_quaternion')
 
 
 class VAESettings(Section):

@@ -250,11 +250,12 @@ def orientations_dataset(quaternion: np.ndarray, gain: np.ndarray, attrs: dict |
 def write_orientations(path, quaternion: np.ndarray, gain: np.ndarray, attrs: dict | None = None,
                        **per_frame: np.ndarray) -> None:
     """Write a method's orientations store (:func:`orientations_dataset`) atomically, plus
-    one ``(frame,)`` variable per keyword (e.g. EMC's ``probability_max``). attrs as
-    :func:`write_intensity`'s."""
+    one ``(frame,)`` variable per keyword (e.g. EMC's ``probability_max``; a (frames, 4)
+    array is a ``(frame, component)`` quaternion variable, e.g. selfsup's
+    ``encoder_quaternion``). attrs as :func:`write_intensity`'s."""
     ds = orientations_dataset(quaternion, gain, attrs)
     for name, values in per_frame.items():
-        ds[name] = ("frame", values)
+        ds[name] = ("frame", values) if np.ndim(values) == 1 else (("frame", "component"), values)
     write_dataset(ds, path)
 
 
