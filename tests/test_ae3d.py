@@ -85,3 +85,45 @@ def test_bad_input(tmp_path):
         ae3d.load_model(bad)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         ae3d.load_model(tmp_path / "missing.pt")
+
+
+def _checkpoint(path):
+    torch.manual_seed(0)
+    model = ae3d.AE3D(17, 4, 8)
+    torch.save({"model": model.state_dict(), "n": 17, "channels": 4, "latent_dim": 8}, path)
+    return model
+
+
+def test_command_phases_a_volume_and_refuses_bad_input_by_name(tmp_path, capsys):
+    from spiflow import cli
+    from spiflow.io import open_dataset
+    from spiflow.stores import read_mrc, write_mrc
+
+    ckpt = tmp_path / "net.pt"
+    _checkpoint(ckpt)
+    cs = bragg.simulate_crystals(CRYSTALS, 1, seed=2)
+    write_mrc(tmp_path / "I.mrc", cs.intensity[0], cs.grid.dq)
+    out = tmp_path / "rho"
+    assert cli.main(["ae3d-phase", "--intensity", str(tmp_path / "I.mrc"), "--checkpoint", str(ckpt),
+                     "--out", str(out), "--refine", "3"]) == 0
+    ds = open_dataset(tmp_path / "rho.zarr")
+    assert ds["amplitude"].shape == (17, 17, 17) and ds["phase"].attrs["units"] == "radian"
+    assert float(ds["amplitude"].max()) == pytest.approx(1.0)
+    amp = read_mrc(tmp_path / "rho_amplitude.mrc")
+    assert amp.voxel_size[0] == pytest.approx(CRYSTALS.voxel_angstrom, rel=1e-4)  # 1 / (n dq)
+    np.testing.assert_allclose(read_mrc(tmp_path / "rho_phase.mrc").volume, ds["phase"].values, atol=1e-6)
+    bad = {"I.txt": None, "flat.npy": np.ones((17, 17, 5)), "neg.npy": -np.ones((17, 17, 17)),
+           "big.npy": np.ones((33, 33, 33))}
+    for name, arr in bad.items():
+        p = tmp_path / name
+        np.save(p, arr) if arr is not None else p.write_text("1 2 3")
+        assert cli.main(["ae3d-phase", "--intensity", str(p), "--checkpoint", str(ckpt), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert name in err, err
+    assert "unsupported format" in cli_error(tmp_path / "I.txt", ckpt, out, capsys)
+
+
+def cli_error(path, ckpt, out, capsys):
+    from spiflow import cli
+    cli.main(["ae3d-phase", "--intensity", str(path), "--checkpoint", str(ckpt), "--out", str(out)])
+    return capsys.readouterr().err

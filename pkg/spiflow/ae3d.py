@@ -363,3 +363,78 @@ def summarize(table):
     speed = pd.DataFrame([{"method": "iterative to network error (time ratio)", "objects": len(ratios),
                            "seconds": float(np.median(ratios)) if ratios else float("nan")}])
     return pd.concat([out, speed], ignore_index=True)
+
+
+def read_intensity_volume(path):
+    """A user's intensity volume: ``(I (n, n, n) float64, dq Å⁻¹ or None)`` from an MRC map
+    (``.mrc``/``.map``, :func:`spiflow.stores.read_mrc`; its voxel size taken as Δq) or a
+    ``.npy`` array (no Δq). Raises FileNotFoundError, or ValueError naming the file for another
+    format, a volume that is not 3D and cubic, non-finite or negative values."""
+    from pathlib import Path
+
+    from .stores import read_mrc
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"intensity volume not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix in (".mrc", ".map"):
+        vol = read_mrc(p)
+        I, dq = np.asarray(vol.volume, dtype=np.float64), float(vol.voxel_size[0])
+    elif suffix == ".npy":
+        try:
+            I, dq = np.asarray(np.load(p, allow_pickle=False), dtype=np.float64), None
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"intensity volume {p}: cannot read it as .npy: {exc}") from exc
+    else:
+        raise ValueError(f"intensity volume {p}: unsupported format {suffix or '(none)'!r}; give an MRC map "
+                         f"(.mrc, .map) or a NumPy array (.npy)")
+    if I.ndim != 3 or len(set(I.shape)) != 1:
+        raise ValueError(f"intensity volume {p}: must be a cubic 3D volume (n, n, n), got shape {I.shape}")
+    if not np.isfinite(I).all():
+        raise ValueError(f"intensity volume {p}: contains NaN or infinite values")
+    if (I < 0).any():
+        raise ValueError(f"intensity volume {p}: {(I < 0).sum()} negative values (min {I.min():g}); "
+                         f"an intensity is |F|^2 >= 0")
+    return I, (dq if dq and dq > 0 else None)
+
+
+def phase_volume(intensity_path, checkpoint_path, out_prefix, refine_iterations: int = 0,
+                 device: str | torch.device = "cpu") -> dict:
+    """``spiflow ae3d-phase``: phase the intensity volume at ``intensity_path``
+    (:func:`read_intensity_volume`; every voxel measured, Bragg peak or q = 0 at the centre
+    voxel n // 2) with the network of ``checkpoint_path`` (:func:`load_model`), optionally
+    followed by ``refine_iterations`` ER iterations (:func:`refine`), and write
+    ``OUT.zarr`` (:func:`spiflow.stores.write_complex_density`), ``OUT_amplitude.mrc`` and
+    ``OUT_phase.mrc`` (:func:`spiflow.stores.write_mrc`; voxel ``1 / (n Δq)`` Å from an
+    MRC's Δq, 1 (voxels) for .npy). The amplitude is scaled to a maximum of 1 and the phase
+    is in radians. A real-valued density (SPI) is the special case φ = 0. Returns the paths
+    written. Raises ValueError naming the file for bad input or a volume of another size
+    than the network's."""
+    from pathlib import Path
+
+    from .grid import Grid
+    from .stores import write_complex_density, write_mrc
+    I, dq = read_intensity_volume(intensity_path)
+    model = load_model(checkpoint_path, device)
+    n = I.shape[0]
+    if n != model.n:
+        raise ValueError(f"intensity volume {intensity_path}: {n}^3 voxels, but the network of {checkpoint_path} "
+                         f"takes {model.n}^3")
+    measured = np.ones(I.shape, dtype=bool)
+    d = predict(model, I, measured)[0]
+    if refine_iterations:
+        d = refine(d, I, measured, refine_iterations).density
+    amp = np.abs(d)
+    amp = amp / max(float(amp.max()), 1e-30)
+    phi = np.angle(d)
+    grid = Grid(n, dq if dq else 1.0 / n)
+    out = Path(str(out_prefix))
+    paths = {"zarr": out.with_name(out.name + ".zarr"), "amplitude_mrc": out.with_name(out.name + "_amplitude.mrc"),
+             "phase_mrc": out.with_name(out.name + "_phase.mrc")}
+    write_complex_density(paths["zarr"], amp, phi, grid, {"intensity_path": str(intensity_path),
+                                                          "checkpoint": str(checkpoint_path),
+                                                          "refine_iterations": int(refine_iterations),
+                                                          "voxel_unit": "angstrom" if dq else "voxel"})
+    write_mrc(paths["amplitude_mrc"], amp, grid.voxel_size)
+    write_mrc(paths["phase_mrc"], phi, grid.voxel_size)
+    return paths

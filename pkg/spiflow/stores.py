@@ -15,6 +15,8 @@ counts, intensity ``|F(q)|²`` in electrons² on the odd cubic grid of
 * ``phase/METHOD/density.zarr``: :func:`write_density`;
 * ``ae3d/crystals.zarr`` and ``ae3d/crystals_truth.zarr`` (Bragg-CDI objects of
   :mod:`spiflow.bragg`): :func:`write_crystals`, read with :func:`spiflow.io.open_dataset`;
+* ``spiflow ae3d-phase --out PREFIX``: ``PREFIX.zarr`` (:func:`write_complex_density`) and
+  ``PREFIX_amplitude.mrc``, ``PREFIX_phase.mrc`` (:func:`write_mrc`);
 * MRC maps (``phase/METHOD/density.mrc``, ``evaluate/vae/states/state_K.mrc``):
   :func:`write_mrc`; read with :func:`read_mrc`.
 
@@ -311,6 +313,20 @@ def write_crystals(path, volumes: dict, grid: Grid, attrs: dict, chunk_objects: 
                               chunks=(min(chunk_objects, N), grid.n, grid.n, grid.n),
                               dimension_names=["object", *dims], attributes={"units": units})
         zarr.consolidate_metadata(tmp)
+
+
+def write_complex_density(path, amplitude: np.ndarray, phase: np.ndarray, grid: Grid, attrs: dict) -> None:
+    """Write a phased complex density (``spiflow ae3d-phase``) atomically: ``amplitude (x, y,
+    z)`` float32 (``units: relative``, ρ) and ``phase (x, y, z)`` float32 radians, coordinates
+    ``grid.r_axis`` in Å; attrs as given (``checkpoint``, ``intensity_path``, ...)."""
+    out = xr.Dataset({"amplitude": (("x", "y", "z"), np.asarray(amplitude, dtype=np.float32)),
+                      "phase": (("x", "y", "z"), np.asarray(phase, dtype=np.float32))},
+                     coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis}, attrs=attrs)
+    out["amplitude"].attrs["units"] = "relative"
+    out["phase"].attrs["units"] = "radian"
+    for ax in ("x", "y", "z"):
+        out[ax].attrs["units"] = "angstrom"
+    write_dataset(out, path)
 
 
 # ---------------------------------------------------------------------------- MRC
