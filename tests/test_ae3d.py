@@ -127,3 +127,18 @@ def cli_error(path, ckpt, out, capsys):
     from spiflow import cli
     cli.main(["ae3d-phase", "--intensity", str(path), "--checkpoint", str(ckpt), "--out", str(out)])
     return capsys.readouterr().err
+
+
+def test_summary_speed_ratio_uses_the_cheapest_iterative_budget_reaching_the_network():
+    import pandas as pd
+    rows = []
+    for obj, (net_err, its) in enumerate([(0.3, [(1.0, 0.5), (2.0, 0.2), (4.0, 0.1)]),
+                                          (0.05, [(1.0, 0.5), (2.0, 0.2), (4.0, 0.1)])]):
+        rows.append({"object": obj, "method": "network", "seconds": 0.1, "complex_error": net_err})
+        rows += [{"object": obj, "method": f"iterative {k}", "seconds": t, "complex_error": e}
+                 for k, (t, e) in enumerate(its)]
+    table = pd.DataFrame(rows).assign(phase_rmse_rad=0.0, amplitude_fsc_mean=1.0, fourier_error=0.0)
+    s = ae3d.summarize(table).set_index("method")
+    row = s.loc["iterative to network error (time ratio)"]
+    assert row["objects"] == 1 and row["seconds"] == pytest.approx(20.0)  # object 0: 2 s / 0.1 s; 1 never
+    assert s.loc["network", "complex_error"] == pytest.approx(0.175)

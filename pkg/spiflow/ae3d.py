@@ -307,14 +307,17 @@ ITERATIVE_SETTINGS = PhasingSettings(positivity=False, schedule="HIO:50,ER:10", 
 
 
 def compare_methods(model: AE3D, test, refine_iterations: int, iterative: PhasingSettings = ITERATIVE_SETTINGS,
-                    budgets=(1, 2, 4), progress: bool = False):
+                    budgets=((1, 1), (1, 4), (2, 4), (4, 4)), progress: bool = False):
     """Per held-out object of ``test`` (a :class:`spiflow.bragg.CrystalSet`) the errors
     (:func:`spiflow.bragg.complex_errors` against the truth, with the measured intensity) and
-    wall seconds of: ``network`` (:func:`predict`, one object at a time), ``network+ER``
-    (:func:`refine` with ``refine_iterations``; seconds include the network's) and
-    ``iterative xK`` (:func:`spiflow.phasing.phase_complex` from random starts, seed = object
-    index, ``iterative`` with ``n_cycles = K`` for each K of ``budgets``). Returns a
-    DataFrame: object, method, seconds, then the error columns."""
+    wall seconds of: ``network`` (:func:`predict`, one object at a time); ``network+ER<N>``
+    (:func:`refine` with ``refine_iterations``); ``network+HIO/ER`` (one cycle of
+    ``iterative``'s schedule with shrinkwrap, then its final ER, started from the network's
+    output: :func:`spiflow.phasing.phase_complex` with ``start``); seconds of both include the
+    network's; and ``iterative K cycles x R restarts`` (``phase_complex`` from random starts,
+    seed = object index, ``iterative`` with ``n_cycles = K``, ``n_restarts = R`` for each
+    (K, R) of ``budgets``). Returns a DataFrame: object, method, seconds, then the error
+    columns."""
     import pandas as pd
 
     from .phasing import phase_complex
@@ -334,12 +337,16 @@ def compare_methods(model: AE3D, test, refine_iterations: int, iterative: Phasin
         t0 = time.perf_counter()
         ref = refine(pred, I, m, refine_iterations)
         record(f"network+ER{refine_iterations}", t_net + time.perf_counter() - t0, ref.density)
-        for k in budgets:
+        t0 = time.perf_counter()
+        ref = phase_complex(I, iterative.model_copy(update={"n_cycles": 1, "n_restarts": 1}), measured=m, start=pred)
+        record("network+HIO/ER", t_net + time.perf_counter() - t0, ref.density)
+        for k, r in budgets:
             t0 = time.perf_counter()
-            it = phase_complex(I, iterative.model_copy(update={"n_cycles": int(k)}), measured=m, seed=i)
-            record(f"iterative x{k}", time.perf_counter() - t0, it.density)
+            it = phase_complex(I, iterative.model_copy(update={"n_cycles": int(k), "n_restarts": int(r)}),
+                               measured=m, seed=i)
+            record(f"iterative {k} cycles x {r} restarts", time.perf_counter() - t0, it.density)
         if progress:
-            print(pd.DataFrame(rows[-2 - len(budgets):])[["method", "seconds", "complex_error"]].to_string(),
+            print(pd.DataFrame(rows[-3 - len(budgets):])[["method", "seconds", "complex_error"]].to_string(),
                   flush=True)
     return pd.DataFrame(rows)
 

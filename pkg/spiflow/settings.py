@@ -441,11 +441,11 @@ class CrystalsSettings(Section):
 class AE3DSettings(Section):
     """Method ae3d (spiflow.ae3d): a 3D convolutional autoencoder from a log-scaled intensity to the complex density (amplitude, phase), trained on simulated crystals (supervised, twin-invariant) and fine-tunable without truth through the Fourier-modulus loss"""
     crystals: CrystalsSettings = Field(default_factory=CrystalsSettings)
-    n_train: int = Field(600, ge=1, description='simulated training objects (seed dataset.seed)')
+    n_train: int = Field(400, ge=1, description='simulated training objects (seed dataset.seed)')
     n_test: int = Field(20, ge=1, description='held-out objects (seed dataset.seed + 1)')
     channels: int = Field(12, ge=1, description='channels of the first encoder level (doubled at each of the 3 stride-2 levels)')
     latent_dim: int = Field(64, ge=1, description='size of the latent vector')
-    epochs: int = Field(20, ge=1, description='total epochs; a resumed run continues up to it (the learning-rate schedule spans it: change it and the run restarts its schedule from the checkpoint)')
+    epochs: int = Field(15, ge=1, description='total epochs; a resumed run continues up to it (the learning-rate schedule spans it: change it and the run restarts its schedule from the checkpoint)')
     batch_size: int = Field(16, ge=1)
     lr: float = Field(0.001, gt=0, description='Adam learning rate, cosine decay to lr / 100')
     physics_weight: float = Field(0.1, ge=0, description='weight of the Fourier-modulus (label-free) loss added to the supervised loss')
