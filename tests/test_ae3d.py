@@ -142,3 +142,29 @@ def test_summary_speed_ratio_uses_the_cheapest_iterative_budget_reaching_the_net
     row = s.loc["iterative to network error (time ratio)"]
     assert row["objects"] == 1 and row["seconds"] == pytest.approx(20.0)  # object 0: 2 s / 0.1 s; 1 never
     assert s.loc["network", "complex_error"] == pytest.approx(0.175)
+
+
+@pytest.mark.slow
+def test_workflow_stages_simulate_train_and_compare(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from spiflow.config import load_config
+    from spiflow.io import open_dataset
+    from spiflow.rules import stage_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"ae3d": {
+        "crystals": {"n": 17, "size_range_voxels": [2.2, 2.8]}, "n_train": 8, "n_test": 1, "channels": 4,
+        "latent_dim": 8, "epochs": 1, "refine_iterations": 2, "finetune_epochs": 1}}))
+    config = load_config(str(cfg_file))
+    p = {k: tmp_path / k for k in ("tr", "trt", "te", "tet", "model.pt", "log.csv", "ck.pt", "res.csv", "res.md")}
+    ae3d.stage_simulate(stage_config(config, "ae3d_simulate"), p["tr"], p["trt"], p["te"], p["tet"])
+    assert open_dataset(p["tr"])["intensity"].shape == (8, 17, 17, 17) and "phase" not in open_dataset(p["te"])
+    ae3d.stage_train(stage_config(config, "ae3d_train"), p["tr"], p["trt"], p["model.pt"], p["log.csv"], p["ck.pt"])
+    assert ae3d.load_model(p["model.pt"]).n == 17
+    ae3d.stage_evaluate(stage_config(config, "ae3d_evaluate"), p["te"], p["tet"], p["model.pt"], p["res.csv"],
+                        p["res.md"])
+    table = pd.read_csv(p["res.csv"])
+    assert {"network", "network+ER2", "network+HIO/ER", "network fine-tuned (label-free)"} <= set(table["method"])
+    assert "iterative to network error" in p["res.md"].read_text()

@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -228,7 +229,6 @@ def load_model(checkpoint_path, device: str | torch.device = "cpu") -> AE3D:
     """The trained :class:`AE3D` of an ae3d checkpoint (its ``n``, ``channels``,
     ``latent_dim`` and weights), in eval mode. Raises FileNotFoundError, or ValueError naming
     the file when it is not an ae3d checkpoint."""
-    from pathlib import Path
     p = Path(checkpoint_path)
     if not p.is_file():
         raise FileNotFoundError(f"ae3d checkpoint not found: {p}")
@@ -377,8 +377,6 @@ def read_intensity_volume(path):
     (``.mrc``/``.map``, :func:`spiflow.stores.read_mrc`; its voxel size taken as Δq) or a
     ``.npy`` array (no Δq). Raises FileNotFoundError, or ValueError naming the file for another
     format, a volume that is not 3D and cubic, non-finite or negative values."""
-    from pathlib import Path
-
     from .stores import read_mrc
     p = Path(path)
     if not p.is_file():
@@ -417,8 +415,6 @@ def phase_volume(intensity_path, checkpoint_path, out_prefix, refine_iterations:
     is in radians. A real-valued density (SPI) is the special case φ = 0. Returns the paths
     written. Raises ValueError naming the file for bad input or a volume of another size
     than the network's."""
-    from pathlib import Path
-
     from .grid import Grid
     from .stores import write_complex_density, write_mrc
     I, dq = read_intensity_volume(intensity_path)
@@ -445,3 +441,68 @@ def phase_volume(intensity_path, checkpoint_path, out_prefix, refine_iterations:
     write_mrc(paths["amplitude_mrc"], amp, grid.voxel_size)
     write_mrc(paths["phase_mrc"], phi, grid.voxel_size)
     return paths
+
+
+# ---------------------------------------------------------------------------- workflow stages
+
+def stage_simulate(config: dict, train_intensity, train_truth, test_intensity, test_truth) -> None:
+    """rule ae3d_simulate: ``ae3d.n_train`` crystals (seed ``dataset.seed``) and ``ae3d.n_test``
+    held-out ones (seed + 1) of ``ae3d.crystals``, each as an intensity store and a truth store
+    (:func:`spiflow.bragg.write_crystal_set`, Zarr chunks of ``dataset.chunk_frames`` objects)."""
+    from .settings import CrystalsSettings
+    cr = CrystalsSettings.model_validate(config["ae3d"]["crystals"])
+    seed, chunk = config["dataset"]["seed"], config["dataset"]["chunk_frames"]
+    for n, s, paths in [(config["ae3d"]["n_train"], seed, (train_intensity, train_truth)),
+                        (config["ae3d"]["n_test"], seed + 1, (test_intensity, test_truth))]:
+        t0 = time.perf_counter()
+        cs = bragg.simulate_crystals(cr, n, s)
+        bragg.write_crystal_set(cs, *paths, chunk, {"seed": s, "crystals": json.dumps(cr.model_dump()),
+                                                    "wall_seconds": time.perf_counter() - t0})
+
+
+def stage_train(config: dict, train_intensity, train_truth, model_path, log_csv, checkpoint) -> None:
+    """rule ae3d_train: :func:`train_ae3d` on the training stores (resumable from
+    ``checkpoint``), then the trained network at ``model_path`` (read by :func:`load_model`)."""
+    from .io import resolve_device
+    cfg = AE3DSettings.model_validate(config["ae3d"])
+    cs = bragg.read_crystal_set(train_intensity, train_truth)
+    model, _ = train_ae3d(cfg, cs, config["dataset"]["seed"], checkpoint, log_csv,
+                          device=resolve_device(config["device"]))
+    save_checkpoint(model_path, {"model": model.cpu().state_dict(), "n": cfg.crystals.n, "channels": cfg.channels,
+                                 "latent_dim": cfg.latent_dim, "fingerprint": _fingerprint(cfg, config["dataset"]["seed"])})
+
+
+def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results_csv, results_md) -> None:
+    """rule ae3d_evaluate: :func:`compare_methods` on the held-out stores (network alone,
+    network + ``ae3d.refine_iterations`` ER, network + HIO/ER, iterative phasing), plus, with
+    ``ae3d.finetune_epochs`` > 0, the network after label-free :func:`finetune` on the
+    held-out intensities (lr ``ae3d.lr`` / 10; no truth used); the table and its
+    :func:`summarize` (markdown, with the 1-minute load average)."""
+    import copy
+    import os
+
+    from .io import atomic_path
+    cfg = AE3DSettings.model_validate(config["ae3d"])
+    test = bragg.read_crystal_set(test_intensity, test_truth)
+    model = load_model(model_path)
+    table = compare_methods(model, test, cfg.refine_iterations)
+    if cfg.finetune_epochs:
+        import pandas as pd
+        tuned = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        finetune(tuned, test.intensity, test.measured, cfg.finetune_epochs, cfg.lr / 10)
+        per = (time.perf_counter() - t0) / len(test.intensity)
+        pred = predict(tuned, test.intensity, test.measured)
+        rows = []
+        for i, p in enumerate(pred):
+            truth = test.amplitude[i].astype(np.float64) * np.exp(1j * test.phase[i].astype(np.float64))
+            rows.append({"object": i, "method": "network fine-tuned (label-free)", "seconds": per,
+                         **bragg.complex_errors(p, truth, test.grid, test.intensity[i], test.measured)})
+        table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+    with atomic_path(results_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    text = (f"# ae3d vs iterative phasing ({len(test.intensity)} held-out crystals, n = {test.grid.n})\n\n"
+            f"1-minute load average at the end: {os.getloadavg()[0]:.1f}\n\n"
+            + summarize(table).to_markdown(index=False, floatfmt=".3g") + "\n")
+    with atomic_path(results_md) as tmp:
+        Path(tmp).write_text(text)

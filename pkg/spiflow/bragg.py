@@ -317,3 +317,17 @@ def write_crystal_set(crystals: CrystalSet, intensity_path, truth_path, chunk_ob
                    measured=crystals.measured)
     write_crystals(truth_path, {"amplitude": (crystals.amplitude, "1"), "phase": (crystals.phase, "radian")}, g,
                    attrs, chunk_objects, "r", params=crystals.params, parameter_names=PARAMETER_NAMES)
+
+
+def read_crystal_set(intensity_path, truth_path=None) -> CrystalSet:
+    """A :class:`CrystalSet` from the stores of :func:`write_crystal_set` (``amplitude``,
+    ``phase`` and ``params`` None without ``truth_path``). Raises FileNotFoundError or
+    ValueError naming a missing or unreadable store."""
+    from .io import open_dataset
+    ds = open_dataset(intensity_path, "crystals store")
+    grid = Grid(int(ds.attrs["recon_grid_n"]), float(ds.attrs["recon_grid_dq"]))
+    amp = phase = params = None
+    if truth_path is not None:
+        t = open_dataset(truth_path, "crystals truth store")
+        amp, phase, params = t["amplitude"].values, t["phase"].values, t["params"].values
+    return CrystalSet(ds["intensity"].values, ds["measured"].values, amp, phase, params, grid)
