@@ -9,8 +9,9 @@ Simulates ``ae3d.n_train`` crystals (seed ``dataset.seed``) and ``n_test`` held-
 ``OUT/ae3d.pt``, resumed when present; log ``OUT/train_log.csv``), then measures per object
 (:func:`spiflow.ae3d.compare_methods`): the network alone, iterative phasing from random
 starts at growing budgets, and the network + ``refine_iterations`` ER iterations, with the
-errors of :func:`spiflow.bragg.complex_errors` and wall seconds. Writes ``OUT/results.csv``
-and ``OUT/results.md`` (with the settings, the training time and the 1-minute load average).
+errors of :func:`spiflow.bragg.complex_errors` and wall seconds. Writes ``OUT/results.csv``,
+``OUT/results.md`` (with the settings, the training time and the 1-minute load average) and
+``OUT/slices.png`` (central slices of the first held-out object).
 """
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ def main(argv=None):
     if a.train_only:
         return
     test = bragg.simulate_crystals(ac.crystals, a.n_test or ac.n_test, seed + 1)
-    table = ae3d.compare_methods(model, test, ac.refine_iterations, progress=True)
+    slices: dict = {}
+    table = ae3d.compare_methods(model, test, ac.refine_iterations, progress=True, slices=slices)
+    keep = ["truth", "network", "network+HIO/ER", "iterative 4 cycles x 4 restarts"]
+    ae3d.plot_complex_slices({k: slices[k] for k in keep if k in slices}, out / "slices.png")
     table.to_csv(out / "results.csv", index=False)
     summary = ae3d.summarize(table)
     load1 = os.getloadavg()[0]

@@ -158,13 +158,15 @@ def test_workflow_stages_simulate_train_and_compare(tmp_path):
         "crystals": {"n": 17, "size_range_voxels": [2.2, 2.8]}, "n_train": 8, "n_test": 1, "channels": 4,
         "latent_dim": 8, "epochs": 1, "refine_iterations": 2, "finetune_epochs": 1}}))
     config = load_config(str(cfg_file))
-    p = {k: tmp_path / k for k in ("tr", "trt", "te", "tet", "model.pt", "log.csv", "ck.pt", "res.csv", "res.md")}
+    p = {k: tmp_path / k for k in ("tr", "trt", "te", "tet", "model.pt", "log.csv", "ck.pt", "res.csv", "res.md",
+                                      "s.png")}
     ae3d.stage_simulate(stage_config(config, "ae3d_simulate"), p["tr"], p["trt"], p["te"], p["tet"])
     assert open_dataset(p["tr"])["intensity"].shape == (8, 17, 17, 17) and "phase" not in open_dataset(p["te"])
     ae3d.stage_train(stage_config(config, "ae3d_train"), p["tr"], p["trt"], p["model.pt"], p["log.csv"], p["ck.pt"])
     assert ae3d.load_model(p["model.pt"]).n == 17
     ae3d.stage_evaluate(stage_config(config, "ae3d_evaluate"), p["te"], p["tet"], p["model.pt"], p["res.csv"],
-                        p["res.md"])
+                        p["res.md"], p["s.png"])
     table = pd.read_csv(p["res.csv"])
     assert {"network", "network+ER2", "network+HIO/ER", "network fine-tuned (label-free)"} <= set(table["method"])
     assert "iterative to network error" in p["res.md"].read_text()
+    assert p["s.png"].stat().st_size > 1000

@@ -307,7 +307,7 @@ ITERATIVE_SETTINGS = PhasingSettings(positivity=False, schedule="HIO:50,ER:10", 
 
 
 def compare_methods(model: AE3D, test, refine_iterations: int, iterative: PhasingSettings = ITERATIVE_SETTINGS,
-                    budgets=((1, 1), (1, 4), (2, 4), (4, 4)), progress: bool = False):
+                    budgets=((1, 1), (1, 4), (2, 4), (4, 4)), progress: bool = False, slices: dict | None = None):
     """Per held-out object of ``test`` (a :class:`spiflow.bragg.CrystalSet`) the errors
     (:func:`spiflow.bragg.complex_errors` against the truth, with the measured intensity) and
     wall seconds of: ``network`` (:func:`predict`, one object at a time); ``network+ER<N>``
@@ -316,8 +316,10 @@ def compare_methods(model: AE3D, test, refine_iterations: int, iterative: Phasin
     output: :func:`spiflow.phasing.phase_complex` with ``start``); seconds of both include the
     network's; and ``iterative K cycles x R restarts`` (``phase_complex`` from random starts,
     seed = object index, ``iterative`` with ``n_cycles = K``, ``n_restarts = R`` for each
-    (K, R) of ``budgets``). Returns a DataFrame: object, method, seconds, then the error
-    columns."""
+    (K, R) of ``budgets``). slices: a dict to receive object 0's densities (``truth`` and one
+    per method, aligned onto the truth by :func:`spiflow.bragg.align_complex`), e.g. for
+    :func:`plot_complex_slices`. Returns a DataFrame: object, method, seconds, then the
+    error columns."""
     import pandas as pd
 
     from .phasing import phase_complex
@@ -328,6 +330,9 @@ def compare_methods(model: AE3D, test, refine_iterations: int, iterative: Phasin
 
         def record(method, seconds, density):
             e = bragg.complex_errors(density, truth, test.grid, I, m)
+            if slices is not None and i == 0:
+                slices.setdefault("truth", truth)
+                slices[method] = bragg.align_complex(density, truth)[0]
             rows.append({"object": i, "method": method, "seconds": seconds, **e})
 
         t0 = time.perf_counter()
@@ -472,12 +477,15 @@ def stage_train(config: dict, train_intensity, train_truth, model_path, log_csv,
                                  "latent_dim": cfg.latent_dim, "fingerprint": _fingerprint(cfg, config["dataset"]["seed"])})
 
 
-def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results_csv, results_md) -> None:
+def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results_csv, results_md,
+                   slices_png) -> None:
     """rule ae3d_evaluate: :func:`compare_methods` on the held-out stores (network alone,
     network + ``ae3d.refine_iterations`` ER, network + HIO/ER, iterative phasing), plus, with
     ``ae3d.finetune_epochs`` > 0, the network after label-free :func:`finetune` on the
     held-out intensities (lr ``ae3d.lr`` / 10; no truth used); the table and its
-    :func:`summarize` (markdown, with the 1-minute load average)."""
+    :func:`summarize` (markdown, with the 1-minute load average); central slices of the first
+    object's truth, network, network + HIO/ER and the largest iterative budget
+    (:func:`plot_complex_slices`) at ``slices_png``."""
     import copy
     import os
 
@@ -485,7 +493,10 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
     cfg = AE3DSettings.model_validate(config["ae3d"])
     test = bragg.read_crystal_set(test_intensity, test_truth)
     model = load_model(model_path)
-    table = compare_methods(model, test, cfg.refine_iterations)
+    slices: dict = {}
+    table = compare_methods(model, test, cfg.refine_iterations, slices=slices)
+    keep = ["truth", "network", "network+HIO/ER", max((k for k in slices if k.startswith("iterative")), default="")]
+    plot_complex_slices({k: slices[k] for k in keep if k in slices}, slices_png)
     if cfg.finetune_epochs:
         import pandas as pd
         tuned = copy.deepcopy(model)
@@ -506,3 +517,36 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
             + summarize(table).to_markdown(index=False, floatfmt=".3g") + "\n")
     with atomic_path(results_md) as tmp:
         Path(tmp).write_text(text)
+
+
+def plot_complex_slices(volumes: dict, path) -> None:
+    """Central slices (z = 0 and x = 0 planes) of complex densities, one row per entry of
+    ``volumes`` (label → (n, n, n) complex, already aligned): amplitude (scaled to its
+    maximum) and phase in radians (shown where the amplitude exceeds 10 % of its maximum).
+    Written as a PNG at ``path`` (:func:`spiflow.plots.save_figure`). Raises ValueError for
+    an empty dict or volumes of different shapes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .plots import save_figure
+    if not volumes or len({np.shape(v) for v in volumes.values()}) != 1:
+        raise ValueError("plot_complex_slices needs one or more volumes of one shape")
+    fig = Figure(figsize=(8.0, 2.0 * len(volumes) + 0.4), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(volumes), 4, squeeze=False)
+    for row, (label, v) in enumerate(volumes.items()):
+        v = np.asarray(v)
+        c = v.shape[0] // 2
+        for k, (sec, plane) in enumerate([(v[:, :, c], "z = 0"), (v[c], "x = 0")]):
+            amp = np.abs(sec) / max(float(np.abs(v).max()), 1e-30)
+            ph = np.where(amp > 0.1, np.angle(sec), np.nan)
+            a = axes[row, 2 * k].imshow(amp.T, origin="lower", cmap="gray_r", vmin=0, vmax=1)
+            p = axes[row, 2 * k + 1].imshow(ph.T, origin="lower", cmap="twilight", vmin=-np.pi, vmax=np.pi)
+            axes[row, 2 * k].set_title(f"{label}\namplitude, {plane}", fontsize=7)
+            axes[row, 2 * k + 1].set_title(f"phase (rad), {plane}", fontsize=7)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(a, ax=axes[:, 0].tolist(), shrink=0.6, location="left")
+    fig.colorbar(p, ax=axes[:, -1].tolist(), shrink=0.6)
+    save_figure(fig, path)

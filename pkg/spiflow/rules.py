@@ -110,6 +110,7 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "ae3d_train_log": "ae3d/train_log.csv",
         "ae3d_results_csv": "ae3d/results.csv",
         "ae3d_results_md": "ae3d/results.md",
+        "ae3d_slices": "ae3d/slices.png",
     }.items()}
 
 

@@ -65,6 +65,7 @@ rule ae3d_evaluate:
     output:
         results_csv=P["ae3d_results_csv"],
         results_md=P["ae3d_results_md"],
+        slices=P["ae3d_slices"],
     log:
         f"{LOGS}/ae3d_evaluate.log",
     benchmark:
