@@ -56,7 +56,6 @@ def test_training_lowers_the_error_against_the_truth(tmp_path):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.slow
 def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path):
     train = bragg.simulate_crystals(CRYSTALS, 8, seed=0)
     full, _ = ae3d.train_ae3d(_cfg(n_train=8, epochs=2), train, seed=0)

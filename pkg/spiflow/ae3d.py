@@ -15,7 +15,7 @@ convolutions (5 → 9 → 17 → 33; channels 2c, c, max(4, c/2)) mirroring the 
 convolution at full resolution but the output's: a CPU budget), and two heads: the
 amplitude ``ρ = sigmoid(·)`` ∈ [0, 1] (the truth's scale: 1 inside the crystal) and the
 phase ``φ = π tanh(·)`` rad. Any odd n whose halvings ``(n + 1) / 2`` stay odd down to the
-bottom works (9, 17, 33, 65, …).
+bottom works (17, 33, 65, …).
 
 Losses (per object; means over the batch):
 
@@ -63,7 +63,7 @@ def _levels(n: int) -> int:
     m = n
     for _ in range(3):
         if m % 2 == 0 or m < 5:
-            raise ValueError(f"ae3d needs an odd grid that halves to odd sizes (9, 17, 33, 65, ...), got n = {n}")
+            raise ValueError(f"ae3d needs an odd grid that halves to odd sizes (17, 33, 65, ...), got n = {n}")
         m = (m + 1) // 2
     return m
 
