@@ -56,6 +56,7 @@ include: "workflow/rules/orient.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/phase.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/ae3d.smk"
 
 
 rule all:

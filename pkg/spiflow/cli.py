@@ -11,6 +11,8 @@
     spiflow import-euxfel              # the hits of the run euxfel.path -> patterns store, hits.csv/png
     spiflow export-cxi FILE.cxi [--patterns PATTERNS.zarr]
     spiflow export-dragonfly --photons photons.emc --detector det.dat [--patterns ...]
+    spiflow ae3d-phase --intensity VOLUME --checkpoint CKPT --out DENSITY [--refine N]
+                                       # MRC/.npy intensity -> DENSITY.zarr, DENSITY_{amplitude,phase}.mrc
 
 Paths follow docs/conventions.md (``spiflow.rules.layout``), so files written here are the same
 ones Snakemake writes and reads: a stage run by hand can be picked up by the workflow.
@@ -54,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "mtip":
             s.add_argument("--seeded", action="store_true", help="start from the selfsup orientations")
     _format_parsers(sub)
+    s = sub.add_parser("ae3d-phase", help="phase an intensity volume (MRC or .npy) with a trained ae3d network")
+    s.add_argument("--intensity", required=True, help="intensity volume: .mrc/.map or .npy, cubic, non-negative")
+    s.add_argument("--checkpoint", required=True, help="ae3d checkpoint (.pt)")
+    s.add_argument("--out", required=True, help="output prefix: OUT.zarr, OUT_amplitude.mrc, OUT_phase.mrc")
+    s.add_argument("--refine", type=int, default=0, help="ER iterations after the network (default 0)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
 
@@ -103,6 +111,20 @@ def _run_format(args, config: dict, patterns: str) -> int:
     return 0
 
 
+def _run_ae3d_phase(args) -> int:
+    """``spiflow ae3d-phase`` (:func:`spiflow.ae3d.phase_volume`); exit status as :func:`main`."""
+    from . import ae3d
+
+    pipeline.configure_threads(args.threads)
+    try:
+        paths = ae3d.phase_volume(args.intensity, args.checkpoint, args.out, refine_iterations=args.refine)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"spiflow ae3d-phase: {exc}", file=sys.stderr)
+        return 1
+    print("spiflow ae3d-phase: wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 FORMAT_STAGES = ("import-cxi", "export-cxi", "export-dragonfly")
 # the Snakemake rule of each stage, whose config keys it gets (evaluate --method vae: evaluate_vae)
 RULES = {"simulate": "simulate", "recon-truth": "recon_truth", "emc": "orient_emc", "mtip": "orient_mtip",
@@ -115,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     (the message names the file), 2 a bad configuration or option (it names the key)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.stage == "ae3d-phase":
+        return _run_ae3d_phase(args)
     try:
         config = load_config(*args.configfile)
     except (FileNotFoundError, ValueError) as exc:

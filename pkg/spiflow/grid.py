@@ -143,10 +143,12 @@ def structure_factor_to_density(F: torch.Tensor, grid: Grid) -> torch.Tensor:
 def density_to_structure_factor(rho: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Structure factor ``F(q_k) = v Σ_n ρ(r_n) exp(+2πi q_k·r_n)`` in electrons.
 
-    ``rho`` (n, n, n) in e/Å³ on the centred real-space grid, ``v = voxel_size³`` Å³.
-    Exact inverse of :func:`structure_factor_to_density`. Returns complex (n, n, n).
+    ``rho`` (n, n, n) in e/Å³ on the centred real-space grid, ``v = voxel_size³`` Å³, real
+    or complex (float64 / complex128 computed in double precision). Exact inverse of
+    :func:`structure_factor_to_density`. Returns complex (n, n, n).
     """
-    rs = torch.fft.ifftshift(rho.to(torch.complex128 if rho.dtype == torch.float64 else torch.complex64),
+    double = rho.dtype in (torch.float64, torch.complex128)
+    rs = torch.fft.ifftshift(rho.to(torch.complex128 if double else torch.complex64),
                              dim=(-3, -2, -1))
     F = torch.fft.ifftn(rs, dim=(-3, -2, -1)) * (grid.n ** 3 * grid.voxel_size ** 3)
     return torch.fft.fftshift(F, dim=(-3, -2, -1))

@@ -20,6 +20,13 @@ support. Initial phases: uniform random (seeded). Each of these steps is a publi
 :func:`shrinkwrap`, :func:`autocorrelation_support`), used by :func:`phase` and by the
 phasing inside :mod:`spiflow.mtip`.
 
+Complex densities (Bragg CDI, :mod:`spiflow.bragg`): :func:`phase_complex` runs the same
+projections on a complex iterate with full complex FFTs and no positivity (support only, as
+Bragg CDI needs: Robinson & Harder, Nat. Mater. 8, 291 (2009)); the Fourier modulus is
+imposed on measured voxels only (missing data stay free), the intensity is not
+Friedel-symmetrised (a complex object's is not), and the iteration may start from a given
+density and support (e.g. a network's output: "network + N refinement iterations").
+
 Restarts run batched as one (restarts, n, n, n) tensor with real FFTs (complex64) on any
 device; each finishes with ``final_er`` ER iterations and is scored only by its data
 consistency ``‖ |F| − A ‖ / ‖A‖`` on measured voxels (``A = √I``). The best ``n_average``
@@ -158,33 +165,46 @@ def autocorrelation_support(intensity, measured, grid: Grid, threshold: float, d
 
 
 def modulus_projection(x: torch.Tensor, amplitude: torch.Tensor, measured: torch.Tensor):
-    """Fourier-modulus projection ``P_M`` (Fienup 1982): the transform of the real iterate
+    """Fourier-modulus projection ``P_M`` (Fienup 1982): the transform of the iterate
     ``x`` (..., n, n, n) gets the modulus ``amplitude`` on ``measured`` voxels, its phases
     kept (unmeasured voxels are left free).
 
-    amplitude (n, n, n // 2 + 1) real and measured (same shape, bool): target modulus of
-    ``torch.fft.rfftn(x)`` and its mask in the half-spectrum layout (:func:`half_spectrum`).
-    Returns ``(y, |rfftn(x)|)``: y = P_M x, real, like x; the modulus (..., n, n, n // 2 + 1)
-    for :func:`fourier_error`."""
+    Real ``x``: amplitude (n, n, n // 2 + 1) real and measured (same shape, bool) are the
+    target modulus of ``torch.fft.rfftn(x)`` and its mask in the half-spectrum layout
+    (:func:`half_spectrum`). Complex ``x``: they are (n, n, n), the modulus of
+    ``torch.fft.fftn(x)`` in the un-centred layout (``ifftshift`` of a centred volume).
+    Returns ``(y, |FFT(x)|)``: y = P_M x, real or complex like x; the modulus for
+    :func:`fourier_error`."""
     n = x.shape[-1]
-    G = torch.fft.rfftn(x, dim=_AXES)
+    G = torch.fft.fftn(x, dim=_AXES) if x.is_complex() else torch.fft.rfftn(x, dim=_AXES)
     mag = G.abs()
-    y = torch.fft.irfftn(G * torch.where(measured, amplitude / mag.clamp_min(1e-30), 1.0), s=(n, n, n), dim=_AXES)
+    G = G * torch.where(measured, amplitude / mag.clamp_min(1e-30), 1.0)
+    y = torch.fft.ifftn(G, dim=_AXES) if x.is_complex() else torch.fft.irfftn(G, s=(n, n, n), dim=_AXES)
     return y, mag
 
 
 def fourier_error(modulus: torch.Tensor, amplitude: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
-    """``‖|F| − A‖ / ‖A‖`` over the measured voxels of the full spectrum, from half-spectrum
-    ``modulus`` (..., n, n, n // 2 + 1) (of :func:`modulus_projection`), ``amplitude`` and
-    ``measured`` (n odd: every k_z > 0 plane stands for itself and its mirror). Shape (...)."""
+    """``‖|F| − A‖ / ‖A‖`` over the measured voxels of the full spectrum, from the
+    ``modulus`` of :func:`modulus_projection`, ``amplitude`` and ``measured``: half-spectrum
+    (..., n, n, n // 2 + 1) for a real iterate (n odd: every k_z > 0 plane stands for itself
+    and its mirror) or the full (..., n, n, n) for a complex one. Shape (...)."""
     wz = torch.full((modulus.shape[-1],), 2.0, device=modulus.device)
     wz[0] = 1.0
+    if modulus.shape[-1] == modulus.shape[-3]:  # full spectrum (complex iterate)
+        wz[:] = 1.0
     norm = (measured * wz * amplitude ** 2).sum(_AXES)
     return torch.sqrt((measured * wz * (modulus - amplitude) ** 2).sum(_AXES) / norm)
 
 
+def _check_positivity(y: torch.Tensor, positivity: bool) -> None:
+    if positivity and y.is_complex():
+        raise ValueError("positivity needs a real iterate: phase a complex density with positivity=False")
+
+
 def support_projection(y: torch.Tensor, support: torch.Tensor, positivity: bool = True) -> torch.Tensor:
-    """``P_S``: y inside the support (where also ``y ≥ 0`` with ``positivity``), 0 elsewhere."""
+    """``P_S``: y inside the support (where also ``y ≥ 0`` with ``positivity``), 0 elsewhere.
+    A complex ``y`` needs ``positivity=False`` (ValueError otherwise)."""
+    _check_positivity(y, positivity)
     return y * (support & (y >= 0)) if positivity else y * support
 
 
@@ -194,8 +214,10 @@ def phasing_step(algorithm: str, x: torch.Tensor, y: torch.Tensor, support: torc
     per voxel (module docstring): ER ``P_S y`` and HIO (Fienup, Appl. Opt. 21, 2758 (1982))
     ``y`` where ``r ∈ S`` and ``y ≥ 0`` else ``x − β y``; RAAR (D. R. Luke, Inverse Problems
     21, 37 (2005)) ``y`` where ``r ∈ S`` and ``2y − x ≥ 0`` else ``β x + (1 − 2β) y``. Without
-    ``positivity`` the conditions are ``r ∈ S`` alone. ``beta`` is unused by ER. Raises
-    ValueError for an algorithm not in :data:`ALGORITHMS`."""
+    ``positivity`` the conditions are ``r ∈ S`` alone (required for a complex iterate, whose
+    updates are the same formulas on complex values). ``beta`` is unused by ER. Raises
+    ValueError for an algorithm not in :data:`ALGORITHMS` or positivity with a complex ``x``."""
+    _check_positivity(y, positivity)
     if algorithm == "ER":
         return support_projection(y, support, positivity)
     if algorithm == "HIO":
@@ -262,6 +284,37 @@ def prtf(densities: Sequence, intensity: np.ndarray, measured: np.ndarray, grid:
     return out, 0.5 * (edges[1:] + edges[:-1])
 
 
+def run_schedule(x: torch.Tensor, A: torch.Tensor, M: torch.Tensor, S: torch.Tensor, cfg: PhasingSettings,
+                 sched: list[tuple[str, int]]):
+    """The iterations of ``cfg`` on the batch of iterates ``x`` (R, n, n, n), real or complex
+    (:func:`modulus_projection` layouts of ``A`` and ``M``), supports ``S`` (R, n, n, n) bool:
+    ``sched`` (:func:`parse_schedule`) ``cfg.n_cycles`` times with shrinkwrap every
+    ``cfg.shrinkwrap_every`` iterations (σ from ``sigma_start`` to ``sigma_end``), then
+    ``cfg.final_er`` ER iterations with the support fixed. Returns ``(x, S, log rows)``, rows
+    as in :class:`PhasingResult`."""
+    steps = [a for _ in range(cfg.n_cycles) for a in sched]
+    total = sum(c for _, c in steps)  # iterations with shrinkwrap; then final ER, support fixed
+    if cfg.final_er:
+        steps.append(("ER", cfg.final_er))
+    pos, R = cfg.positivity, x.shape[0]
+    rows, it = [], 0
+    for name, count in steps:
+        final = it >= total
+        beta = cfg.beta_raar if name == "RAAR" else cfg.beta_hio
+        for j in range(count):
+            y, mag = modulus_projection(x, A, M)
+            x = phasing_step(name, x, y, S, beta, pos)
+            it += 1
+            if not final and cfg.shrinkwrap_every and it % cfg.shrinkwrap_every == 0:
+                sigma = cfg.sigma_start + (cfg.sigma_end - cfg.sigma_start) * min(1.0, it / total)
+                S = shrinkwrap(y, S, sigma, cfg.shrinkwrap_threshold, pos, cfg.max_support_fraction)
+            if it % cfg.log_every == 0 or j == count - 1:
+                err, size = fourier_error(mag, A, M).cpu().numpy(), S.sum(_AXES).cpu().numpy()
+                rows += [dict(restart=r, iteration=it, algorithm=name, fourier_error=float(err[r]),
+                              support_size=int(size[r])) for r in range(R)]
+    return x, S, rows
+
+
 def phase(intensity, grid: Grid, settings: PhasingSettings | None = None, measured=None, seed: int = 0,
           device: str | torch.device = "auto") -> PhasingResult:
     """Retrieve a real, positive density (e/Å³) from ``intensity`` (n, n, n) = |F|² in electrons².
@@ -291,27 +344,8 @@ def phase(intensity, grid: Grid, settings: PhasingSettings | None = None, measur
     phi = (2 * math.pi * torch.rand((R, n, n, h), generator=gen)).to(dev)
     x = torch.fft.irfftn(A * torch.polar(torch.ones_like(phi), phi), s=(n, n, n), dim=_AXES) * S
 
-    steps = [a for _ in range(cfg.n_cycles) for a in sched]
-    total = sum(c for _, c in steps)  # iterations with shrinkwrap; then final ER, support fixed
-    if cfg.final_er:
-        steps.append(("ER", cfg.final_er))
+    x, S, rows = run_schedule(x, A, M, S, cfg, sched)
     pos = cfg.positivity
-    rows, it = [], 0
-    for name, count in steps:
-        final = it >= total
-        beta = cfg.beta_raar if name == "RAAR" else cfg.beta_hio
-        for j in range(count):
-            y, mag = modulus_projection(x, A, M)
-            x = phasing_step(name, x, y, S, beta, pos)
-            it += 1
-            if not final and cfg.shrinkwrap_every and it % cfg.shrinkwrap_every == 0:
-                sigma = cfg.sigma_start + (cfg.sigma_end - cfg.sigma_start) * min(1.0, it / total)
-                S = shrinkwrap(y, S, sigma, cfg.shrinkwrap_threshold, pos, cfg.max_support_fraction)
-            if it % cfg.log_every == 0 or j == count - 1:
-                err, size = fourier_error(mag, A, M).cpu().numpy(), S.sum(_AXES).cpu().numpy()
-                rows += [dict(restart=r, iteration=it, algorithm=name, fourier_error=float(err[r]),
-                              support_size=int(size[r])) for r in range(R)]
-
     if not cfg.final_er:  # score the support/positivity-constrained estimate
         x = support_projection(x, S, pos)
     errors = fourier_error(torch.fft.rfftn(x, dim=_AXES).abs(), A, M).cpu().numpy().astype(np.float64)
@@ -329,3 +363,115 @@ def phase(intensity, grid: Grid, settings: PhasingSettings | None = None, measur
         errors=errors, chosen=chosen,
         log=pd.DataFrame(rows, columns=["restart", "iteration", "algorithm", "fourier_error", "support_size"]),
         prtf=curve, prtf_q=q_centres)
+
+
+@dataclass
+class ComplexPhasingResult:
+    """Output of :func:`phase_complex`.
+
+    density (n, n, n) complex64 on the centred grid (mean of the chosen restarts after
+    :func:`spiflow.bragg.align_complex`, centred by the circular centroid of its modulus), in
+    the units of ``√intensity`` per voxel (``|FFT(density)| ≈ √I``); support (n, n, n) bool
+    (best restart's, same shift); errors (restarts,) final Fourier-modulus errors on measured
+    voxels; chosen (n_average,) restart indices, best first; log as :class:`PhasingResult`.
+    """
+
+    density: np.ndarray
+    support: np.ndarray
+    errors: np.ndarray
+    chosen: np.ndarray
+    log: pd.DataFrame
+
+
+def phase_complex(intensity, settings: PhasingSettings | None = None, measured=None, seed: int = 0,
+                  device: str | torch.device = "cpu", start=None, support=None) -> ComplexPhasingResult:
+    """Retrieve a complex density ``d(r) = ρ e^{iφ}`` from a Bragg-CDI ``intensity`` (n, n, n)
+    (photons, centred on the Bragg peak at index n // 2; negatives clipped to 0; not
+    Friedel-symmetrised): support-only ER / HIO / RAAR with shrinkwrap (module docstring) on
+    complex iterates, with the sign convention of :func:`spiflow.grid.density_to_structure_factor`
+    (``|F(q)|² = I(q)`` for ``F = v Σ d e^{+2πi q·r}``, as :func:`spiflow.bragg.far_field`).
+
+    settings: :class:`spiflow.settings.PhasingSettings` with ``positivity=False`` (default:
+    its defaults with positivity off). measured: optional (n, n, n) bool; False voxels (beam
+    stop, gaps) are left free. seed: the restarts' random phases. start: optional (n, n, n)
+    complex centred density to start from (one run, ``n_restarts`` ignored; rescaled so that
+    its Fourier modulus best matches ``√I``), e.g. a network's output; support: optional
+    (n, n, n) bool first support (default: the thresholded autocorrelation, or with ``start``
+    its modulus blurred by ``sigma_end`` and thresholded at ``shrinkwrap_threshold``).
+    Returns a :class:`ComplexPhasingResult`. Raises ValueError for non-cubic or non-finite
+    input, masks or starts of another shape, all-zero measured intensity, positivity on,
+    a bad schedule or ``n_average`` above the number of runs.
+    """
+    from .bragg import align_complex  # bragg imports metrics and stores; import late
+
+    cfg = settings or PhasingSettings(positivity=False)
+    if cfg.positivity:
+        raise ValueError("phase_complex: a complex density has no sign; set phase.positivity to false")
+    sched = parse_schedule(cfg.schedule)
+    I = np.asarray(intensity.cpu() if isinstance(intensity, torch.Tensor) else intensity, dtype=np.float64)
+    n = I.shape[0]
+    if I.ndim != 3 or I.shape != (n, n, n) or n < 3:
+        raise ValueError(f"intensity must be a cubic (n, n, n) volume, got shape {I.shape}")
+    if not np.isfinite(I).all():
+        raise ValueError("intensity contains NaN or infinite values")
+    m = np.ones(I.shape, bool) if measured is None else np.asarray(measured)
+    if m.shape != I.shape or m.dtype != bool:
+        raise ValueError(f"measured must be a bool array of shape {I.shape}, got {m.dtype} {m.shape}")
+    I = np.where(m, np.clip(I, 0, None), 0.0)
+    if not (I > 0).any():
+        raise ValueError("intensity is zero on every measured voxel; nothing to phase")
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    # F(q) = v Σ d(r) e^{+2πi q·r} (spiflow.grid) is fftn(d)(−k): the target modulus of fftn
+    # of the un-centred iterate at k is √I(−k) (un-centred index −k mod n: flip, roll by one)
+    def minus_k(t):
+        return torch.roll(torch.flip(torch.fft.ifftshift(t, dim=_AXES), _AXES), (1, 1, 1), _AXES)
+    A = minus_k(torch.as_tensor(np.sqrt(I))).float().to(dev)
+    M = minus_k(torch.as_tensor(m)).to(dev)
+    if start is not None:
+        x0 = torch.as_tensor(np.asarray(start), dtype=torch.complex64)
+        if x0.shape != I.shape or not torch.isfinite(torch.view_as_real(x0)).all():
+            raise ValueError(f"start must be a finite (n, n, n) = {I.shape} density, got {tuple(x0.shape)}")
+        x = torch.fft.ifftshift(x0, dim=_AXES).to(dev)[None]
+        Fm = torch.fft.fftn(x, dim=_AXES).abs()
+        k = (M * Fm * A).sum() / (M * Fm ** 2).sum().clamp_min(1e-30)
+        x = x * k
+    R = 1 if start is not None else cfg.n_restarts
+    if cfg.n_average > R:
+        raise ValueError(f"phase.n_average ({cfg.n_average}) exceeds the number of runs ({R})")
+    if support is not None:
+        S0 = torch.as_tensor(np.asarray(support))
+        if S0.shape != I.shape or S0.dtype != torch.bool:
+            raise ValueError(f"support must be a bool array of shape {I.shape}")
+        S = torch.fft.ifftshift(S0, dim=_AXES).to(dev)
+    elif start is not None:
+        S = shrinkwrap(x[0], torch.ones_like(x[0].real, dtype=torch.bool), cfg.sigma_end, cfg.shrinkwrap_threshold,
+                       positivity=False)
+    else:
+        # the modulus of the (complex) autocorrelation, blurred by 1 voxel, thresholded (as
+        # autocorrelation_support, which takes its real part: that of a real object); missing
+        # voxels filled by normalised convolution (blur(I m) / blur(m), σ 1.5 voxels) so that a
+        # hole at the peak does not remove the autocorrelation's pedestal
+        It, mt = torch.as_tensor(I), torch.as_tensor(m, dtype=torch.float64)
+        fill = gaussian_blur(It, 1.5) / gaussian_blur(mt, 1.5).clamp_min(1e-6)
+        It = torch.where(torch.as_tensor(m), It, fill.clamp_min(0))
+        patt = gaussian_blur(torch.fft.ifftn(torch.fft.ifftshift(It, dim=_AXES)).abs().float().to(dev), 1.0)
+        S = patt > cfg.autocorr_threshold * patt.max()
+    S = S.expand(R, n, n, n).clone()
+    if start is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        phi = (2 * math.pi * torch.rand((R, n, n, n), generator=gen)).to(dev)
+        x = torch.fft.ifftn(A * torch.polar(torch.ones_like(phi), phi), dim=_AXES) * S
+    x, S, rows = run_schedule(x, A, M, S, cfg, sched)
+    if not cfg.final_er:
+        x = support_projection(x, S, False)
+    errors = fourier_error(torch.fft.fftn(x, dim=_AXES).abs(), A, M).cpu().numpy().astype(np.float64)
+    chosen = np.argsort(errors, kind="stable")[:cfg.n_average]
+    dens = torch.fft.fftshift(x, dim=_AXES).cpu().numpy().astype(np.complex128)
+    supp = torch.fft.fftshift(S, dim=_AXES).cpu().numpy()
+    best = dens[chosen[0]]
+    mean = np.mean([best] + [align_complex(dens[k], best)[0] for k in chosen[1:]], axis=0)
+    shift = tuple(int(s) for s in np.rint(n // 2 - _circular_centroid(np.abs(mean))))
+    return ComplexPhasingResult(
+        density=np.roll(mean, shift, axis=(0, 1, 2)).astype(np.complex64),
+        support=np.roll(supp[chosen[0]], shift, axis=(0, 1, 2)), errors=errors, chosen=chosen,
+        log=pd.DataFrame(rows, columns=["restart", "iteration", "algorithm", "fourier_error", "support_size"]))

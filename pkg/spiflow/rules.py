@@ -35,6 +35,9 @@ STAGE_KEYS: dict[str, tuple[str, ...] | None] = {
     "evaluate_vae": ("evaluate.align_num_div", "evaluate.symmetry", "vae.clusters", "vae.traversal_steps",
                      "phase", "dataset.seed", "device"),
     "summary": None,
+    "ae3d_simulate": ("ae3d.crystals", "ae3d.n_train", "ae3d.n_test", "dataset.seed", "dataset.chunk_frames"),
+    "ae3d_train": ("ae3d", "dataset.seed", "device"),
+    "ae3d_evaluate": ("ae3d",),
 }
 
 
@@ -97,6 +100,17 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "summary_plot": "evaluate/{plot}.png",
         "summary": "evaluate/summary.csv",
         "run_config": "evaluate/config.yaml",
+        # method ae3d (spiflow.ae3d; target rule ae3d): Bragg-CDI crystals, network, comparison
+        "ae3d_train_intensity": "ae3d/train/crystals.zarr",
+        "ae3d_train_truth": "ae3d/train/crystals_truth.zarr",
+        "ae3d_test_intensity": "ae3d/test/crystals.zarr",
+        "ae3d_test_truth": "ae3d/test/crystals_truth.zarr",
+        "ae3d_model": "ae3d/model.pt",
+        "ae3d_checkpoint": "ae3d/checkpoint.pt",
+        "ae3d_train_log": "ae3d/train_log.csv",
+        "ae3d_results_csv": "ae3d/results.csv",
+        "ae3d_results_md": "ae3d/results.md",
+        "ae3d_slices": "ae3d/slices.png",
     }.items()}
 
 

@@ -450,6 +450,36 @@ class EvaluateSettings(Section):
 
 
 
+class CrystalsSettings(Section):
+    """Complex Bragg-CDI objects (spiflow.bragg): faceted fcc nanocrystals with a displacement field, phi = 2 pi g.u, on an odd n^3 grid oversampled at least twice per axis; their noisy 3D intensities around the Bragg peak"""
+    n: Annotated[int, Field(ge=9), AfterValidator(_odd), WithJsonSchema({'type': 'integer', 'minimum': 9, 'not': {'multipleOf': 2}})] = Field(33, description='odd side of the real- and reciprocal-space grids, voxels (2^k + 1 suits the stride-2 network of ae3d)')
+    voxel_angstrom: float = Field(10.0, gt=0, description='real-space voxel size, angstrom (dq = 1 / (n voxel), 1/angstrom)')
+    size_range_voxels: list[Annotated[float, Field(gt=0)]] = Field([4.0, 6.0], min_length=2, max_length=2, description='[low, high] of the crystal size R (centre to {100} facet at most), voxels; the particle must fit n/2 (2 * 1.25 * high + 1 <= n / 2)')
+    hkl: list[int] = Field([1, 1, 1], min_length=3, max_length=3, description='Miller indices of the Bragg reflection')
+    lattice_angstrom: float = Field(4.078, gt=0, description='cubic lattice constant (gold); g = hkl / a, 1/angstrom')
+    max_displacement_angstrom: float = Field(0.8, ge=0, description='strain gradient: the largest |u.g_hat| over a particle is drawn from U[0, this], angstrom (phase 2 pi |g| u)')
+    dislocations: int = Field(0, ge=0, description='screw dislocations per particle (g.b = 1: a 2 pi phase vortex each)')
+    photons: float = Field(1.0e7, gt=0, description='expected photons of one 3D intensity (sum over the grid) before Poisson noise')
+    beam_stop_radius_voxels: float = Field(0.0, ge=0, description='missing data: ball of this radius around the Bragg peak (0: none)')
+    gap_width_voxels: float = Field(0.0, ge=0, description='missing data: detector-gap slab |i_x - n//2 - gap_offset| < width / 2 (0: none)')
+    gap_offset_voxels: int = Field(3, description='offset of the detector gap from the peak along x, voxels')
+
+
+class AE3DSettings(Section):
+    """Method ae3d (spiflow.ae3d): a 3D convolutional autoencoder from a log-scaled intensity to the complex density (amplitude, phase), trained on simulated crystals (supervised, twin-invariant) and fine-tunable without truth through the Fourier-modulus loss"""
+    crystals: CrystalsSettings = Field(default_factory=CrystalsSettings)
+    n_train: int = Field(400, ge=1, description='simulated training objects (seed dataset.seed)')
+    n_test: int = Field(20, ge=1, description='held-out objects (seed dataset.seed + 1)')
+    channels: int = Field(12, ge=1, description='channels of the first encoder level (doubled at each of the 3 stride-2 levels)')
+    latent_dim: int = Field(64, ge=1, description='size of the latent vector')
+    epochs: int = Field(15, ge=1, description='total epochs; a resumed run continues up to it (the learning-rate schedule spans it: change it and the run restarts its schedule from the checkpoint)')
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.001, gt=0, description='Adam learning rate, cosine decay to lr / 100')
+    physics_weight: float = Field(0.1, ge=0, description='weight of the Fourier-modulus (label-free) loss added to the supervised loss')
+    finetune_epochs: int = Field(0, ge=0, description='label-free epochs on the test intensities after training (physics loss only)')
+    refine_iterations: int = Field(50, ge=0, description='ER iterations of "network + refinement" (support from the network, shrinkwrap off)')
+
+
 class Config(Section):
     """The whole configuration of a run: every section, each with its defaults."""
 
@@ -470,6 +500,7 @@ class Config(Section):
     vae: VAESettings = Field(default_factory=VAESettings)
     phase: PhasingSettings = Field(default_factory=PhasingSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    ae3d: AE3DSettings = Field(default_factory=AE3DSettings)
 
 
 def settings(config: dict) -> Config:

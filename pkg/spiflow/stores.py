@@ -13,6 +13,10 @@ counts, intensity ``|F(q)|²`` in electrons² on the odd cubic grid of
 * ``recon/METHOD/intensity.zarr``: :func:`write_intensity`;
 * ``recon/METHOD/orientations.zarr``: :func:`write_orientations`;
 * ``phase/METHOD/density.zarr``: :func:`write_density`;
+* ``ae3d/crystals.zarr`` and ``ae3d/crystals_truth.zarr`` (Bragg-CDI objects of
+  :mod:`spiflow.bragg`): :func:`write_crystals`, read with :func:`spiflow.io.open_dataset`;
+* ``spiflow ae3d-phase --out PREFIX``: ``PREFIX.zarr`` (:func:`write_complex_density`) and
+  ``PREFIX_amplitude.mrc``, ``PREFIX_phase.mrc`` (:func:`write_mrc`);
 * MRC maps (``phase/METHOD/density.mrc``, ``evaluate/vae/states/state_K.mrc``):
   :func:`write_mrc`; read with :func:`read_mrc`.
 
@@ -267,6 +271,62 @@ def write_density(path, density: np.ndarray, support: np.ndarray, grid: Grid, at
     out = xr.Dataset({"density": (("x", "y", "z"), density), "support": (("x", "y", "z"), support)},
                      coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis}, attrs=attrs)
     out["density"].attrs["units"] = "electrons/angstrom^3"
+    write_dataset(out, path)
+
+
+# ---------------------------------------------------------------------------- Bragg-CDI objects
+
+def write_crystals(path, volumes: dict, grid: Grid, attrs: dict, chunk_objects: int, space: str,
+                   measured: np.ndarray | None = None, params: np.ndarray | None = None, parameter_names=()) -> None:
+    """Write a store of per-object volumes (:mod:`spiflow.bragg`) atomically.
+
+    volumes: name → (array (N, n, n, n), units), written as float32 ``name (object, D0, D1,
+    D2)`` with the dims ``qx, qy, qz`` (coordinates ``grid.q_axis`` Å⁻¹ from the Bragg peak)
+    for ``space="q"`` (``crystals.zarr``: ``intensity`` in photons) or ``x, y, z``
+    (``grid.r_axis`` Å) for ``space="r"`` (``crystals_truth.zarr``: ``amplitude``
+    dimensionless, ``phase`` radians), Zarr chunks of ``chunk_objects`` objects × the whole
+    volume. measured: (n, n, n) bool (``space="q"``); params (N, P) float64 with
+    ``parameter_names`` (P,) as ``params (object, parameter)``. attrs: stored as given
+    (``recon_grid_n``, ``recon_grid_dq`` added). Raises ValueError for shapes that do not
+    match the grid or each other, or another ``space``."""
+    if space not in ("q", "r"):
+        raise ValueError(f"space must be 'q' or 'r', got {space!r}")
+    dims = ("qx", "qy", "qz") if space == "q" else ("x", "y", "z")
+    axis = grid.q_axis if space == "q" else grid.r_axis
+    shapes = {np.shape(v) for v, _ in volumes.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4 or next(iter(shapes))[1:] != (grid.n,) * 3:
+        raise ValueError(f"volumes must share one shape (N, {grid.n}, {grid.n}, {grid.n}), got {shapes}")
+    N = next(iter(shapes))[0]
+    static = xr.Dataset(coords={"object": np.arange(N), **{d: axis for d in dims}},
+                        attrs={"recon_grid_n": grid.n, "recon_grid_dq": grid.dq, **attrs})
+    for d in dims:
+        static[d].attrs["units"] = "1/angstrom" if space == "q" else "angstrom"
+    if measured is not None:
+        static["measured"] = (dims, np.asarray(measured, dtype=bool))
+    if params is not None:
+        static["params"] = (("object", "parameter"), np.asarray(params, dtype=np.float64))
+        static = static.assign_coords(parameter=list(parameter_names))
+    with atomic_path(path) as tmp:
+        static.to_zarr(tmp, mode="w", consolidated=False)
+        root = zarr.open_group(tmp, mode="a")
+        for name, (vol, units) in volumes.items():
+            root.create_array(name, data=np.asarray(vol, dtype=np.float32),
+                              chunks=(min(chunk_objects, N), grid.n, grid.n, grid.n),
+                              dimension_names=["object", *dims], attributes={"units": units})
+        zarr.consolidate_metadata(tmp)
+
+
+def write_complex_density(path, amplitude: np.ndarray, phase: np.ndarray, grid: Grid, attrs: dict) -> None:
+    """Write a phased complex density (``spiflow ae3d-phase``) atomically: ``amplitude (x, y,
+    z)`` float32 (``units: relative``, ρ) and ``phase (x, y, z)`` float32 radians, coordinates
+    ``grid.r_axis`` in Å; attrs as given (``checkpoint``, ``intensity_path``, ...)."""
+    out = xr.Dataset({"amplitude": (("x", "y", "z"), np.asarray(amplitude, dtype=np.float32)),
+                      "phase": (("x", "y", "z"), np.asarray(phase, dtype=np.float32))},
+                     coords={"x": grid.r_axis, "y": grid.r_axis, "z": grid.r_axis}, attrs=attrs)
+    out["amplitude"].attrs["units"] = "relative"
+    out["phase"].attrs["units"] = "radian"
+    for ax in ("x", "y", "z"):
+        out[ax].attrs["units"] = "angstrom"
     write_dataset(out, path)
 
 
