@@ -125,6 +125,8 @@ def reconstruction_grid(q: np.ndarray, valid: np.ndarray, oversampling: float = 
     finest sampling) divided by ``oversampling``; size ``n = 2 ⌈q_max / dq⌉ + 3`` (odd) so
     every valid pixel, corners included, and its trilinear neighbours lie inside.
     q: (ny, nx, 3) Å⁻¹; valid (ny, nx). Returns a :class:`spiflow.grid.Grid`.
+    Raises ValueError when the geometry gives no usable step (``dq`` not > 0, ``q_max`` not
+    finite, or more than 10⁵ steps to ``q_max``: a corrupt or mislabelled geometry).
     """
     from .grid import Grid
 
@@ -133,4 +135,7 @@ def reconstruction_grid(q: np.ndarray, valid: np.ndarray, oversampling: float = 
     jx = ix + 1 if ix + 1 < q.shape[1] else ix - 1
     dq = float(np.linalg.norm(q[iy, jx] - q[iy, ix])) / oversampling
     q_max = float(qn[valid].max())
+    if not (dq > 0 and np.isfinite(q_max) and q_max / dq < 1e5):
+        raise ValueError(f"the detector geometry gives a q step of {dq} Å⁻¹ between neighbouring "
+                         f"pixels and q_max {q_max} Å⁻¹: no usable reconstruction grid")
     return Grid(2 * int(np.ceil(q_max / dq)) + 3, dq)

@@ -278,7 +278,9 @@ def import_cxi(cxi_path, out_zarr, *, photon_energy_ev: float | None = None, pol
             return _import_open_cxi(f, path, Path(out_zarr), photon_energy_ev, polarization,
                                     fluence_photons_per_angstrom2, grid_oversampling, bad_bits, round_counts,
                                     chunk_frames)
-    except (OSError, KeyError, TypeError, RuntimeError) as exc:  # h5py's errors for damaged files
+    except (OSError, KeyError, TypeError, RuntimeError, ValueError) as exc:  # h5py's errors for damaged files
+        if isinstance(exc, ValueError) and str(path) in str(exc):  # ours, naming the file already
+            raise
         raise ValueError(f"cannot import CXI file {path}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -315,8 +317,15 @@ def _import_open_cxi(f, path, out, photon_energy_ev, polarization, fluence, over
     else:
         i, j = np.meshgrid(np.arange(shape[0]) + 0.5, np.arange(shape[1]) + 0.5, indexing="ij")
         pos = corner + i[..., None] * basis[0] + j[..., None] * basis[1]
-        q, pixel_factor = pixel_q_and_factor(pos, basis, wavelength_angstrom(energy), pol)
-    grid = reconstruction_grid(q, valid, oversampling)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # absurd geometry: checked below
+            q, pixel_factor = pixel_q_and_factor(pos, basis, wavelength_angstrom(energy), pol)
+    if not (np.all(np.isfinite(q[valid])) and np.all(np.isfinite(pixel_factor[valid]))):
+        raise _fail(path, f"{DETECTOR}: the geometry gives non-finite q or solid angle "
+                          f"(distance {distance} m, basis vectors {basis.tolist()} m)")
+    try:
+        grid = reconstruction_grid(q, valid, oversampling)
+    except ValueError as exc:
+        raise _fail(path, f"{DETECTOR}: {exc}") from exc
     pixel_size = float(np.sqrt(np.linalg.norm(np.cross(basis[0], basis[1]))))
     attrs = {
         "photon_energy_ev": energy, "wavelength_angstrom": wavelength_angstrom(energy),

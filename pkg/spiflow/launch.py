@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 #: the stages that run across processes: name → function of :mod:`spiflow.pipeline`
-STAGES = {"emc": "stage_emc", "mtip": "stage_mtip"}
+STAGES = {"emc": "stage_emc", "mtip": "stage_mtip", "selfsup": "stage_selfsup"}
 
 
 def slurm_tasks(env=None) -> int:

@@ -161,12 +161,19 @@ def stage_mtip(config: dict, patterns: str, intensity: str, orientations: str, l
 def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str, checkpoint: str,
                   progress: bool = True) -> None:
     """train the self-supervised encoders + implicit decoder (:mod:`spiflow.selfsup`); its
-    ``measured`` voxels are the detector's q range (the decoder is defined everywhere)."""
+    ``measured`` voxels are the detector's q range (the decoder is defined everywhere).
+    Under torchrun or srun (``selfsup.processes`` > 1) every rank runs this; rank 0 writes."""
     t0 = time.perf_counter()
     pat, grid, photons, valid, q, pf, scale = _patterns(patterns)
     cfg = SelfSupSettings(**config["selfsup"])
-    res = run_selfsup(photons, valid, q, pf, grid, cfg, seed=config["dataset"]["seed"], device=config["device"],
-                      log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    ranks = setup_ranks(resolve_device(config["device"]))
+    try:
+        res = run_selfsup(photons, valid, q, pf, grid, cfg, seed=config["dataset"]["seed"], device=config["device"],
+                          log_path=log_csv, checkpoint_path=checkpoint, progress=progress)
+    finally:
+        ranks.close()
+    if not ranks.is_root:
+        return
     qn = np.linalg.norm(q[valid], axis=-1)
     measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
     attrs = {"method": "selfsup", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs,

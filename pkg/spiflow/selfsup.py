@@ -62,10 +62,19 @@ streams from disk) and kept in memory only when frames × valid pixels fits in
 ``memory_budget_gb``. Each epoch visits the frames in an order drawn from (seed, epoch):
 groups of 4 chunks in random order, frames shuffled within a group.
 
-Distributed: launched by ``torchrun --nproc_per_node=N`` (environment ``WORLD_SIZE`` > 1),
-the model is wrapped in DistributedDataParallel (NCCL on CUDA, else gloo, one GPU per
-``LOCAL_RANK``); rank r trains on batches r, r + N, … (the last ``nb mod N`` batches of an
-epoch are skipped); only rank 0 writes the log and checkpoint; every rank returns the result.
+Distributed (``selfsup.processes`` > 1, started by :func:`spiflow.launch.run_stage`, or any
+``torchrun``: environment ``WORLD_SIZE`` > 1): the model is wrapped in
+DistributedDataParallel (NCCL on CUDA, else gloo, one GPU per ``LOCAL_RANK``): each rank
+takes ``batch_size / N`` frames per step and the step averages the N ranks' gradients, so a
+step sees ``batch_size`` frames and an epoch has as many steps as in one process (measured on
+the tiny case of tests/test_selfsup.py: doubling the frames per step, i.e. halving the steps,
+loses the pose search: 150° instead of 5°). Rank r trains on the small batches r, r + N, …
+(the last ``nb mod N`` of an epoch are skipped). The pose search's per-frame poses are merged
+after every search epoch (each frame was scored by the one rank that drew its batch); the
+local refinement, the gains and the final encoder pass split the frames into contiguous
+chunk-aligned ranges (:func:`spiflow.distributed.frame_ranges`) and gather them, so every rank
+ends with the same bits. Only rank 0 writes the log and checkpoint; every rank returns the
+result.
 """
 from __future__ import annotations
 
@@ -84,6 +93,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
+from .distributed import Ranks, frame_ranges
 from .distributed import setup as setup_ranks
 from .grid import Grid
 from .io import (RunLog, data_digest, derived_seed, load_checkpoint, radial_log_profile, resolve_device,
@@ -185,9 +195,11 @@ class FrameStream(IterableDataset):
             idx = order[b * self.batch:(b + 1) * self.batch if b < self.batches - 1 else None]
             yield torch.from_numpy(idx), self.take(idx)
 
-    def sequential(self, batch: int):
-        for i0 in range(0, self.frames, batch):
-            idx = np.arange(i0, min(self.frames, i0 + batch))
+    def sequential(self, batch: int, start: int = 0, stop: int | None = None):
+        """Frames ``start … stop − 1`` (default all) in order, ``batch`` at a time."""
+        stop = self.frames if stop is None else stop
+        for i0 in range(start, stop, batch):
+            idx = np.arange(i0, min(stop, i0 + batch))
             yield torch.from_numpy(idx), self.take(idx)
 
 
@@ -352,12 +364,18 @@ class PoseSearch:
     """The pose-search phase and per-frame refinement of :func:`run_selfsup` (module doc).
 
     stream: the :class:`FrameStream`; qv (P, 3) Å⁻¹ and sv (P,) of the valid pixels;
-    settings: the ``search_*`` and ``refine_*`` fields of :class:`SelfSupSettings`.
+    settings: the ``search_*`` and ``refine_*`` fields of :class:`SelfSupSettings`; ranks:
+    the process group (:class:`spiflow.distributed.Ranks`; None: one process): refinement and
+    gains run on this rank's frames (:func:`spiflow.distributed.frame_ranges`) and are gathered.
     """
 
     def __init__(self, stream: FrameStream, qv: np.ndarray, sv: np.ndarray, grid: Grid,
-                 settings: SelfSupSettings, device):
+                 settings: SelfSupSettings, device, ranks: Ranks | None = None):
         self.stream, self.grid, self.cfg, self.device = stream, grid, settings, device
+        self.ranks = ranks or Ranks(device=torch.device(device))
+        spans = frame_ranges(stream.frames, self.ranks.world, stream.chunk)
+        self.counts = [b - a for a, b in spans]
+        self.span = spans[self.ranks.rank]
         self.q = torch.as_tensor(qv, dtype=torch.float32, device=device)
         self.s = torch.as_tensor(sv, dtype=torch.float32, device=device)
         self.q_norm = np.linalg.norm(qv, axis=1)
@@ -367,8 +385,24 @@ class PoseSearch:
         self.log_w = torch.as_tensor(np.log(weight), dtype=torch.float32, device=device)
 
     def blocks(self):
-        for idx, K in self.stream.sequential(self.stream.chunk):
+        """``(i0, i1, K)`` blocks of this rank's frames (all frames in one process)."""
+        for idx, K in self.stream.sequential(self.stream.chunk, *self.span):
             yield int(idx[0]), int(idx[-1]) + 1, K.to(self.device)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-frame x (frames, …), valid on this rank's frames, with every rank's frames."""
+        a, b = self.span
+        return self.ranks.gather(x[a:b].contiguous(), self.counts)
+
+    def merge_poses(self, poses: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """After a search epoch: every rank's new poses (frames, 4) where its ``scored``
+        (frames,) bool marks the frames of its batches; the other frames keep theirs."""
+        if self.ranks.world == 1:
+            return poses
+        mask = scored.to(poses.dtype)[:, None]
+        both = self.ranks.sum_(torch.cat([poses * mask, mask], 1).to(torch.float64))
+        n = both[:, 4:]
+        return torch.where(n > 0, both[:, :4] / n.clamp_min(1), poses.double()).to(poses.dtype)
 
     def pixels(self, epoch: int) -> torch.Tensor:
         """Frequency marching: indices of the valid pixels with ``|q| <= q_cut`` in search
@@ -411,12 +445,13 @@ class PoseSearch:
         for i0, i1, K in self.blocks():
             S = slice_rotated(W, self.q, quaternion_to_matrix(quat[i0:i1].to(self.device, torch.float32)), self.grid)
             out[i0:i1] = (K.sum(1) / (S @ self.s).clamp_min(1e-30)).double().cpu()
-        return out
+        return self.gather(out.to(self.ranks.device)).cpu()
 
     def refine(self, W: torch.Tensor, quat: torch.Tensor, steps) -> torch.Tensor:
         """Local refinement on all valid pixels from ``quat`` (frames, 4) against W (n, n, n)."""
-        return refine_poses(self.blocks, W, quat.to(self.device, torch.float32), self.q, self.s, self.grid,
-                            steps, self.cfg.refine_radius_steps, self.cfg.memory_budget_gb)
+        new = refine_poses(self.blocks, W, quat.to(self.device, torch.float32), self.q, self.s, self.grid,
+                           steps, self.cfg.refine_radius_steps, self.cfg.memory_budget_gb)
+        return self.gather(new)
 
 
 def _lr_factor(step: int, warm: int, total: int, floor: float) -> float:
@@ -428,7 +463,7 @@ def _lr_factor(step: int, warm: int, total: int, floor: float) -> float:
 
 
 def _fingerprint(settings: SelfSupSettings, seed: int, grid: Grid, shape, n_valid: int, world: int, data: str) -> str:
-    fp = {**settings.model_dump(exclude={"epochs", "amp", "memory_budget_gb"}), "seed": seed}
+    fp = {**settings.model_dump(exclude={"epochs", "amp", "memory_budget_gb", "processes"}), "seed": seed}
     fp.update(grid_n=grid.n, grid_dq=grid.dq, data_shape=list(shape), n_valid=int(n_valid), world=world,
               data=data)
     return json.dumps(fp, sort_keys=True)
@@ -473,10 +508,14 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
     rank, world, device, own_group = ranks.rank, ranks.world, ranks.device, ranks.owned
     amp = settings.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     cache = frames * len(qv) * 4 <= settings.memory_budget_gb * 1e9
-    stream = FrameStream(photons, valid, settings.chunk_frames, settings.batch_size, seed, cache, rank, world)
+    if settings.batch_size % world:
+        raise ValueError(f"selfsup.batch_size ({settings.batch_size}) is not a multiple of the {world} ranks "
+                         f"(selfsup.processes): each step takes batch_size / ranks frames on every rank")
+    stream = FrameStream(photons, valid, settings.chunk_frames, settings.batch_size // world, seed, cache, rank,
+                         world)
     if stream.batches < world:
-        raise ValueError(f"{frames} frames give {stream.batches} batches of batch_size {settings.batch_size}, "
-                         f"fewer than the {world} ranks")
+        raise ValueError(f"{frames} frames give {stream.batches} batches of {settings.batch_size // world} per "
+                         f"rank, fewer than the {world} ranks")
     sum_counts, n_frame = np.zeros(len(qv)), np.zeros(frames)
     for idx, K in stream.sequential(settings.chunk_frames):  # validates all counts
         sum_counts += K.double().sum(0).numpy()
@@ -504,7 +543,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
         lambda s: _lr_factor(s, dec_warm * steps, settings.epochs * steps, min(1.0, settings.min_lr / dec_lr))])
 
     fp = _fingerprint(settings, seed, grid, photons.shape, len(qv), world, data_digest(n_frame))
-    search = PoseSearch(stream, qv, sv, grid, settings, device)
+    search = PoseSearch(stream, qv, sv, grid, settings, device, ranks)
     poses = None  # (frames, 4) quaternions of the pose-search phase, else None
     start, ckpt = 0, load_checkpoint(checkpoint_path, fp)
     if ckpt is not None:
@@ -533,8 +572,11 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
         t_search = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(derived_seed(seed, epoch, rank))
         maker = search.batch_maker(model, q_unit, log_s, epoch) if searching else None
+        scored = torch.zeros(frames, dtype=torch.bool, device=device) if searching else None
         acc, lr = train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, settings.loss, gen, amp, bar,
-                               poses, settings.pose_weight, maker, search.quaternions)
+                               poses, settings.pose_weight, maker, search.quaternions, scored)
+        if searching:
+            poses = search.merge_poses(poses, scored)
         if world > 1:
             dist.all_reduce(acc)
         if device.type == "cuda":
@@ -559,7 +601,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
     if world > 1:  # BatchNorm statistics differ between ranks: use rank 0's
         for b in model.buffers():
             dist.broadcast(b, 0)
-    result = infer(model, stream, inputs, grid, settings.batch_size, device, amp)
+    result = infer(model, stream, inputs, grid, settings.batch_size, device, amp, search)
     result["encoder_quaternion"] = result["quaternion"]
     if settings.final_refine:  # semi-amortized: per-frame poses refined against the decoder
         W = torch.exp(model.render(grid))
@@ -578,7 +620,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
 
 def train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str, gen, amp: bool, bar,
                 poses: torch.Tensor | None = None, pose_weight: float = 1.0, search=None,
-                sampling: torch.Tensor | None = None):
+                sampling: torch.Tensor | None = None, scored: torch.Tensor | None = None):
     """One pass over this rank's batches; returns (Σ loss × frames, frames, Σ pose loss ×
     frames) and the last step's lr.
 
@@ -587,7 +629,8 @@ def train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str, 
     the pose search); None: at the encoder's R (the method of Chen et al.). search: a
     function K → :class:`SearchBatch` (the pose-search phase): the loss is the marginal
     likelihood (:meth:`SelfSupModel.marginal_loss`) and each frame's best rotation of the
-    ``sampling`` (M, 4) becomes its pose (written into ``poses``) and the encoder's target.
+    ``sampling`` (M, 4) becomes its pose (written into ``poses``) and the encoder's target;
+    ``scored`` (frames,) bool, if given, is set True at those frames.
     """
     net.train()
     acc = torch.zeros(3, dtype=torch.float64, device=q_unit.device)
@@ -597,6 +640,8 @@ def train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str, 
         if search is not None:
             loss, best, R, log_g = net(image, log_n, q_unit, log_s, amp, search=search(K))
             poses[idx.to(poses.device)] = sampling[best]
+            if scored is not None:
+                scored[idx.to(scored.device)] = True
             loss = loss + 0.0 * log_g.sum()  # every parameter takes part (DistributedDataParallel)
         target = None if poses is None else quaternion_to_matrix(poses[idx.to(poses.device)]).to(q_unit)
         if search is None:
@@ -618,15 +663,21 @@ def train_epoch(net, stream, inputs, opt, sched, q_unit, log_s, loss_kind: str, 
 
 @torch.no_grad()
 def infer(model: SelfSupModel, stream: FrameStream, inputs: EncoderInputs, grid: Grid, batch: int, device,
-           amp: bool) -> dict:
-    """Encoder outputs on all unaugmented frames (eval mode) and the log-intensity on the grid."""
+          amp: bool, search: PoseSearch | None = None) -> dict:
+    """Encoder outputs on all unaugmented frames (eval mode) and the log-intensity on the
+    grid; with ``search`` each rank encodes its own frames and they are gathered."""
     model.eval()
-    quat, log_g = np.zeros((stream.frames, 4)), np.zeros(stream.frames)
-    for idx, K in stream.sequential(max(batch, 256)):
+    out = torch.zeros((stream.frames, 5), dtype=torch.float64, device=device)
+    span = search.span if search is not None else (0, stream.frames)
+    for idx, K in stream.sequential(max(batch, 256), *span):
         image, log_n, _ = inputs(K.to(device))
         R, lg = model.encode(image, log_n, amp)
-        quat[idx.numpy()] = matrix_to_quaternion(R.double()).cpu().numpy()
-        log_g[idx.numpy()] = lg.double().cpu().numpy()
+        out[idx.to(device), :4] = matrix_to_quaternion(R.double())
+        out[idx.to(device), 4] = lg.double()
+    if search is not None:
+        out = search.gather(out)
+    out = out.cpu().numpy()
+    quat, log_g = out[:, :4], out[:, 4]
     gain = np.exp(log_g)
     scale = gain.mean()
     intensity = torch.exp(model.render(grid).double().cpu()).numpy() * scale

@@ -313,6 +313,10 @@ class SelfSupSettings(Section):
     amp: bfloat16 autocast of the encoder on CUDA (ignored on CPU).
     chunk_frames: frames per ``photons[i0:i1]`` read. memory_budget_gb: keep all photons in
     memory when frames × valid pixels × 4 bytes fits.
+    processes: ranks of one training run (DistributedDataParallel; :mod:`spiflow.launch`
+    starts them as for ``emc.processes``). batch_size stays the frames per step: each rank
+    takes ``batch_size / processes`` (a multiple is required). The number of ranks is part
+    of the checkpoint fingerprint (a checkpoint resumes only with the same number).
 
     The defaults are sized for a CPU and were measured on the default data (README, "Why
     selfsup did not orient"): the pose-search warm start (search_*, refine_*), a voxel
@@ -354,6 +358,8 @@ class SelfSupSettings(Section):
     refine_radius_steps: int = Field(2, ge=1, description='radius of the local search ball in steps')
     refine_step_end_deg: float = Field(0.5, gt=0, description='smallest local search step, degrees')
     pose_weight: float = Field(1.0, ge=0, description='weight of the chordal pose loss |R_encoder - R_pose|_F^2 against the photon loss while poses are searched')
+    processes: int = Field(1, ge=1, description="ranks of one selfsup training (DistributedDataParallel): torchrun on "
+                           "one node, or srun inside a SLURM allocation of this many tasks (spiflow.launch); 1: one process")
     final_refine: bool = Field(True, description='return per-frame refined poses and their maximum-likelihood gains: the searched poses refined once more (search_epochs > 0) or the encoder poses refined from the search scale (search_epochs 0); false: the encoder poses and gains. The encoder-only poses are always returned as encoder_quaternion')
 
 
