@@ -122,6 +122,23 @@ def test_launch_command_torchrun_or_srun(tmp_path):
     with pytest.raises(ValueError, match="emc.processes = 8, but this SLURM allocation has 4 tasks"):
         launch_command(8, "s.json", "emc.processes", env=slurm)
     assert slurm_tasks({"SLURM_NTASKS": "4"}) == 0  # not inside an allocation
+
+
+def test_slurm_tasks_from_scontrol_when_the_jobstep_removed_them(tmp_path, monkeypatch):
+    """Snakemake's jobstep plugin keeps only SLURM_JOB_ID (and the like) for the rule's
+    commands: the task count and nodes then come from ``scontrol show job``."""
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n"
+                    "if [ \"$1 $2\" = 'show job' ]; then echo 'JobId=7 NumTasks=3 NodeList=nodeA,nodeB'; "
+                    "else echo nodeA; echo nodeB; fi\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    assert slurm_tasks({"SLURM_JOB_ID": "7"}) == 3
+    cmd, extra = launch_command(3, "s.json", "emc.processes", env={"SLURM_JOB_ID": "7"})
+    assert cmd[:2] == ["srun", "--ntasks=3"] and extra["MASTER_ADDR"] == "nodeA"
+    with pytest.raises(ValueError, match="has 3 tasks"):
+        launch_command(4, "s.json", "emc.processes", env={"SLURM_JOB_ID": "7"})
     with pytest.raises(ValueError, match="no stage 'phase'"):
         run_stage("phase", {}, 2)
 

@@ -81,12 +81,29 @@ def sbatch_calls(text):
     return calls
 
 
+def tasks_profile(work, rule="orient_emc", tasks=2):
+    """A third profile (after slurm, slurm-local) that gives ``rule`` ``tasks`` SLURM tasks of
+    one CPU each (the README's profile lines, uncommented: tasks, mpi: srun), so one EMC run
+    spreads over the ranks srun starts. Later profiles replace whole keys: the rest is
+    profiles/slurm's."""
+    base = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    profile = work / "profile-tasks"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(yaml.safe_dump({
+        "set-threads": {**base["set-threads"], rule: 1},
+        "set-resources": {**base["set-resources"], rule: {**base["set-resources"][rule], "tasks": tasks,
+                                                          "mpi": "srun"}}}))
+    return ["--profile", str(profile)]
+
+
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm")
-    # truth + emc only: every extra method adds SLURM jobs of ~20 s start-up each
-    (work / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "reconstruction": {"methods": ["truth", "emc"]}}))
-    res = snakemake_slurm(work)
+    # truth + emc only: every extra method adds SLURM jobs of ~20 s start-up each. EMC runs on
+    # 2 ranks, the 2 tasks of its SLURM job, started by srun (spiflow.launch)
+    (work / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "reconstruction": {"methods": ["truth", "emc"]},
+                                                    "emc": {**TINY["emc"], "processes": 2}}))
+    res = snakemake_slurm(work, *tasks_profile(work))
     return work, res.stdout + res.stderr
 
 
@@ -121,13 +138,18 @@ def test_tiny_workflow_through_slurm(slurm_run):
     assert set(states) <= {jobid for jobid, _ in submitted}
     assert set(states.values()) == {"COMPLETED"}, states
 
+    # EMC ran as 2 ranks, started by srun inside its 2-task allocation: the same EMC as one
+    # process (tests/test_distributed.py holds the equality; here the launch)
+    job_log = (r / "logs" / "orient_emc.log").read_text()
+    assert "emc across 2 processes: srun --ntasks=2" in job_log, job_log[-3000:]
+
 
 def test_profile_resources_reach_sbatch(slurm_run):
     _, log = slurm_run
     calls = sbatch_calls(log)
     assert set(calls) == SLURM_RULES
     (emc,) = calls["orient_emc"]
-    assert "--cpus-per-task=2" in emc  # threads: workflow.cores, capped by --cores 2
+    assert "--ntasks=2" in emc and "--cpus-per-task=1" in emc  # tasks_profile: 2 ranks of 1 thread
     assert "-t 240" in emc  # runtime from the profile's set-resources
     assert "--mem 6096" in emc  # mem_mb from the rule: 2 x memory_budget_gb (2) + 2 GB
     (sim,) = calls["simulate"]
@@ -144,4 +166,4 @@ def test_gpu_rules_ask_slurm_for_a_gpu(slurm_run):
     res = snakemake_slurm(work, "--config", "device=cuda", "--forcerun", "orient_emc", "--until", "orient_emc",
                           "--rerun-triggers", "mtime", check=False)
     (emc,) = sbatch_calls(res.stdout + res.stderr)["orient_emc"]
-    assert "--gpus=1" in emc and "--cpus-per-task=2" in emc
+    assert "--gpus=1" in emc and "--cpus-per-task=2" in emc  # without tasks_profile: the rule's threads

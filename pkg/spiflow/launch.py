@@ -35,18 +35,38 @@ from pathlib import Path
 STAGES = {"emc": "stage_emc", "mtip": "stage_mtip", "selfsup": "stage_selfsup"}
 
 
+def slurm_job(job_id: str) -> dict[str, str]:
+    """The fields of ``scontrol show job --oneliner JOB_ID`` (``NumTasks``, ``NodeList``, …);
+    empty when scontrol is missing or fails."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if out.returncode != 0:
+        return {}
+    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+
+
 def slurm_tasks(env=None) -> int:
-    """The tasks of the SLURM allocation this process runs in (``SLURM_NTASKS`` where
-    ``SLURM_JOB_ID`` is set), 0 outside SLURM."""
+    """The tasks of the SLURM allocation this process runs in, 0 outside SLURM (no
+    ``SLURM_JOB_ID``): ``SLURM_NTASKS``, or where that was removed (the Snakemake jobstep
+    plugin keeps only the job's identity for the job's own commands) the job's ``NumTasks``
+    from scontrol (:func:`slurm_job`); 1 when neither says."""
     env = os.environ if env is None else env
     if "SLURM_JOB_ID" not in env:
         return 0
-    return int(env.get("SLURM_NTASKS", "1"))
+    if "SLURM_NTASKS" in env:
+        return int(env["SLURM_NTASKS"])
+    return int(slurm_job(env["SLURM_JOB_ID"]).get("NumTasks", "1"))
 
 
 def _first_node(env) -> str:
-    """The allocation's first host (``scontrol show hostnames $SLURM_JOB_NODELIST``), else this host."""
+    """The allocation's first host (``scontrol show hostnames`` of ``SLURM_JOB_NODELIST``, or
+    of the job's ``NodeList`` where the variable was removed), else this host."""
     nodelist = env.get("SLURM_JOB_NODELIST")
+    if not nodelist and "SLURM_JOB_ID" in env:
+        nodelist = slurm_job(env["SLURM_JOB_ID"]).get("NodeList")
     if nodelist:
         try:
             out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
