@@ -14,53 +14,24 @@ from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation,
 from spiflow.sampling import angular_step_deg, local_rotations
 from spiflow.settings import EMCSettings
 from spiflow.slicing import grid_coordinates, merge_model, merge_rotated, slice_model, slice_rotated
+from synthetic import curved_detector, point_intensity, three_dimensional_points
 
 torch.set_num_threads(2)
-
-
-def _atoms(rng, count=6, radius=18.0):
-    """Random point atoms (Å) in a ball, redrawn until clearly three-dimensional: a nearly
-    planar set is nearly mirror symmetric, and then a 180° rotation fits the data too."""
-    while True:
-        xyz = rng.uniform(-1, 1, (4 * count, 3))
-        xyz = xyz[np.linalg.norm(xyz, axis=1) < 1][:count] * radius
-        sv = np.linalg.svd(xyz - xyz.mean(0), compute_uv=False)
-        if sv[-1] > 0.5 * sv[0]:
-            return xyz
-
-
-def _intensity(atoms, q):
-    """|Σ_j exp(2πi q·r_j)|² at q (..., 3) Å⁻¹ (Friedel symmetric by construction)."""
-    return np.abs(np.exp(2j * np.pi * q @ atoms.T).sum(-1)) ** 2
-
-
-def _detector(grid, npix=15, k=0.15):
-    """Flat detector on the Ewald sphere |k_in| = k Å⁻¹ (strong curvature), corners at
-    0.98 q_max; returns q (npix, npix, 3), pixel factor cos³2θ, valid (centre masked)."""
-    two_theta = 2 * np.arcsin(0.98 * grid.q_max / (2 * k))
-    ax = np.linspace(-1, 1, npix) * np.tan(two_theta) / np.sqrt(2)
-    x, y = np.meshgrid(ax, ax, indexing="ij")
-    d = np.stack([x, y, np.ones_like(x)], -1)
-    r = np.linalg.norm(d, axis=-1)
-    q = k * (d / r[..., None] - np.array([0.0, 0.0, 1.0]))
-    valid = np.ones((npix, npix), bool)
-    valid[npix // 2, npix // 2] = False
-    return q, r ** -3.0, valid
 
 
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
     grid = Grid(23, 0.01)
-    atoms = _atoms(rng)
-    q, pf, valid = _detector(grid)
+    atoms = three_dimensional_points(rng)
+    q, pf, valid = curved_detector(grid)
     frames = 200
     quat = random_quaternions(frames, rng)
     R = quaternion_to_matrix(torch.as_tensor(quat)).numpy()
-    intensity = _intensity(atoms, np.einsum("pk,fkl->fpl", q.reshape(-1, 3), R)).reshape(frames, *pf.shape)
+    intensity = point_intensity(atoms, np.einsum("pk,fkl->fpl", q.reshape(-1, 3), R)).reshape(frames, *pf.shape)
     gain = rng.gamma(4.0, 1.0, frames)
     gain /= gain.mean()
-    scale = 3000.0 / (pf * _intensity(atoms, q)).sum()  # ≈ 3000 photons per frame
+    scale = 3000.0 / (pf * point_intensity(atoms, q)).sum()  # ≈ 3000 photons per frame
     photons = rng.poisson(gain[:, None, None] * pf * intensity * scale).astype(np.int32)
     return dict(photons=photons, valid=valid, q=q, pf=pf, grid=grid, quat=quat, gain=gain,
                 atoms=atoms, scale=scale)
@@ -105,7 +76,7 @@ def test_recovers_orientations_gains_and_model(data):
     # The model is the truth rotated by A (blurred by the coarse 24.5° sampling: r ≈ 0.87).
     grid = data["grid"]
     inside = (grid.q_norm() < 0.9 * grid.q_max) & (res.weight > 0)
-    truth = _intensity(data["atoms"], grid.q_points() @ A.numpy().T)  # I(A q)
+    truth = point_intensity(data["atoms"], grid.q_points() @ A.numpy().T)  # I(A q)
     assert np.corrcoef(res.intensity[inside], truth[inside])[0, 1] > 0.8
     assert res.probability_max.shape == (200,) and (res.probability_max <= 1 + 1e-6).all()
 
@@ -180,7 +151,7 @@ def test_one_hot_probabilities_merge_back_the_model(data):
     assert measured.sum() > 0.3 * grid.n ** 3
     torch.testing.assert_close(W[measured], torch.full_like(W[measured], 7.0))
     # Smooth model: noiseless slices at the true orientations merge back to it.
-    truth = torch.as_tensor(_intensity(d["atoms"] * 0.5, grid.q_points()))
+    truth = torch.as_tensor(point_intensity(d["atoms"] * 0.5, grid.q_points()))
     counts = gain[:, None] * sv[None, :] * slice_volume(truth, rotated_points(qv, rot), grid)
     W, weight = compress(counts, one_hot, gain, qv, sv, rot, grid)
     good = weight > 0.2 * weight.max()

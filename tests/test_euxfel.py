@@ -30,6 +30,7 @@ from spiflow.rotation import random_quaternions  # noqa: E402
 from spiflow.sampling import angular_step_deg  # noqa: E402
 from spiflow.settings import EuXFELSettings  # noqa: E402
 from spiflow.stores import grid_of, open_patterns, write_patterns  # noqa: E402
+from synthetic import point_intensity, three_dimensional_points  # noqa: E402
 
 torch.set_num_threads(2)
 DET = "SPB_DET_AGIPD1M-1"
@@ -42,21 +43,6 @@ KEV = np.float32(E_EV / 1e3)
 def hit_pulse(pulse):
     """Three pulses of eight carry a particle (hits are a minority, as in SPI runs)."""
     return np.isin(pulse % 8, (1, 3, 6))
-
-
-def _atoms(rng, count=6, radius=4.0):
-    """Random point atoms (Å) in a ball, clearly three-dimensional: a small particle whose
-    speckles the 16 × 8 × 2 stored pixels resolve."""
-    while True:
-        xyz = rng.uniform(-1, 1, (4 * count, 3))
-        xyz = xyz[np.linalg.norm(xyz, axis=1) < 1][:count] * radius
-        sv = np.linalg.svd(xyz - xyz.mean(0), compute_uv=False)
-        if sv[-1] > 0.5 * sv[0]:
-            return xyz
-
-
-def _intensity(atoms, q):
-    return np.abs(np.exp(2j * np.pi * q @ atoms.T).sum(-1)) ** 2
 
 
 def pixel_truth():
@@ -91,17 +77,17 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("r0042")
     rng = np.random.default_rng(7)
     pos, q, pf, ok = pixel_truth()
-    atoms = _atoms(rng)
+    atoms = three_dimensional_points(rng, radius=4.0)  # small: the 16 × 8 × 2 stored pixels resolve its speckles
     pulses = np.tile(np.arange(PULSES), TRAINS)
     hits = hit_pulse(pulses)
     quat = random_quaternions(int(hits.sum()), rng)
     R = quaternion_to_matrix(torch.as_tensor(quat)).numpy()
     q_block = binned(np.moveaxis(q, -1, 0)).transpose(1, 2, 0) / BIN ** 2
     spread = lambda a: np.repeat(np.repeat(a.reshape(len(MODULES), 512 // BIN, 128 // BIN), BIN, -2), BIN, -1)  # noqa
-    scale = 3000.0 / (pf * ok * spread(_intensity(atoms, q_block))).sum()  # ≈ 3000 photons per hit
+    scale = 3000.0 / (pf * ok * spread(point_intensity(atoms, q_block))).sum()  # ≈ 3000 photons per hit
     photons = np.zeros((len(pulses), *pf.shape), np.uint8)
     for i, f in enumerate(np.flatnonzero(hits)):  # frame i records I(Rᵢᵀ q)
-        photons[f] = rng.poisson(scale * pf * spread(_intensity(atoms, q_block @ R[i])))
+        photons[f] = rng.poisson(scale * pf * spread(point_intensity(atoms, q_block @ R[i])))
     assert photons.max() < 255
     stray = np.flatnonzero(~hits)
     for f in stray:

@@ -14,6 +14,7 @@ from spiflow.mtip import LOG_COLUMNS, match_orientations, merge_frames, run_mtip
 from spiflow.rotation import quaternion_to_matrix, random_quaternions
 from spiflow.sampling import angular_step_deg, so3_sampling
 from spiflow.settings import MTIPSettings
+from synthetic import curved_detector, three_dimensional_points
 
 
 
@@ -28,14 +29,9 @@ def _one_thread():
 
 
 def _blobs(rng, count=6, radius=18.0):
-    """Centres (Å) of Gaussian blobs in a ball, redrawn until clearly three-dimensional (a
-    nearly planar set is nearly mirror symmetric, and then a 180° rotation fits the data too)."""
-    while True:
-        xyz = rng.uniform(-1, 1, (4 * count, 3))
-        xyz = xyz[np.linalg.norm(xyz, axis=1) < 1][:count] * radius
-        sv = np.linalg.svd(xyz - xyz.mean(0), compute_uv=False)
-        if sv[-1] > 0.5 * sv[0]:
-            return xyz - xyz.mean(0)
+    """Centres (Å) of Gaussian blobs in a ball, clearly three-dimensional, centred."""
+    xyz = three_dimensional_points(rng, count, radius)
+    return xyz - xyz.mean(0)
 
 
 def _intensity(xyz, q, sigma=2.0):
@@ -45,26 +41,12 @@ def _intensity(xyz, q, sigma=2.0):
     return np.abs(F) ** 2
 
 
-def _detector(grid, npix=15, k=0.15):
-    """Flat detector on a strongly curved Ewald sphere (|k| = 0.15 Å⁻¹, corners at 0.98 q_max),
-    as in test_emc: q (npix, npix, 3), pixel factor cos³2θ, valid (centre masked)."""
-    two_theta = 2 * np.arcsin(0.98 * grid.q_max / (2 * k))
-    ax = np.linspace(-1, 1, npix) * np.tan(two_theta) / np.sqrt(2)
-    x, y = np.meshgrid(ax, ax, indexing="ij")
-    d = np.stack([x, y, np.ones_like(x)], -1)
-    r = np.linalg.norm(d, axis=-1)
-    q = k * (d / r[..., None] - np.array([0.0, 0.0, 1.0]))
-    valid = np.ones((npix, npix), bool)
-    valid[npix // 2, npix // 2] = False
-    return q, r ** -3.0, valid
-
-
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)
     grid = Grid(23, 0.01)
     xyz = _blobs(rng)
-    q, pf, valid = _detector(grid)
+    q, pf, valid = curved_detector(grid)
     frames = 200
     quat = random_quaternions(frames, rng)
     R = quaternion_to_matrix(torch.as_tensor(quat)).numpy()

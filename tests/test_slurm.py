@@ -21,7 +21,7 @@ from test_workflow import TINY
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ["--profile", str(ROOT / "profiles" / "slurm"), "--profile", str(ROOT / "profiles" / "slurm-local")]
 SLURM_RULES = {"simulate", "orient_emc", "phase", "evaluate"}
-LOCAL_RULES = {"recon_truth", "summary", "all"}  # the Snakefile's localrules (seconds each), and `all`
+LOCAL_RULES = {"summary", "all"}  # the Snakefile's localrules (seconds each), and `all`
 START = "start one as root with: bash workflow/slurm/start-local-slurm.sh"
 
 
@@ -99,9 +99,9 @@ def tasks_profile(work, rule="orient_emc", tasks=2):
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm")
-    # truth + emc only: every extra method adds SLURM jobs of ~20 s start-up each. EMC runs on
-    # 2 ranks, the 2 tasks of its SLURM job, started by srun (spiflow.launch)
-    (work / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "reconstruction": {"methods": ["truth", "emc"]},
+    # emc only: every method adds SLURM jobs of ~20 s start-up each. EMC runs on 2 ranks, the
+    # 2 tasks of its SLURM job, started by srun (spiflow.launch)
+    (work / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "reconstruction": {"methods": ["emc"]},
                                                     "emc": {**TINY["emc"], "processes": 2}}))
     res = snakemake_slurm(work, *tasks_profile(work))
     return work, res.stdout + res.stderr
@@ -111,16 +111,15 @@ def test_tiny_workflow_through_slurm(slurm_run):
     work, log = slurm_run
     r = work / "results" / "tiny"
     summary = pd.read_csv(r / "evaluate" / "summary.csv")
-    assert sorted(summary.method) == ["emc", "truth"]
-    for method in ("truth", "emc"):
-        assert (r / "phase" / method / "density.mrc").stat().st_size > 0
-        assert (r / "evaluate" / method / "fsc.csv").exists()
+    assert list(summary.method) == ["emc"]
+    assert (r / "phase" / "emc" / "density.mrc").stat().st_size > 0
+    assert (r / "evaluate" / "emc" / "fsc.csv").exists()
     assert (r / "evaluate" / "fsc.png").stat().st_size > 1000
 
     # every job but the localrules went to SLURM: its job id in Snakemake's log, the SLURM
     # log file that slurmd wrote for it (named by the job id), the sbatch call
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", log)
-    assert len(submitted) == 6, log[-4000:]  # simulate, orient_emc, 2 phase, 2 evaluate
+    assert len(submitted) == 4, log[-4000:]  # simulate, orient_emc, phase, evaluate
     assert set(re.findall(r"^localrule (\w+):", log, re.M)) == LOCAL_RULES
     slurm_logs = (work / ".snakemake" / "slurm_logs").resolve()
     for jobid, path in submitted:
@@ -154,7 +153,8 @@ def test_profile_resources_reach_sbatch(slurm_run):
     assert "--mem 6096" in emc  # mem_mb from the rule: 2 x memory_budget_gb (2) + 2 GB
     (sim,) = calls["simulate"]
     assert "--cpus-per-task=2" in sim and "--mem 4000" in sim and "-t 30" in sim
-    assert all("--cpus-per-task=1" in c and "--mem 4000" in c and "-t 30" in c for c in calls["evaluate"])
+    (ev,) = calls["evaluate"]
+    assert "--cpus-per-task=1" in ev and "--mem 4000" in ev and "-t 30" in ev
     assert not any("--gpu" in c or "--gres" in c for cs in calls.values() for c in cs)  # device: auto
 
 
