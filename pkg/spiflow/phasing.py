@@ -315,6 +315,21 @@ def run_schedule(x: torch.Tensor, A: torch.Tensor, M: torch.Tensor, S: torch.Ten
     return x, S, rows
 
 
+def _rank_restarts(x, S, A, M, cfg: PhasingSettings, positivity: bool, fft, dtype, align):
+    """After the schedule: the restarts' final Fourier-modulus errors (R,), the ``n_average``
+    best (best first), their densities in the centred layout (numpy ``dtype``) aligned on the
+    best by ``align(moving, reference) -> (aligned, info)``, and the supports (R, n, n, n)
+    centred. Without ``final_er`` the support (and positivity) projection is scored."""
+    if not cfg.final_er:
+        x = support_projection(x, S, positivity)
+    errors = fourier_error(fft(x, dim=_AXES).abs(), A, M).cpu().numpy().astype(np.float64)
+    chosen = np.argsort(errors, kind="stable")[:cfg.n_average]
+    dens = torch.fft.fftshift(x, dim=_AXES).cpu().numpy().astype(dtype)
+    best = dens[chosen[0]]
+    aligned = [best] + [align(dens[k], best)[0] for k in chosen[1:]]
+    return errors, chosen, aligned, torch.fft.fftshift(S, dim=_AXES).cpu().numpy()
+
+
 def phase(intensity, grid: Grid, settings: PhasingSettings | None = None, measured=None, seed: int = 0,
           device: str | torch.device = "auto") -> PhasingResult:
     """Retrieve a real, positive density (e/Å³) from ``intensity`` (n, n, n) = |F|² in electrons².
@@ -345,15 +360,8 @@ def phase(intensity, grid: Grid, settings: PhasingSettings | None = None, measur
     x = torch.fft.irfftn(A * torch.polar(torch.ones_like(phi), phi), s=(n, n, n), dim=_AXES) * S
 
     x, S, rows = run_schedule(x, A, M, S, cfg, sched)
-    pos = cfg.positivity
-    if not cfg.final_er:  # score the support/positivity-constrained estimate
-        x = support_projection(x, S, pos)
-    errors = fourier_error(torch.fft.rfftn(x, dim=_AXES).abs(), A, M).cpu().numpy().astype(np.float64)
-    chosen = np.argsort(errors, kind="stable")[:cfg.n_average]
-    dens = torch.fft.fftshift(x, dim=_AXES).cpu().numpy().astype(np.float64)
-    supp = torch.fft.fftshift(S, dim=_AXES).cpu().numpy()
-    best = dens[chosen[0]]
-    aligned = [best] + [align_density(dens[k], best)[0] for k in chosen[1:]]
+    errors, chosen, aligned, supp = _rank_restarts(x, S, A, M, cfg, cfg.positivity, torch.fft.rfftn, np.float64,
+                                                   align_density)
     mean = np.mean(aligned, axis=0)
     curve, q_centres = prtf(aligned, I, m, grid, cfg.n_shells)
     shift = tuple(int(s) for s in np.rint(grid.center - _circular_centroid(mean)))
@@ -462,14 +470,9 @@ def phase_complex(intensity, settings: PhasingSettings | None = None, measured=N
         phi = (2 * math.pi * torch.rand((R, n, n, n), generator=gen)).to(dev)
         x = torch.fft.ifftn(A * torch.polar(torch.ones_like(phi), phi), dim=_AXES) * S
     x, S, rows = run_schedule(x, A, M, S, cfg, sched)
-    if not cfg.final_er:
-        x = support_projection(x, S, False)
-    errors = fourier_error(torch.fft.fftn(x, dim=_AXES).abs(), A, M).cpu().numpy().astype(np.float64)
-    chosen = np.argsort(errors, kind="stable")[:cfg.n_average]
-    dens = torch.fft.fftshift(x, dim=_AXES).cpu().numpy().astype(np.complex128)
-    supp = torch.fft.fftshift(S, dim=_AXES).cpu().numpy()
-    best = dens[chosen[0]]
-    mean = np.mean([best] + [align_complex(dens[k], best)[0] for k in chosen[1:]], axis=0)
+    errors, chosen, aligned, supp = _rank_restarts(x, S, A, M, cfg, False, torch.fft.fftn, np.complex128,
+                                                   align_complex)
+    mean = np.mean(aligned, axis=0)
     shift = tuple(int(s) for s in np.rint(n // 2 - _circular_centroid(np.abs(mean))))
     return ComplexPhasingResult(
         density=np.roll(mean, shift, axis=(0, 1, 2)).astype(np.complex64),
