@@ -10,10 +10,11 @@ Network (:class:`AE3D`). Input: two channels, ``log(1 + I) / log(1 + max I)`` on
 voxels (0 elsewhere) and the ``measured`` mask; the encoder first standardises channel 0 per
 voxel with the mean and standard deviation over the training inputs (buffers of the model,
 set by :func:`train_ae3d`, saved in checkpoints). Without that step the network collapsed to
-one output for every input: the common radial fall-off of the log intensity is ~0.7 per
-voxel against ~0.06 of object-to-object variation, and with Adam at lr 3e-3 the encoder never
-picked up the variation (a radius regression through the same encoder reached R² ≈ 0 on
-held-out crystals without it, 0.63 with it; README "Direct ML phasing"). Encoder: three stride-2 3³ convolutions,
+one output for every input: channel 0 is dominated by the radial fall-off common to every
+crystal (mean 0.41 per voxel, std across crystals 0.12), and with Adam at lr 3e-3 the
+encoder's features never came to depend on the input (regressing the crystal size through
+the same encoder: held-out R² ≈ 0 without, 0.76 with the standardisation;
+``benchmarks/ae3d_collapse.py``). Encoder: three stride-2 3³ convolutions,
 channels c, 2c, 4c (``n = 2^k + 1``: 33 → 17 → 9 → 5), each followed by a 3³
 convolution; SiLU activations, GroupNorm; a linear map to the latent vector z
 (``latent_dim``). Decoder: linear back to 4c × 5³, then three stride-2 transposed
