@@ -11,9 +11,9 @@ labels and without retraining, against the label-free cost
 
 by bounded extremum seeking (Scheinker & Krstić, IEEE Trans. Autom. Control 58, 1107
 (2013), "Minimum-seeking for CLFs: universal semiglobally stabilizing feedback under unknown
-control directions"; Scheinker, "Bounded extremum seeking for angular velocity actuated
-control of nonholonomic systems", Syst. Control Lett. 2014; book: Scheinker & Krstić,
-*Model-Free Stabilization by Extremum Seeking*, Springer 2017):
+control directions"; Scheinker & Krstić, "Extremum seeking with bounded update rates",
+Syst. Control Lett. 63, 25 (2014); book: Scheinker & Krstić, *Model-Free Stabilization by
+Extremum Seeking*, Springer 2017):
 
     dz_i/dt = √(α ω_i) cos(ω_i t + k C(z(t)))      (one distinct ω_i per latent component)
 
@@ -25,6 +25,11 @@ the forward-Euler step ``dt`` (z_i ← z_i + dt √(α ω_i) cos(ω_i t + k C)),
 steps_per_period``. The ES time t runs on across frames, so the dither continues from one
 frame to the next (tracking), and each frame starts from the previous frame's tuned z. The
 dither amplitude in z is ``√(α / ω_i)``.
+
+Measured (README "Direct ML phasing", n = 17): ES keeps C below the untuned encoder's on
+every frame of a 20-frame series, but the error against the truth improves only where the
+decoder can represent the object; a lower C in the latent space of a weak decoder is not a
+better density.
 """
 from __future__ import annotations
 
