@@ -84,6 +84,11 @@ def test_bad_input(tmp_path):
         ae3d.load_model(bad)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         ae3d.load_model(tmp_path / "missing.pt")
+    old = ae3d.AE3D(17, 4, 8).state_dict()
+    del old["input_mean"], old["input_std"]  # a checkpoint of the collapsed, unstandardised network
+    torch.save({"model": old, "n": 17, "channels": 4, "latent_dim": 8}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="old.pt.*without input standardisation"):
+        ae3d.load_model(tmp_path / "old.pt")
 
 
 def _checkpoint(path):

@@ -251,15 +251,23 @@ def train_ae3d(cfg: AE3DSettings, train, seed: int, checkpoint_path=None, log_pa
 
 def load_model(checkpoint_path, device: str | torch.device = "cpu") -> AE3D:
     """The trained :class:`AE3D` of an ae3d checkpoint (its ``n``, ``channels``,
-    ``latent_dim`` and weights), in eval mode. Raises FileNotFoundError, or ValueError naming
-    the file when it is not an ae3d checkpoint."""
+    ``latent_dim``, weights and input statistics), in eval mode. Raises FileNotFoundError, or
+    ValueError naming the file when it is not an ae3d checkpoint or holds a network trained
+    before the input standardisation (no ``input_mean``)."""
     p = Path(checkpoint_path)
     if not p.is_file():
         raise FileNotFoundError(f"ae3d checkpoint not found: {p}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
         model = AE3D(int(ckpt["n"]), int(ckpt["channels"]), int(ckpt["latent_dim"]))
+        if "input_mean" not in ckpt["model"]:
+            raise ValueError(f"{p} holds a network trained without input standardisation (spiflow before the "
+                             f"fix of its collapse, README 'Direct ML phasing'): retrain it")
         model.load_state_dict(ckpt["model"])
+    except ValueError as exc:
+        if str(p) in str(exc):
+            raise
+        raise ValueError(f"{p} is not an ae3d checkpoint: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise ValueError(f"{p} is not an ae3d checkpoint: {type(exc).__name__}: {exc}") from exc
     return model.to(device).eval()
