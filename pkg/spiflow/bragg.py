@@ -220,6 +220,43 @@ def simulate_crystals(settings, n_objects: int, seed: int, start: int = 0) -> Cr
     return CrystalSet(counts, measured, amp, phi, params, crystal_grid(settings))
 
 
+def simulate_series(settings, frames: int, seed: int, displacement_range=(0.1, 0.8), radius_range=None) -> CrystalSet:
+    """A slowly changing crystal over ``frames`` time steps (for latent tracking,
+    :mod:`spiflow.estrack`): one crystal of :func:`crystal_shape` (facet distances, truncation
+    and rotation drawn once from ``default_rng(derived_seed(seed, 0))``) with one strain
+    gradient (the matrix K of :func:`displacement_phase` drawn once), whose largest
+    displacement ``u_max`` (Å) ramps linearly from ``displacement_range[0]`` to
+    ``displacement_range[1]`` and whose size R (voxels) ramps over ``radius_range`` (default:
+    fixed at the middle of ``settings.size_range_voxels``). The phase therefore grows as
+    φ_t = 2π |g| u_max(t) Q(r/R_t) / max|Q|; ``settings.dislocations`` screw dislocations are
+    placed once (their points depend only on the first frame's shape when R is fixed).
+    Frame t's Poisson noise draws from ``derived_seed(seed, t + 1)``. Returns a
+    :class:`CrystalSet` whose objects are the frames (params: R, truncation, u_max,
+    dislocations). Raises ValueError for ``frames`` < 1 or a size that does not fit."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    cfg = settings
+    grid = crystal_grid(cfg)
+    lo, hi = cfg.size_range_voxels
+    r0, r1 = radius_range if radius_range is not None else (0.5 * (lo + hi),) * 2
+    g = bragg_vector(cfg.hkl, cfg.lattice_angstrom)
+    measured = missing_data_mask(cfg.n, cfg.beam_stop_radius_voxels, cfg.gap_width_voxels, cfg.gap_offset_voxels)
+    out = []
+    for t in range(frames):
+        s = t / max(frames - 1, 1)
+        radius = float(r0 + s * (r1 - r0))
+        umax = float(displacement_range[0] + s * (displacement_range[1] - displacement_range[0]))
+        rng = np.random.default_rng(derived_seed(seed, 0))  # the same draws every frame: one crystal
+        rho, trunc = crystal_shape(cfg.n, radius, rng)
+        phi = displacement_phase(rho, g, radius, umax, cfg.dislocations, rng)
+        mu = expected_intensity(rho * np.exp(1j * phi), grid, cfg.photons)
+        counts = np.where(measured, np.random.default_rng(derived_seed(seed, t + 1)).poisson(mu), 0)
+        out.append((rho.astype(np.float32), np.where(rho > 0, phi, 0.0).astype(np.float32),
+                    counts.astype(np.float32), np.array([radius, trunc, umax, cfg.dislocations], dtype=np.float64)))
+    amp, phi, counts, params = (np.stack(x) for x in zip(*out))
+    return CrystalSet(counts, measured, amp, phi, params, grid)
+
+
 # ---------------------------------------------------------------------------- comparison
 
 def twin(density) -> np.ndarray:
