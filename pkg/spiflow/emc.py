@@ -309,7 +309,8 @@ class _Engine:
                                    torch.as_tensor(chunk_of_group[group]).to(device), torch.as_tensor(parent).to(device),
                                    np.asarray(cuts),
                                    torch.sparse_coo_tensor(torch.as_tensor(edges.T), torch.ones(len(edges)),
-                                                           (len(cq), len(cq))).to(device, dtype).coalesce())
+                                                           (len(cq), len(cq)), check_invariants=False
+                                                           ).to(device, dtype).coalesce())
             self.mass = settings.search_mass
             self.coarse_fraction = settings.coarse_num_div / settings.num_div
         self.quats, self.M = quats, len(quats)
@@ -557,6 +558,33 @@ def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: i
     fp.update(seed=seed, trial_iterations=settings.trial_iterations, grid_n=grid.n, grid_dq=grid.dq,
               data_shape=list(shape), n_valid=int(n_valid), data=data)
     return json.dumps(fp, sort_keys=True)
+
+
+def expectation_step(photons, valid, q, pixel_factor, grid: Grid, model: np.ndarray, gain: np.ndarray,
+                     settings: EMCSettings | None = None, *, beta: float = 1.0, device: str = "cpu") -> dict:
+    """One global EMC pass (E-step, gains, merge) of :func:`run_emc` with a given model, at
+    every valid pixel: for checking a search (``settings.search``) against another on the
+    same model, or assigning orientations with a known intensity.
+
+    photons, valid, q, pixel_factor, grid: as :func:`run_emc`; model (n, n, n) W in photons
+    per unit pixel factor; gain (frames,); beta: the inverse temperature. Returns a dict:
+    ``quaternion`` (frames, 4) float64, the most probable sampled orientation of each frame;
+    ``probability_max`` (frames,); ``model`` (n, n, n) float64, the merged W with the updated
+    gains; ``gain`` (frames,); ``stats`` the log columns of the pass (log_likelihood,
+    mutual_info, mean_max_probability, neglected_mass, orientations_per_frame,
+    support_per_frame, q_radius). One process. Raises ValueError as :func:`run_emc`."""
+    settings = settings or EMCSettings()
+    frames, valid, qv, sv = validate_detector_inputs(photons, valid, q, pixel_factor, grid)
+    dev, dtype = resolve_device(device), getattr(torch, settings.dtype)
+    central = np.linalg.norm(qv, axis=1) < settings.orientation_min_radius_voxels * grid.dq
+    order = np.lexsort((np.linalg.norm(qv, axis=1), central))
+    pixels = np.flatnonzero(valid.reshape(-1))[order]
+    data = PhotonBlocks(photons, pixels, frames, True, dev, dtype)
+    engine = _Engine(data, qv[order], sv[order], int((~central).sum()), grid, settings, dev, dtype)
+    W = torch.as_tensor(np.asarray(model)).to(dev, dtype)
+    W_new, g, stats, best, pmax, _ = engine.iterate(W, torch.as_tensor(np.asarray(gain)).to(dev, dtype), beta, True)
+    return {"quaternion": engine.quats[best.cpu().numpy()], "probability_max": pmax.double().cpu().numpy(),
+            "model": W_new.double().cpu().numpy(), "gain": g.double().cpu().numpy(), "stats": stats}
 
 
 def choose_photon_format(photons, pixels: np.ndarray, frames: int = 256) -> str:
