@@ -68,7 +68,7 @@ def data():
 
 #: the settings these tests were written for (cheaper than the workflow's defaults)
 SMALL = dict(num_div=2, iterations=3, dtype="float64", n_starts=1, beta_every=5, refine_iterations=0,
-             orientation_chunk=1024, photon_format="dense")
+             orientation_chunk=1024, photon_format="dense", resolution_iterations=0)
 
 
 def _run(d, photons=None, **kw):

@@ -33,6 +33,25 @@ The frames × orientations matrices are built one frame block at a time (block s
 valid pixels``); frames × orientations × pixels is never formed. Photons are read block by
 block as ``photons[i0:i1]`` so a Zarr array larger than memory streams from disk.
 
+Resolution marching (``EMCSettings.resolution_start``, ``resolution_iterations``): iteration t
+uses only the valid pixels with ``|q| <= f_t · q_top`` (:meth:`EMCSettings.resolution_fraction`)
+in the E-step, the gain update and the merge; the orientation pixels are sorted by |q| so
+those are a prefix of them; voxels no included pixel reaches keep their previous value.
+
+Coarse-to-fine search (``EMCSettings.search = "coarse_to_fine"``): the E-step first
+evaluates every frame at the coarse sampling ``coarse_num_div`` (at the pixels up to
+``coarse_num_div / num_div`` of the radius and at :data:`COARSE_BETA_FACTOR` · β), keeps
+for each frame the most probable coarse rotations holding ``search_mass`` of that
+posterior plus their neighbours (:func:`spiflow.sampling.coarse_to_fine`), and evaluates
+only the fine rotations in the nearest-neighbour cells of those (in blocks of
+:data:`COARSE_TO_FINE_CHUNK` fine rotations, masked to each frame's cells). ``P_ri`` is
+normalised over those, the gain update and the merge use it, and the left-out coarse mass
+is logged as ``neglected_mass`` (the frame mean; an estimate: the fine posterior outside
+the cells is not computed). A frame block whose cells would cover more than half of the
+fine rotations (a broad posterior, low β) is searched exhaustively. The log's
+``orientations_per_frame`` counts the likelihoods evaluated per frame (coarse + fine),
+``support_per_frame`` the fine rotations kept per frame.
+
 Photon formats (``EMCSettings.photon_format``). *dense*: a block is a (frames × valid pixels)
 matrix K and the E-step and merge are dense matmuls, ``log S_o @ K_oᵀ`` and ``P @ K``
 (cost ∝ frames × orientations × pixels). *sparse*: like Dragonfly's photons files, each
@@ -549,13 +568,14 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
 
 def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: int, data: str) -> str:
     """The settings a checkpoint must share to be resumed: all but the iteration count
-    (a resumed run may go on), the random starts' count of it (``trial_iterations`` stands
-    for it), and the cost settings (orientation_chunk, memory_budget_gb, photon_format,
+    (a resumed run may go on), the random starts' and the resolution marching's counts of
+    it (``trial_iterations`` and ``resolution_span`` stand for them), and the cost settings (orientation_chunk, memory_budget_gb, photon_format,
     processes);
     plus the seed, grid, data shape, valid-pixel count and per-frame photon totals."""
     fp = settings.model_dump(exclude={"iterations", "start_iterations", "orientation_chunk", "memory_budget_gb",
                                       "photon_format", "processes"})
-    fp.update(seed=seed, trial_iterations=settings.trial_iterations, grid_n=grid.n, grid_dq=grid.dq,
+    fp.update(seed=seed, trial_iterations=settings.trial_iterations, resolution_span=settings.resolution_span,
+              grid_n=grid.n, grid_dq=grid.dq,
               data_shape=list(shape), n_valid=int(n_valid), data=data)
     return json.dumps(fp, sort_keys=True)
 

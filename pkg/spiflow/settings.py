@@ -269,11 +269,18 @@ class EMCSettings(Section):
         n = self.num_div
         return max((d for d in range(1, n // 2 + 1) if n % d == 0), default=0)
 
+    @property
+    def resolution_span(self) -> int:
+        """Iterations over which the marching radius grows: ``min(resolution_iterations,
+        iterations − 1)`` (0: no marching). Part of the checkpoint fingerprint, as the
+        schedule depends on it."""
+        return max(0, min(self.resolution_iterations, self.iterations - 1))
+
     def resolution_fraction(self, iteration: int) -> float:
         """The q radius of 1-based ``iteration`` as a fraction of the largest valid |q|:
         ``min(1, resolution_start + (1 − resolution_start) (t − 1) / d)``, ``d =
         min(resolution_iterations, iterations − 1)``; 1 when d = 0."""
-        d = min(self.resolution_iterations, self.iterations - 1)
+        d = self.resolution_span
         if d <= 0:
             return 1.0
         f = self.resolution_start + (1 - self.resolution_start) * (iteration - 1) / d
