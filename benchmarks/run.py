@@ -57,7 +57,7 @@ SIZES = {
         "simulate": dict(patterns=3000, pixels=40, photons=3000),
         "emc": [  # dragonfly: (β, iterations) runs of the peer; its time per iteration grows as β falls
             dict(name="default job", patterns=3000, pixels=40, photons=3000, num_div=6, iterations=2,
-                 dragonfly=[(1.0, 2), (0.05, 1)]),
+                 dragonfly=[(1.0, 2), (0.05, 1)], search_num_div=10),
             dict(name="low signal", patterns=3000, pixels=40, photons=300, num_div=6, iterations=2,
                  dragonfly=[(1.0, 2), (0.05, 2)]),
             dict(name="large detector, few photons", patterns=1000, pixels=100, photons=300, num_div=4,
@@ -292,6 +292,35 @@ def emc_spiflow(photons, valid, q, pf, grid, num_div: int, iterations: int, devi
     wall = time.perf_counter() - t0
     per_iter = res.log["seconds"].to_numpy()
     return {"seconds_per_iteration": float(np.median(per_iter)), "wall": wall, "iterations": len(per_iter)}
+
+
+def emc_search(patterns: Path, truth: Path, num_div: int, device: str) -> list[dict]:
+    """The global E-step searches side by side on the same data and the *true* model (so
+    both reach the accuracy the sampling allows; no global rotation to fit): one pass of
+    :func:`spiflow.emc.expectation_step` at β 1 per ``emc.search``, each after a warm-up pass.
+    Returns per search: seconds per pass (wall and CPU of all threads), likelihoods evaluated per frame (coarse + fine),
+    fine orientations kept per frame, the estimated neglected posterior mass (frame mean)
+    and the median angle (°) from each frame's most probable orientation to the truth."""
+    import torch
+    import xarray as xr
+    from spiflow.emc import expectation_step
+    from spiflow.rotation import angle_between
+    photons, valid, q, pf, grid = load_patterns(patterns)
+    pat, tr = xr.open_zarr(patterns), xr.open_zarr(truth)
+    scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+    W, gain, quat = tr.intensity.values.astype(np.float64) * scale, tr.gain.values, tr.quaternion.values
+    rows = []
+    for search in ("exhaustive", "coarse_to_fine"):
+        cfg = EMCSettings(num_div=num_div, orientation_min_radius_voxels=MIN_RADIUS, orientation_chunk=1024,
+                          search=search)
+        expectation_step(photons, valid, q, pf, grid, W, gain, cfg, device=device)  # warm-up (numba, caches)
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = expectation_step(photons, valid, q, pf, grid, W, gain, cfg, device=device)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        err = angle_between(torch.as_tensor(quat), torch.as_tensor(res["quaternion"])).numpy()
+        rows.append({"search": search, "seconds": seconds, "cpu_seconds": cpu, **res["stats"],
+                     "error_deg": float(np.median(err))})
+    return rows
 
 
 def matmul_gflops(shape: dict, device: str, chunk: int = 1024) -> float:
@@ -553,6 +582,16 @@ def run(args) -> dict:
                 if fmt == "dense":
                     rec.add(**common, tool="spiflow", variant="E-step GEMM", value=gf, unit="GFLOP/s",
                             notes=f"float32 ({min(1024, shape['M'])} × {shape['P_orient']}) @ ({shape['P_orient']} × {shape['N']})")
+            if p.get("search_num_div"):  # the global searches at the default job's num_div, on the true model
+                nd = p["search_num_div"]
+                rec.start()
+                for r in emc_search(sim["patterns"], sim["truth"], nd, device):
+                    rec.add(**dict(common, M=n_orientations(nd)), problem=problem.replace(f"num_div {p['num_div']}", f"num_div {nd}"),
+                            tool="spiflow", variant=f"E-step search {r['search']} β=1 (true model)", value=r["seconds"],
+                            unit="s/pass", seconds=r["seconds"], iterations=1,
+                            notes=(f"CPU {r['cpu_seconds']:.3g} s, {r['orientations_per_frame']:.0f} likelihoods/frame, {r['support_per_frame']:.0f} "
+                                   f"kept/frame, neglected mass {r['neglected_mass']:.2g}, median orientation error "
+                                   f"{r['error_deg']:.3g}°"))
             if use_df:
                 try:
                     dfw = work / f"dragonfly_emc_{p['patterns']}_{p['pixels']}_{p['photons']:g}_{p['num_div']}"

@@ -25,7 +25,8 @@ torch.set_num_threads(2)
 #: every feature of the schedule: random starts on the first frames at a coarser sampling,
 #: annealing β every iteration, local refinement, sparse photons, checkpoints and the log
 FULL = dict(SMALL, iterations=4, beta_every=1, beta_factor=2.0, n_starts=2, start_iterations=2, start_frames=120,
-            start_num_div=1, refine_iterations=2, photon_format="sparse")
+            start_num_div=1, refine_iterations=2, photon_format="sparse", search="coarse_to_fine",
+            resolution_start=0.6, resolution_iterations=3)  # marching and the coarse-to-fine search across ranks too
 SHORT = dict(SMALL, iterations=2)
 LONG = dict(SMALL, iterations=4)
 

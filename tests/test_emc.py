@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from spiflow import emc, slicing_cpu
-from spiflow.emc import LOG_COLUMNS, choose_photon_format, compress, run_emc
+from spiflow.emc import LOG_COLUMNS, choose_photon_format, compress, expectation_step, run_emc
 from spiflow.refine import refine_steps_deg
 from spiflow.grid import Grid, merge_into, rotated_points, slice_volume
 from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix, random_quaternions
-from spiflow.sampling import angular_step_deg, local_rotations
+from spiflow.sampling import angular_step_deg, local_rotations, n_orientations
 from spiflow.settings import EMCSettings
 from spiflow.slicing import grid_coordinates, merge_model, merge_rotated, slice_model, slice_rotated
 from synthetic import curved_detector, point_intensity, three_dimensional_points
@@ -39,7 +39,7 @@ def data():
 
 #: the settings these tests were written for (cheaper than the workflow's defaults)
 SMALL = dict(num_div=2, iterations=3, dtype="float64", n_starts=1, beta_every=5, refine_iterations=0,
-             orientation_chunk=1024, photon_format="dense")
+             orientation_chunk=1024, photon_format="dense", resolution_iterations=0)
 
 
 def _run(d, photons=None, **kw):
@@ -366,3 +366,49 @@ def test_local_rotations():
     for bad in [(0.0, 3), (1.0, 0), (1.0, 1.5)]:
         with pytest.raises(ValueError):
             local_rotations(*bad)
+
+
+def test_resolution_schedule_and_bad_start(data):
+    cfg = EMCSettings()  # the default: from half the largest |q| to all pixels at iteration 21
+    assert [cfg.resolution_fraction(t) for t in (1, 11, 21, 30)] == [0.5, 0.75, 1.0, 1.0]
+    short = EMCSettings(iterations=3)  # a short run reaches every pixel at its last iteration
+    assert [short.resolution_fraction(t) for t in (1, 2, 3)] == [0.5, 0.75, 1.0]
+    assert EMCSettings(resolution_iterations=0).resolution_fraction(1) == 1.0
+    with pytest.raises(ValueError, match="emc.resolution_start"):  # 0.05 · |q|max is inside the central speckle
+        _run(data, config=dict(resolution_start=0.05, resolution_iterations=2))
+
+
+def test_resolution_marching_excludes_pixels_beyond_the_radius(data):
+    """Photons added beyond the second iteration's q radius change neither of the first two
+    iterations (E-step, gains and merge all ignore them: the second sees the first's model)
+    but do change the run once the radius reaches them."""
+    cfg = dict(resolution_start=0.45, resolution_iterations=4, iterations=5, update_gain=False)
+    qn = np.linalg.norm(data["q"], axis=-1)
+    q_top = qn[data["valid"]].max()
+    radius2 = (0.45 + 0.55 / 4) * q_top
+    outer = data["valid"] & (qn > radius2 + 4 * data["grid"].dq)  # + 4 voxels: the initial radial profile's reach
+    assert outer.sum() >= 4  # the corners
+    base = data["photons"][:80]
+    more = base + 5 * outer[None].astype(base.dtype)
+    a, b = _run(data, photons=base, config=cfg), _run(data, photons=more, config=cfg)
+    np.testing.assert_allclose(a.log.q_radius, [f * q_top for f in (0.45, 0.5875, 0.725, 0.8625, 1.0)], rtol=1e-12)
+    cols = ["log_likelihood", "mutual_info", "mean_max_probability"]  # (rms_change sees the initial models differ)
+    np.testing.assert_array_equal(a.log[cols].iloc[:2].to_numpy(), b.log[cols].iloc[:2].to_numpy())
+    assert not np.allclose(a.log.log_likelihood.iloc[-1], b.log.log_likelihood.iloc[-1], rtol=1e-6)
+
+
+def test_coarse_to_fine_finds_the_exhaustive_orientations(data):
+    """With the true intensity at β 1, the hierarchical soft E-step (num_div 6 over the coarse
+    3) picks the exhaustive search's orientation for nearly every frame, evaluates fewer
+    orientations per frame than there are and reports a neglected mass within the bound."""
+    grid = data["grid"]
+    W = _intensity(data["atoms"], grid.q_points()) * data["scale"]
+    args = (data["photons"], data["valid"], data["q"], data["pf"], grid, W, data["gain"])
+    cfg = dict(num_div=6, dtype="float64")
+    ex = expectation_step(*args, EMCSettings(**cfg))
+    c2f = expectation_step(*args, EMCSettings(**cfg, search="coarse_to_fine", search_mass=0.999))
+    same = angle_between(torch.as_tensor(ex["quaternion"]), torch.as_tensor(c2f["quaternion"])).numpy() < 1e-6
+    assert same.mean() >= 0.9
+    assert ex["stats"]["neglected_mass"] == 0 and ex["stats"]["orientations_per_frame"] == n_orientations(6)
+    assert 0 < c2f["stats"]["neglected_mass"] <= 1 - 0.999
+    assert c2f["stats"]["support_per_frame"] < c2f["stats"]["orientations_per_frame"] < n_orientations(6)

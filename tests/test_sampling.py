@@ -5,7 +5,8 @@ from scipy import integrate, stats
 from scipy.spatial import cKDTree
 
 from spiflow.rotation import random_quaternions
-from spiflow.sampling import angular_step_deg, n_orientations, so3_sampling
+from spiflow.sampling import (NEIGHBOUR_FACTOR, angular_step_deg, coarse_to_fine, n_orientations, nearest_samples,
+                              so3_sampling)
 
 
 def _nearest_angles(samples, points, k=1):
@@ -83,3 +84,22 @@ def test_large_sampling_is_fast():
     q, w = so3_sampling(9)  # not cached by the other tests
     assert time.perf_counter() - t0 < 5
     assert len(q) == 36_540
+
+
+def test_coarse_to_fine_cells_and_neighbours():
+    """Every fine sample's parent is its nearest coarse sample (checked by brute force); with
+    num_div 4 over 2 every coarse rotation is a fine one and heads its own cell; the
+    neighbour pairs are symmetric, include each sample itself and lie within the stated angle."""
+    fine, _ = so3_sampling(4)
+    coarse, _ = so3_sampling(2)
+    parent, group, edges = coarse_to_fine(4, 2)
+    brute = np.abs(fine @ coarse.T)
+    assert np.allclose(brute[np.arange(len(fine)), parent], brute.max(1))
+    assert np.array_equal(nearest_samples(coarse, 2), np.arange(len(coarse)))
+    assert len(np.unique(parent)) == len(coarse) and group.max() < 60
+    pairs = set(map(tuple, edges))
+    assert all((b, a) in pairs for a, b in pairs) and all((a, a) in pairs for a in range(len(coarse)))
+    angle = 2 * np.degrees(np.arccos(np.clip(np.abs(np.sum(coarse[edges[:, 0]] * coarse[edges[:, 1]], 1)), 0, 1)))
+    assert angle.max() <= NEIGHBOUR_FACTOR * 76.0 / 2 + 1e-9 and len(edges) > 2 * len(coarse)
+    with pytest.raises(ValueError, match="below the fine"):
+        coarse_to_fine(2, 2)

@@ -181,3 +181,65 @@ def local_rotations(step_deg: float, radius_steps: int) -> np.ndarray:
     angle = np.linalg.norm(omega, axis=1)
     axis = np.divide(omega, angle[:, None], out=np.zeros_like(omega), where=angle[:, None] > 0)
     return np.concatenate([np.cos(angle / 2)[:, None], np.sin(angle / 2)[:, None] * axis], axis=1)
+
+
+def nearest_samples(quats: np.ndarray, num_div: int) -> np.ndarray:
+    """Index of the nearest :func:`so3_sampling` (num_div) rotation to each quaternion.
+
+    quats: (N, 4) unit quaternions ``[w, x, y, z]`` (either sign). Returns (N,) int64: the
+    sample with the largest ``|q · s|`` (the smallest rotation angle ``2 arccos |q · s|``),
+    found with a k-d tree over the samples and their negatives (on S³ the largest |dot| is
+    the smallest chord to ±s). Ties (equidistant samples) go to either. Used by
+    :func:`coarse_to_fine` and :mod:`spiflow.emc`'s hierarchical search. Raises ValueError
+    if ``num_div < 1``."""
+    from scipy.spatial import cKDTree
+
+    ref, _ = so3_sampling(num_div)
+    tree = cKDTree(np.concatenate([ref, -ref]))
+    _, idx = tree.query(np.asarray(quats, dtype=np.float64))
+    return np.asarray(idx, dtype=np.int64) % len(ref)
+
+
+#: :func:`coarse_to_fine`'s neighbours of a coarse sample: the samples within this many
+#: times the largest nearest-neighbour angle, ``76° / n`` (module constants): the first ring.
+NEIGHBOUR_FACTOR = 1.2
+
+
+@functools.lru_cache(maxsize=4)
+def _coarse_to_fine(fine_div: int, coarse_div: int, group_div: int):
+    from scipy.spatial import cKDTree
+
+    fine, _ = so3_sampling(fine_div)
+    coarse, _ = so3_sampling(coarse_div)
+    parent = nearest_samples(fine, coarse_div)
+    group = nearest_samples(coarse, group_div)
+    angle = np.deg2rad(NEIGHBOUR_FACTOR * 76.0 / coarse_div)
+    tree = cKDTree(np.concatenate([coarse, -coarse]))
+    pairs = tree.query_ball_point(coarse, np.sqrt(2 - 2 * np.cos(angle / 2)))  # chord of rotation angle
+    rows = np.repeat(np.arange(len(coarse)), [len(p) for p in pairs])
+    cols = np.concatenate([np.asarray(p, dtype=np.int64) for p in pairs]) % len(coarse)
+    edges = np.unique(np.stack([rows, cols], 1), axis=0)
+    return parent, group, edges
+
+
+def coarse_to_fine(fine_div: int, coarse_div: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest-neighbour hierarchy between two :func:`so3_sampling` levels.
+
+    Returns ``(parent, group, neighbours)``: ``parent`` (M_fine,) int64, the nearest coarse rotation of every fine one (so
+    the fine samples are partitioned into the Voronoi cells of the coarse ones, about
+    ``(fine_div / coarse_div)³`` each), and ``group`` (M_coarse,) int64, the nearest of the
+    60 rotations of the 600-cell's vertices (num_div 1) to every coarse one (compact sets
+    of coarse rotations that a search evaluates together). A coarse posterior that keeps
+    coarse rotation c keeps its whole cell ``parent == c`` at the fine level (the adaptive
+    oversampling of Scheres, J. Struct. Biol. 180, 519 (2012)). ``neighbours`` (E, 2) int64:
+    the pairs (a, b) of coarse rotations at most ``NEIGHBOUR_FACTOR · 76° / coarse_div``
+    apart, (a, a) included: a coarse posterior peaked on the wrong one of two neighbouring
+    coarse rotations (frequent at high signal, when the fine optimum lies between them)
+    still reaches the right cell through them. Cached; copies are returned.
+    Raises ValueError unless ``1 <= coarse_div < fine_div``."""
+    _check_num_div(fine_div)
+    _check_num_div(coarse_div)
+    if not coarse_div < fine_div:
+        raise ValueError(f"coarse num_div {coarse_div} must be below the fine num_div {fine_div}")
+    parent, group, edges = _coarse_to_fine(int(fine_div), int(coarse_div), 1)
+    return parent.copy(), group.copy(), edges.copy()

@@ -199,6 +199,31 @@ class EMCSettings(Section):
     allocation of that many tasks (:mod:`spiflow.launch`); each rank owns a contiguous
     range of the frames. Same result up to floating-point summation order; not part of
     the checkpoint fingerprint (a checkpoint resumes with any number of processes).
+    resolution_start, resolution_iterations: resolution marching. Iteration t (1-based, the
+    schedule of the random starts included) uses only the valid pixels with
+    ``|q| <= f_t · q_top`` (q_top the largest valid |q|) in the E-step *and* the merge,
+    ``f_t = min(1, resolution_start + (1 − resolution_start) (t − 1) / d)``,
+    ``d = min(resolution_iterations, iterations − 1)`` (:meth:`resolution_fraction`): a linear
+    growth of the radius from ``resolution_start`` to all pixels at iteration ``d + 1``, so
+    the last iteration (and the final E-step) always use every pixel; d = 0 (or
+    resolution_start 1) uses every pixel throughout. Voxels that no included pixel
+    reaches keep their previous value. As RELION limits its expectation step to the
+    current resolution (Scheres, J. Mol. Biol. 415, 406 (2012); J. Struct. Biol. 180, 519
+    (2012)); Dragonfly has no schedule of its own (its users mask the outer detector pixels by
+    hand for the first iterations, Ayyer et al. 2016's detector mask). The default (0.5 to
+    all pixels at iteration 21) ends the marching with the random starts, so the run on
+    all frames is at full resolution.
+    search, search_mass: the orientations of the soft E-step. "exhaustive": every frame
+    against all ``10 (5n³+n)`` orientations. "coarse_to_fine": first every frame against the
+    coarse sampling at :attr:`coarse_num_div`; each frame keeps the most probable coarse
+    orientations holding ``search_mass`` of its coarse posterior; then only the fine
+    orientations in the nearest-neighbour cells of those
+    (:func:`spiflow.sampling.coarse_to_fine`) are evaluated, and the posterior and merge
+    use them alone (normalised over them); the coarse mass left out is logged
+    (``neglected_mass``, the frame mean) as the estimate of the neglected posterior mass
+    (RELION's adaptive oversampling, Scheres 2012; cryoSPARC's branch and bound, Punjani
+    et al., Nat. Methods 14, 290 (2017)). Frame blocks whose kept cells would cover more
+    than half of the fine orientations are searched exhaustively (broad posteriors at low β).
     """
     num_div: int = Field(10, ge=1, le=40)
     iterations: int = Field(30, ge=1)
@@ -225,6 +250,41 @@ class EMCSettings(Section):
         "(sparse measured faster up to about 10 %)")
     processes: int = Field(1, ge=1, description="ranks of one EMC run: torchrun on one node, or srun inside a SLURM "
                            "allocation of this many tasks (spiflow.launch); 1: one process")
+    resolution_start: float = Field(0.5, gt=0, le=1, description="resolution marching: the first iteration's q radius "
+                                    "as a fraction of the largest valid |q| (1: all pixels)")
+    resolution_iterations: int = Field(20, ge=0, description="resolution marching: iterations over which the q radius grows "
+                                       "linearly to all pixels (0: no marching)")
+    search: Literal["exhaustive", "coarse_to_fine"] = Field(
+        "exhaustive", description="soft E-step orientations: all of them, or the fine cells of the coarse orientations "
+        "that hold search_mass of each frame's coarse posterior")
+    search_mass: float = Field(0.999, gt=0, lt=1, description="coarse_to_fine: coarse posterior mass kept per frame "
+                               "(the rest is neglected and logged)")
+
+    @property
+    def coarse_num_div(self) -> int:
+        """The coarse level of ``search = "coarse_to_fine"``: the largest divisor of num_div
+        that is at most num_div / 2 (10 → 5, 6 → 3, 8 → 4, a prime → 1), so that every coarse
+        orientation is a fine one too and its nearest-neighbour cell is never empty; 0 for
+        num_div 1 (no coarser level: the search is exhaustive)."""
+        n = self.num_div
+        return max((d for d in range(1, n // 2 + 1) if n % d == 0), default=0)
+
+    @property
+    def resolution_span(self) -> int:
+        """Iterations over which the marching radius grows: ``min(resolution_iterations,
+        iterations − 1)`` (0: no marching). Part of the checkpoint fingerprint, as the
+        schedule depends on it."""
+        return max(0, min(self.resolution_iterations, self.iterations - 1))
+
+    def resolution_fraction(self, iteration: int) -> float:
+        """The q radius of 1-based ``iteration`` as a fraction of the largest valid |q|:
+        ``min(1, resolution_start + (1 − resolution_start) (t − 1) / d)``, ``d =
+        min(resolution_iterations, iterations − 1)``; 1 when d = 0."""
+        d = self.resolution_span
+        if d <= 0:
+            return 1.0
+        f = self.resolution_start + (1 - self.resolution_start) * (iteration - 1) / d
+        return float(min(1.0, f))
 
     @property
     def trial_iterations(self) -> int:
