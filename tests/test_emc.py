@@ -402,7 +402,7 @@ def test_coarse_to_fine_finds_the_exhaustive_orientations(data):
     3) picks the exhaustive search's orientation for nearly every frame, evaluates fewer
     orientations per frame than there are and reports a neglected mass within the bound."""
     grid = data["grid"]
-    W = _intensity(data["atoms"], grid.q_points()) * data["scale"]
+    W = point_intensity(data["atoms"], grid.q_points()) * data["scale"]
     args = (data["photons"], data["valid"], data["q"], data["pf"], grid, W, data["gain"])
     cfg = dict(num_div=6, dtype="float64")
     ex = expectation_step(*args, EMCSettings(**cfg))
