@@ -374,8 +374,10 @@ def test_resolution_schedule_and_bad_start(data):
     short = EMCSettings(iterations=3)  # a short run reaches every pixel at its last iteration
     assert [short.resolution_fraction(t) for t in (1, 2, 3)] == [0.5, 0.75, 1.0]
     assert EMCSettings(resolution_iterations=0).resolution_fraction(1) == 1.0
-    with pytest.raises(ValueError, match="emc.resolution_start"):  # 0.05 · |q|max is inside the central speckle
-        _run(data, config=dict(resolution_start=0.05, resolution_iterations=2))
+    with pytest.warns(UserWarning, match="emc.resolution_start"):  # 0.05 · |q|max is inside the central speckle
+        res = _run(data, config=dict(resolution_start=0.05, resolution_iterations=2))
+    q_top = np.linalg.norm(data["q"], axis=-1)[data["valid"]].max()
+    np.testing.assert_allclose(res.log.q_radius.dropna(), q_top, rtol=1e-12)  # marching off: every pixel
 
 
 def test_resolution_marching_excludes_pixels_beyond_the_radius(data):

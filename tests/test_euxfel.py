@@ -176,7 +176,8 @@ def test_emc_orients_imported_hits_as_well_as_the_simulated_ones(run, imported):
     static, photons = open_patterns(imported["patterns"])
     grid = grid_of(static)
     cfg = EMCSettings(num_div=3, iterations=15, beta_every=5, n_starts=3, start_iterations=9, start_frames=72,
-                      start_num_div=2, refine_iterations=0, dtype="float64")
+                      start_num_div=2, refine_iterations=0, dtype="float64",
+                      resolution_iterations=0)  # marching off: the import is under test (its tiny data are seed-fragile)
 
     def median_error(ph, q, pf, valid):
         res = run_emc(ph, valid, q, pf, grid, cfg, seed=0, device="cpu", progress=False)

@@ -723,10 +723,13 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
     order = np.lexsort((np.linalg.norm(qv, axis=1), central))
     qv, sv = qv[order], sv[order]
     first = settings.resolution_fraction(1) * np.linalg.norm(qv, axis=1).max()
-    if first <= settings.orientation_min_radius_voxels * grid.dq:
-        raise ValueError(f"emc.resolution_start = {settings.resolution_start:g}: the first q radius {first:.4g} Å⁻¹ "
-                         f"leaves no orientation pixel (they start at emc.orientation_min_radius_voxels · dq = "
-                         f"{settings.orientation_min_radius_voxels * grid.dq:.4g} Å⁻¹)")
+    if settings.resolution_span > 0 and first <= settings.orientation_min_radius_voxels * grid.dq:
+        # a small detector (few pixels beyond the central speckle): no marching, as before it
+        warnings.warn(f"emc.resolution_start = {settings.resolution_start:g}: the first q radius {first:.4g} Å⁻¹ "
+                      f"leaves no orientation pixel (they start at emc.orientation_min_radius_voxels · dq = "
+                      f"{settings.orientation_min_radius_voxels * grid.dq:.4g} Å⁻¹); resolution marching is off "
+                      f"for this run", UserWarning, stacklevel=3)
+        settings = settings.model_copy(update={"resolution_iterations": 0})
     pixels = np.flatnonzero(valid.reshape(-1))[order]
     n_orient = int((~central).sum())
     if settings.photon_format == "auto":  # every rank reads the same first frames: the same choice
