@@ -28,7 +28,7 @@ import yaml
 
 from test_workflow import ROOT, TINY
 
-ITERATIONS = 250
+ITERATIONS = 400
 CONFIG = {**TINY, "run": "intr", "reconstruction": {"methods": ["emc"]},
           "emc": {"num_div": 3, "iterations": ITERATIONS, "beta_every": 150, "refine_iterations": 2}}
 
