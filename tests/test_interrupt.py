@@ -110,10 +110,15 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     k1 = _wait_for_checkpoint(proc, ckpt, 0)
     patterns_written = (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns
     jobs = _job_pids(proc.pid, "orient_emc")  # a terminal's Ctrl-C reaches the job too, whatever its group
+    for pid in jobs:  # held still, so that a fast EMC (80 iterations/s on a quiet machine) cannot finish
+        with contextlib.suppress(ProcessLookupError):  # between the checkpoint seen and the signal
+            os.kill(pid, signal.SIGSTOP)
+    assert jobs and _checkpoint_iteration(ckpt) < ITERATIONS, "EMC ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     for pid in jobs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGCONT)  # the pending SIGINT is delivered as it resumes
     _finish(proc, 120)  # Snakemake's own exit status after Ctrl-C varies (asyncio shutdown)
     assert not (r / "recon" / "emc" / "intensity.zarr").exists()
     refused = [_refuses(tmp_path, "IncompleteFilesException")]
