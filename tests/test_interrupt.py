@@ -36,8 +36,15 @@ CONFIG = {**TINY, "run": "intr", "reconstruction": {"methods": ["emc"]},
 def _start(work, *args):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(work),
            "--cores", "2", "--configfile", str(work / "c.yaml"), "--until", "orient_emc", *args]
+    # Ctrl-C as a terminal gives it: SIGINT at its default. An ignored signal is inherited through
+    # exec (and Python then keeps ignoring it), and after the rest of the suite the test process
+    # may ignore SIGINT: in CI the EMC job ran on through the Ctrl-C below.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _checkpoint_iteration(path: Path) -> int:
@@ -68,6 +75,25 @@ def _wait_for_checkpoint(proc, path: Path, after: int, log: Path | None = None, 
 def _resumed(log_text: str) -> list[int]:
     """The iterations after which the EMC log says it resumed."""
     return [int(line.rsplit(" ", 1)[1]) for line in log_text.splitlines() if "EMC resumes from checkpoint" in line]
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` in the process tree (by the parent ids in /proc/PID/stat),
+    whatever its session or group."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
 
 
 def _job_pids(session: int, name: str) -> list[int]:
@@ -109,9 +135,12 @@ def test_interrupted_runs_resume_from_the_checkpoint_and_lose_nothing(tmp_path):
     proc = _start(tmp_path)
     k1 = _wait_for_checkpoint(proc, ckpt, 0)
     patterns_written = (r / "simulate" / "patterns.zarr" / "zarr.json").stat().st_mtime_ns
-    jobs = _job_pids(proc.pid, "orient_emc")  # a terminal's Ctrl-C reaches the job too, whatever its group
-    for pid in jobs:  # held still, so that a fast EMC (80 iterations/s on a quiet machine) cannot finish
-        with contextlib.suppress(ProcessLookupError):  # between the checkpoint seen and the signal
+    # a terminal's Ctrl-C reaches the jobs too, whatever their group: every process below
+    # Snakemake (only the EMC job runs now), held still first, so that a fast EMC (80
+    # iterations/s on a quiet machine) cannot finish between the checkpoint seen and the signal
+    jobs = _descendants(proc.pid)
+    for pid in jobs:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
     assert jobs and _checkpoint_iteration(ckpt) < ITERATIONS, "EMC ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
