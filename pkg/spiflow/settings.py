@@ -222,8 +222,11 @@ class EMCSettings(Section):
     use them alone (normalised over them); the coarse mass left out is logged
     (``neglected_mass``, the frame mean) as the estimate of the neglected posterior mass
     (RELION's adaptive oversampling, Scheres 2012; cryoSPARC's branch and bound, Punjani
-    et al., Nat. Methods 14, 290 (2017)). Frame blocks whose kept cells would cover more
-    than half of the fine orientations are searched exhaustively (broad posteriors at low β).
+    et al., Nat. Methods 14, 290 (2017)). Only the kept (rotation, frame) pairs are
+    evaluated (a sampled matrix product) and only the pairs with a posterior of at least
+    :data:`spiflow.emc.MERGE_MIN_PROBABILITY` are merged; frame blocks whose kept pairs
+    exceed :data:`spiflow.emc.COARSE_TO_FINE_MAX_FRACTION` of all are searched exhaustively
+    (broad posteriors at low β).
     """
     num_div: int = Field(10, ge=1, le=40)
     iterations: int = Field(30, ge=1)

@@ -250,7 +250,7 @@ def scaled_rotations(rotations: torch.Tensor, q_max: float) -> torch.Tensor:
     """(R, 3, 3) matrices ``rs`` (Å) with grid_sample coordinates ``q_p · rs_r`` of ``R_rᵀ q_p``
     (:func:`spiflow.slicing.grid_coordinates`: axes reordered (z, y, x), divided by q_max in
     Å⁻¹), for rotations (R, 3, 3)."""
-    return (rotations[..., [2, 1, 0]] / q_max).contiguous()
+    return (rotations.flip(-1) / q_max).contiguous()  # columns (z, y, x)
 
 
 def slice_trilinear(volume: torch.Tensor, coords: torch.Tensor | None = None, q: torch.Tensor | None = None,
