@@ -216,7 +216,7 @@ def summarize_tracking(table) -> str:
 def plot_tracking(table, slices: dict, path) -> None:
     """The tracked series as a PNG at ``path`` (:func:`spiflow.plots.save_figure`): for each
     frame of ``slices`` (frame → label → (n, n, n) complex, aligned; :func:`track_series`)
-    the central z = 0 slice of the amplitude (scaled to its maximum) and the phase (rad,
+    the central half of the z = 0 slice of the amplitude (scaled to its maximum) and the phase (rad,
     shown where the amplitude exceeds 10 % of its maximum) of the truth and every method,
     then the complex error (ambiguities removed) and the cost C against the frame for every
     method (C of the truth dashed). Raises ValueError for empty ``slices``."""
@@ -242,7 +242,9 @@ def plot_tracking(table, slices: dict, path) -> None:
             if label not in slices[f]:
                 continue
             v = np.asarray(slices[f][label])
-            sec = v[:, :, v.shape[2] // 2]
+            n = v.shape[0]
+            lo, hi = n // 4, n - n // 4  # the central half: every crystal fits in n / 2 (spiflow.bragg)
+            sec = v[lo:hi, lo:hi, n // 2]
             amp = np.abs(sec) / max(float(np.abs(v).max()), 1e-30)
             a = ax_a.imshow(amp.T, origin="lower", cmap="gray_r", vmin=0, vmax=1)
             p = ax_p.imshow(np.where(amp > 0.1, np.angle(sec), np.nan).T, origin="lower", cmap="twilight",
