@@ -56,3 +56,105 @@ def test_extremum_seeking_lowers_the_loss_from_the_initial_latent(one_thread):
     # the update is bounded: no step moves a component by more than dt sqrt(alpha omega_i)
     z1, _, _ = estrack.extremum_seek(model, z0, intensity, measured, steps=1, alpha=1.0, gain=40.0)
     assert ((z1 - z0).abs() <= torch.sqrt(torch.as_tensor(estrack.es_frequencies(4, 2 * np.pi / 10))) + 1e-6).all()
+
+
+def _tiny_network(path):
+    """An untrained AE3D (n 17, 4 channels, latent 4) saved as an ae3d network (spiflow.ae3d.load_model)."""
+    from spiflow.io import save_checkpoint
+    torch.manual_seed(0)
+    model = ae3d.AE3D(17, 4, 4).eval()
+    save_checkpoint(path, {"model": model.state_dict(), "n": 17, "channels": 4, "latent_dim": 4})
+    return model
+
+
+def _tiny_config(tmp_path, **tracking):
+    import yaml
+
+    from spiflow.config import load_config
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"device": "cpu", "ae3d": {
+        "crystals": {"n": 17, "size_range_voxels": [2.2, 2.8], "photons": 1e6},
+        "tracking": {"frames": 3, "steps": 100, "iterative_cycles": 1, "iterative_restarts": 1, **tracking}}}))
+    return load_config(str(f))
+
+
+def test_tracking_stages_write_the_table_and_figure_and_es_lowers_the_cost(tmp_path, one_thread):
+    """Rules ae3d_series and ae3d_track end to end on a tiny case: the series stores (truth
+    apart), the per-frame table with every method's error, cost C and seconds, the summary
+    and the figure. Then a series this decoder can produce (frames decoded from a drifting
+    latent, Poisson counts, so ES has something to find): ES, started each frame from the
+    previous frame's latent, ends the frame at a lower C than it started from."""
+    import pandas as pd
+
+    from spiflow.io import open_dataset
+    from spiflow.rules import stage_config
+    config = _tiny_config(tmp_path)
+    model = _tiny_network(tmp_path / "model.pt")
+    si, st = tmp_path / "series.zarr", tmp_path / "series_truth.zarr"
+    estrack.stage_series(stage_config(config, "ae3d_series"), si, st)
+    ds, truth = open_dataset(si), open_dataset(st)
+    assert ds["intensity"].shape == (3, 17, 17, 17) and "phase" not in ds and truth["phase"].shape == (3, 17, 17, 17)
+    np.testing.assert_allclose(truth["params"].values[:, 2], [0.1, 0.45, 0.8])  # u_max ramp of ae3d.tracking
+    out = [tmp_path / n for n in ("t.csv", "t.md", "t.png")]
+    estrack.stage_track(stage_config(config, "ae3d_track"), si, st, tmp_path / "model.pt", *out)
+    table = pd.read_csv(out[0])
+    assert list(table.columns) == estrack.TABLE_COLUMNS and len(table) == 9
+    assert set(table["method"]) == set(estrack.METHODS)
+    assert table[["seconds", "cost", "cost_truth", "complex_error"]].notna().all().all()
+    assert (table["seconds"] > 0).all()
+    es = table[table["method"] == "ES-tracked latent"]
+    assert es["cost_start"].notna().all() and table[table["method"] != "ES-tracked latent"]["cost_start"].isna().all()
+    assert "C is below its start" in out[1].read_text() and out[2].stat().st_size > 10_000
+
+    # a series within the decoder's range: latents z_t = z_a + t d, decoded, Poisson counts
+    g = torch.Generator().manual_seed(1)
+    za, d = 3 * torch.randn(4, generator=g), 3 * torch.randn(4, generator=g)
+    with torch.no_grad():
+        amp, phi = model.decode(torch.stack([za + t * d for t in range(3)]))
+    grid = bragg.crystal_grid(CRYSTALS)
+    rng = np.random.default_rng(0)
+    counts = np.stack([rng.poisson(bragg.expected_intensity(torch.polar(a, p).numpy(), grid, 1e6))
+                       for a, p in zip(amp, phi)]).astype(np.float32)
+    cs = bragg.CrystalSet(counts, np.ones((17,) * 3, bool), amp.numpy(), phi.numpy(), np.zeros((3, 4)), grid)
+    bragg.write_crystal_set(cs, si, st, 3, {})
+    estrack.stage_track(stage_config(config, "ae3d_track"), si, st, tmp_path / "model.pt", *out)
+    es = pd.read_csv(out[0]).query("method == 'ES-tracked latent'")
+    ratio = (es["cost"] / es["cost_start"]).to_numpy()
+    # the final iterate carries the dither (amplitude sqrt(alpha / omega) ~ 1.4 per component), so
+    # one frame may end above its start; over the frames ES descends (measured: 0.46, 0.34, 0.60;
+    # alpha 1e-6, an ES that hardly moves: 1.000, 1.000, 1.000)
+    assert np.median(ratio) < 0.8, ratio
+
+
+def test_tracking_settings_name_the_key(tmp_path):
+    """Bad ae3d.tracking values are refused naming the key; tracking settings change neither
+    the network's stage config nor its training fingerprint (no retraining for a new series)."""
+    from spiflow.rules import stage_config
+    from spiflow.settings import AE3DSettings, AE3DTrackingSettings, settings
+    for bad, key in [({"frames": 0}, "frames"), ({"steps_per_period": 1}, "steps_per_period"),
+                     ({"displacement_range_angstrom": [0.1]}, "displacement_range_angstrom"),
+                     ({"alpha": "1"}, "alpha"), ({"photons": 0.0}, "photons")]:
+        with pytest.raises(ValueError, match=rf"ae3d\.tracking\.{key}"):
+            settings({"ae3d": {"tracking": bad}})
+    config = _tiny_config(tmp_path, radius_range_voxels=[2.5, 9.0])
+    with pytest.raises(ValueError, match=r"ae3d\.tracking\.radius_range_voxels"):
+        estrack.stage_series(stage_config(config, "ae3d_series"), tmp_path / "i.zarr", tmp_path / "t.zarr")
+    assert not (tmp_path / "i.zarr").exists()
+    for rule in ("ae3d_train", "ae3d_evaluate"):
+        assert "tracking" not in stage_config(config, rule)["ae3d"] and "crystals" in stage_config(config, rule)["ae3d"]
+    assert stage_config(config, "ae3d_series")["ae3d"]["tracking"] == {
+        k: config["ae3d"]["tracking"][k] for k in ("frames", "displacement_range_angstrom", "radius_range_voxels",
+                                                   "photons")}
+    cfg = AE3DSettings(crystals=CRYSTALS, n_train=2, channels=4, latent_dim=4, epochs=1, batch_size=2)
+    train = bragg.simulate_crystals(CRYSTALS, 2, seed=0)
+    _, log1 = ae3d.train_ae3d(cfg, train, 0, tmp_path / "ck.pt")
+    _, log2 = ae3d.train_ae3d(cfg.model_copy(update={"tracking": AE3DTrackingSettings(steps=5)}), train, 0,
+                              tmp_path / "ck.pt")
+    assert log2.equals(log1)  # resumed from the checkpoint (already done), not retrained: same wall seconds
+    _tiny_network(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="m.pt"):  # a network for another grid than the series'
+        big = bragg.CrystalSet(np.ones((1, 9, 9, 9), np.float32), np.ones((9,) * 3, bool), np.ones((1, 9, 9, 9)),
+                               np.zeros((1, 9, 9, 9)), np.zeros((1, 4)), bragg.crystal_grid(CrystalsSettings(n=9)))
+        bragg.write_crystal_set(big, tmp_path / "b.zarr", tmp_path / "bt.zarr", 1, {})
+        estrack.stage_track(stage_config(config, "ae3d_track"), tmp_path / "b.zarr", tmp_path / "bt.zarr",
+                            tmp_path / "m.pt", *(tmp_path / n for n in ("x.csv", "x.md", "x.png")))

@@ -41,6 +41,8 @@ def test_schema_fills_the_same_defaults_as_the_classes():
     ({"reconstruction": {"methods": ["emc", "emc"]}}, "reconstruction.methods"),
     ({"detector": {"invalid_rectangles": [[0, 1, 2]]}}, "detector.invalid_rectangles"),
     ({"selfsup": {"epoch": 3}}, "selfsup.epoch"),
+    ({"ae3d": {"tracking": {"steps_per_period": 1}}}, "ae3d.tracking.steps_per_period"),
+    ({"ae3d": {"tracking": {"radius_range_voxels": [3.0]}}}, "ae3d.tracking.radius_range_voxels"),
 ])
 def test_schema_and_classes_reject_the_same_values(bad, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

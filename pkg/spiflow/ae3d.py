@@ -39,7 +39,7 @@ Training (:func:`train_ae3d`) minimises ``supervised + physics_weight · physics
 step), batches shuffled by ``derived_seed(seed, epoch)``; it checkpoints every epoch
 (:func:`spiflow.io.save_checkpoint`: model, optimiser, scheduler, log rows) and a run resumed
 with the same settings (fingerprint: every setting but ``epochs``, ``n_test``,
-``finetune_epochs`` and ``refine_iterations``; the seed) continues to ``epochs`` and gives
+``finetune_epochs``, ``refine_iterations`` and ``tracking``; the seed) continues to ``epochs`` and gives
 the result of an uninterrupted run. :func:`finetune` adapts a trained network to
 intensities without truth through the physics loss alone. :func:`predict` phases a batch;
 :func:`refine` runs ER from its output (:func:`spiflow.phasing.phase_complex`, support from
@@ -177,7 +177,7 @@ def supervised_loss(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 def _fingerprint(cfg: AE3DSettings, seed: int) -> str:
-    keep = cfg.model_dump(exclude={"epochs", "n_test", "finetune_epochs", "refine_iterations"})
+    keep = cfg.model_dump(exclude={"epochs", "n_test", "finetune_epochs", "refine_iterations", "tracking"})
     return hashlib.sha1(json.dumps({"settings": keep, "seed": int(seed)}, sort_keys=True).encode()).hexdigest()
 
 

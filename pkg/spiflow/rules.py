@@ -36,15 +36,21 @@ STAGE_KEYS: dict[str, tuple[str, ...] | None] = {
                      "phase", "dataset.seed", "device"),
     "summary": None,
     "ae3d_simulate": ("ae3d.crystals", "ae3d.n_train", "ae3d.n_test", "dataset.seed", "dataset.chunk_frames"),
-    "ae3d_train": ("ae3d", "dataset.seed", "device"),
-    "ae3d_evaluate": ("ae3d",),
+    # "!key": that key left out (ae3d.tracking changes neither the network nor its evaluation)
+    "ae3d_train": ("ae3d", "!ae3d.tracking", "dataset.seed", "device"),
+    "ae3d_evaluate": ("ae3d", "!ae3d.tracking"),
+    "ae3d_series": ("ae3d.crystals", "ae3d.tracking.frames", "ae3d.tracking.displacement_range_angstrom",
+                    "ae3d.tracking.radius_range_voxels", "ae3d.tracking.photons", "dataset.seed",
+                    "dataset.chunk_frames"),
+    "ae3d_track": ("ae3d.tracking", "device"),
 }
 
 
 def stage_config(config: dict, rule: str) -> dict:
     """The part of ``config`` that the stage of Snakemake rule ``rule`` reads
     (:data:`STAGE_KEYS`), nested as in ``config`` (e.g. ``{"emc": {...}, "dataset":
-    {"seed": 3}, "device": "cpu"}``), a deep copy. ``orient_half`` runs ``orient_emc`` or
+    {"seed": 3}, "device": "cpu"}``), a deep copy; a key written ``"!section.key"`` is
+    removed from what the keys before it copied. ``orient_half`` runs ``orient_emc`` or
     ``orient_mtip``, ``phase_half`` ``phase``: pass those names. Raises ValueError for a rule
     not in :data:`STAGE_KEYS`, KeyError for a key missing from ``config``."""
     if rule not in STAGE_KEYS:
@@ -54,11 +60,17 @@ def stage_config(config: dict, rule: str) -> dict:
         return copy.deepcopy(config)
     out: dict = {}
     for key in keys:
-        *sections, name = key.split(".")
+        drop = key.startswith("!")
+        *sections, name = key.lstrip("!").split(".")
         src, dst = config, out
         for s in sections:
             src, dst = src[s], dst.setdefault(s, {})
-        dst[name] = copy.deepcopy(src[name])
+        if drop:
+            if name not in src:  # a key missing from config, as for the others
+                raise KeyError(key)
+            dst.pop(name, None)
+        else:
+            dst[name] = copy.deepcopy(src[name])
     return out
 
 
@@ -111,6 +123,12 @@ def layout(results: str | Path, run: str) -> dict[str, str]:
         "ae3d_results_csv": "ae3d/results.csv",
         "ae3d_results_md": "ae3d/results.md",
         "ae3d_slices": "ae3d/slices.png",
+        # ae3d latent tracking (spiflow.estrack): the drifting series (intensity, truth apart), the tracking
+        "ae3d_series_intensity": "ae3d/series/crystals.zarr",
+        "ae3d_series_truth": "ae3d/series/crystals_truth.zarr",
+        "ae3d_tracking_csv": "ae3d/tracking.csv",
+        "ae3d_tracking_md": "ae3d/tracking.md",
+        "ae3d_tracking_png": "ae3d/tracking.png",
     }.items()}
 
 

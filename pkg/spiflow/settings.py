@@ -534,6 +534,20 @@ class CrystalsSettings(Section):
     gap_offset_voxels: int = Field(3, description='offset of the detector gap from the peak along x, voxels')
 
 
+class AE3DTrackingSettings(Section):
+    """Latent tracking of a slowly changing crystal by bounded extremum seeking (spiflow.estrack; rules ae3d_series, ae3d_track): a series of frames of one crystal (spiflow.bragg.simulate_series, seed dataset.seed + 2: not a training object) whose strain grows; per frame the untuned encoder, the ES-tracked latent (decoder fixed, no labels, no retraining) and iterative phasing"""
+    frames: int = Field(20, ge=1, description='frames T of the series')
+    displacement_range_angstrom: list[Annotated[float, Field(ge=0)]] = Field([0.1, 0.8], min_length=2, max_length=2, description='[first, last] frame of the largest displacement u_max along g_hat, angstrom, ramped linearly over the frames (phase 2 pi |g| u)')
+    radius_range_voxels: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = Field(None, description='[first, last] frame of the crystal size R, voxels, ramped linearly (null: fixed at the middle of ae3d.crystals.size_range_voxels)')
+    photons: float | None = Field(None, gt=0, description='expected photons of one frame before Poisson noise (null: ae3d.crystals.photons)')
+    steps: int = Field(200, ge=1, description='ES steps per frame (each one decode of the network)')
+    alpha: float = Field(1.0, gt=0, description='ES alpha: the rate of latent component i is bounded by sqrt(alpha omega_i), its dither amplitude is sqrt(alpha / omega_i) (about 1.4 at omega 0.5; trained latents spread about 2 across crystals)')
+    gain: float = Field(40.0, gt=0, description='ES gain k on the cost divided by its value at the frame\'s start (measured on one frame of the n = 17 network: alpha 1, k 40 lowered C 0.228 -> 0.163 in 300 steps; alpha 0.005, k 5 did not move it)')
+    steps_per_period: int = Field(10, ge=2, description='ES steps (dt = 1) per dither period of the fastest component: omega_max = 2 pi / steps_per_period; the others down to 0.55 omega_max')
+    iterative_cycles: int = Field(2, ge=1, description='iterative phasing per frame (spiflow.ae3d.ITERATIVE_SETTINGS: HIO:50,ER:10 with shrinkwrap per cycle, then 30 ER): cycles')
+    iterative_restarts: int = Field(2, ge=1, description='iterative phasing per frame: restarts from random phases (the best by Fourier error is kept)')
+
+
 class AE3DSettings(Section):
     """Method ae3d (spiflow.ae3d): a 3D convolutional autoencoder from a log-scaled intensity to the complex density (amplitude, phase), trained on simulated crystals (supervised, twin-invariant) and fine-tunable without truth through the Fourier-modulus loss"""
     crystals: CrystalsSettings = Field(default_factory=CrystalsSettings)
@@ -547,6 +561,7 @@ class AE3DSettings(Section):
     physics_weight: float = Field(0.1, ge=0, description='weight of the Fourier-modulus (label-free) loss added to the supervised loss')
     finetune_epochs: int = Field(0, ge=0, description='label-free epochs on the test intensities after training (physics loss only)')
     refine_iterations: int = Field(50, ge=0, description='ER iterations of "network + refinement" (support from the network, shrinkwrap off)')
+    tracking: AE3DTrackingSettings = Field(default_factory=AE3DTrackingSettings)
 
 
 class Config(Section):

@@ -13,8 +13,10 @@ counts, intensity ``|F(q)|²`` in electrons² on the odd cubic grid of
 * ``recon/METHOD/intensity.zarr``: :func:`write_intensity`;
 * ``recon/METHOD/orientations.zarr``: :func:`write_orientations`;
 * ``phase/METHOD/density.zarr``: :func:`write_density`;
-* ``ae3d/crystals.zarr`` and ``ae3d/crystals_truth.zarr`` (Bragg-CDI objects of
-  :mod:`spiflow.bragg`): :func:`write_crystals`, read with :func:`spiflow.io.open_dataset`;
+* ``ae3d/{train,test}/crystals.zarr`` and ``…/crystals_truth.zarr`` (Bragg-CDI objects of
+  :mod:`spiflow.bragg`), and ``ae3d/series/crystals.zarr``, ``…/crystals_truth.zarr`` (the
+  drifting series of :func:`spiflow.bragg.simulate_series`, one object per frame, for
+  :mod:`spiflow.estrack`): :func:`write_crystals`, read with :func:`spiflow.io.open_dataset`;
 * ``spiflow ae3d-phase --out PREFIX``: ``PREFIX.zarr`` (:func:`write_complex_density`) and
   ``PREFIX_amplitude.mrc``, ``PREFIX_phase.mrc`` (:func:`write_mrc`);
 * MRC maps (``phase/METHOD/density.mrc``, ``evaluate/vae/states/state_K.mrc``):
