@@ -48,7 +48,7 @@ from .grid import Grid, friedel_symmetrize
 from .rotation import canonical, multiply, quaternion_to_matrix
 from .sampling import COVERING_RADIUS_DEG, local_rotations
 from .settings import EMCSettings, MTIPSettings
-from .slicing import grid_coordinates, merge_model, merge_ratio, slice_model
+from .slicing import merge_ratio, merge_rotated, slice_rotated
 
 ASSIGNMENTS = ("hard", "soft")
 
@@ -81,13 +81,14 @@ def local_search(data, W: torch.Tensor, quaternion: torch.Tensor, D: torch.Tenso
     small rotations (:func:`spiflow.sampling.local_rotations`, identity first); q_valid
     (P, 3) Å⁻¹; all on W's device and dtype. score: ``score(S, K, i0, i1) -> (b, J)``, higher
     better, of the candidates' slices S (b, J, P) for frames i0:i1 with counts K (b, P).
-    Frames go in sub-blocks of b with ``8 b J P · itemsize <= memory_budget_gb`` (coordinates,
-    slices and the scores' work arrays). Yields per sub-block ``(i0, i1, K (b, P), candidates
-    (b, J, 4), coordinates (b, J, P, 3) on the grid, S (b, J, P), scores (b, J))``.
+    Frames go in sub-blocks of b with ``4 b J P · itemsize <= memory_budget_gb`` (slices
+    and the scores' work arrays); the slices come from :func:`spiflow.slicing.slice_rotated`
+    (no (b, J, P, 3) coordinates in memory on CPU). Yields per sub-block ``(i0, i1, K (b, P),
+    candidates (b, J, 4), their rotation matrices (b, J, 3, 3), S (b, J, P), scores (b, J))``.
     """
     J, P = len(D), len(q_valid)
     item = torch.finfo(W.dtype).bits // 8
-    sub = int(max(1, memory_budget_gb * 1e9 // (8 * J * P * item)))  # coords, slices, logs, values
+    sub = int(max(1, memory_budget_gb * 1e9 // (4 * J * P * item)))  # slices, logs, values
     for b0, b1, K in data:
         dense = getattr(K, "dense", None)
         K = dense() if dense is not None else K
@@ -95,9 +96,9 @@ def local_search(data, W: torch.Tensor, quaternion: torch.Tensor, D: torch.Tenso
             i1 = min(b1, i0 + sub)
             b, k = i1 - i0, K[i0 - b0:i1 - b0]
             cand = multiply(quaternion[i0:i1, None], D[None])  # (b, J, 4): R_i D_j
-            coords = grid_coordinates(q_valid, quaternion_to_matrix(cand.reshape(-1, 4)), grid)  # (bJ, P, 3)
-            S = slice_model(W, coords).view(b, J, P)
-            yield i0, i1, k, cand, coords.view(b, J, P, 3), S, score(S, k, i0, i1)
+            rot = quaternion_to_matrix(cand.reshape(-1, 4))  # (bJ, 3, 3)
+            S = slice_rotated(W, q_valid, rot, grid).view(b, J, P)
+            yield i0, i1, k, cand, rot.view(b, J, 3, 3), S, score(S, k, i0, i1)
 
 
 def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
@@ -136,7 +137,7 @@ def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch
         So = S[:, :, :po]
         return torch.einsum("bjp,bp->bj", So.clamp_min(tiny).log(), k[:, :po]) - gain[i0:i1, None] * (So @ so)
 
-    for i0, i1, k, cand, coords, S, L in local_search(data, W, quaternion, D, q_valid, grid, log_likelihood,
+    for i0, i1, k, cand, rot, S, L in local_search(data, W, quaternion, D, q_valid, grid, log_likelihood,
                                                       memory_budget_gb):
         b, ko = i1 - i0, k[:, :po]
         const = ko @ logs_o + torch.xlogy(ko.sum(1), gain[i0:i1])
@@ -155,11 +156,11 @@ def local_iteration(data, W: torch.Tensor, quaternion: torch.Tensor, gain: torch
         new_q[i0:i1] = canonical(cand[rows, best])
         if assignment == "hard":  # merge each frame once, at its best local rotation
             vals = torch.stack([k, new_gain[i0:i1, None] * s_valid[None, :]])
-            merge_model(accum, coords[rows, best], vals)
+            merge_rotated(accum, q_valid, rot[rows, best], grid, vals)
         else:
             vals = torch.stack([(prob[:, :, None] * k[:, None, :]).reshape(b * J, P),
                                 (prob * new_gain[i0:i1, None]).reshape(-1, 1) * s_valid[None, :]])
-            merge_model(accum, coords.reshape(b * J, P, 3), vals)
+            merge_rotated(accum, q_valid, rot.reshape(b * J, 3, 3), grid, vals)
     comm = comm or Ranks(device=dev)
     comm.sum_(accum)
     scale = comm.mean(new_gain) if update_gain else torch.ones((), dtype=dt, device=dev)
