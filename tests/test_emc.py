@@ -410,7 +410,7 @@ def test_coarse_to_fine_finds_the_exhaustive_orientations(data, monkeypatch):
     W = point_intensity(data["atoms"], grid.q_points()) * data["scale"]
     args = (data["photons"], data["valid"], data["q"], data["pf"], grid, W, data["gain"])
     cfg = dict(num_div=6, dtype="float64")
-    ex = expectation_step(*args, EMCSettings(**cfg))
+    ex = expectation_step(*args, EMCSettings(**cfg, search="exhaustive"))
     c2f = expectation_step(*args, EMCSettings(**cfg, search="coarse_to_fine", search_mass=0.999))
     same = angle_between(torch.as_tensor(ex["quaternion"]), torch.as_tensor(c2f["quaternion"])).numpy() < 1e-6
     assert same.mean() >= 0.9

@@ -258,8 +258,9 @@ class EMCSettings(Section):
     resolution_iterations: int = Field(20, ge=0, description="resolution marching: iterations over which the q radius grows "
                                        "linearly to all pixels (0: no marching)")
     search: Literal["exhaustive", "coarse_to_fine"] = Field(
-        "exhaustive", description="soft E-step orientations: all of them, or the fine cells of the coarse orientations "
-        "that hold search_mass of each frame's coarse posterior")
+        "coarse_to_fine", description="soft E-step orientations: all of them, or the fine cells of the coarse orientations "
+        "that hold search_mass of each frame's coarse posterior (the default: on the default job 6x faster per global "
+        "iteration, same FSC and orientation error within run-to-run noise; README)")
     search_mass: float = Field(0.999, gt=0, lt=1, description="coarse_to_fine: coarse posterior mass kept per frame "
                                "(the rest is neglected and logged)")
 
