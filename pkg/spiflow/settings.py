@@ -197,7 +197,8 @@ class EMCSettings(Section):
     processes: ranks of one EMC run across processes (:mod:`spiflow.distributed`): the
     workflow starts the stage under ``torchrun`` on one node, or ``srun`` inside a SLURM
     allocation of that many tasks (:mod:`spiflow.launch`); each rank owns a contiguous
-    range of the frames. Same result up to floating-point summation order; not part of
+    range of the frames. Same result up to floating-point summation order (with search
+    coarse_to_fine also up to each rank's own choice of the exhaustive fallback per block); not part of
     the checkpoint fingerprint (a checkpoint resumes with any number of processes).
     resolution_start, resolution_iterations: resolution marching. Iteration t (1-based, the
     schedule of the random starts included) uses only the valid pixels with
