@@ -182,10 +182,16 @@ def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, device) ->
     """CSR tensor from COO triplets sorted by row (int32 indices, as MKL and cuSPARSE take)."""
     crow = np.zeros(shape[0] + 1, np.int32)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=crow[1:])
+    return _csr_tensor(torch.as_tensor(crow), torch.as_tensor(cols.astype(np.int32)), torch.as_tensor(vals),
+                       shape).to(device)
+
+
+def _csr_tensor(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without the invariant checks (the callers build valid
+    indices) and without torch's "beta" warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(torch.as_tensor(crow), torch.as_tensor(cols.astype(np.int32)),
-                                       torch.as_tensor(vals), size=shape, check_invariants=False).to(device)
+        return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
 
 
 def _sparse_block(k: np.ndarray, n_orient: int, device) -> SparseBlock:
@@ -522,12 +528,12 @@ class _Engine:
         nnz = int(cnt.sum())
         if nnz > COARSE_TO_FINE_MAX_FRACTION * self.M * b:
             return None
-        fine = torch.zeros(b, dtype=torch.long, device=dev).index_add_(
-            0, torch.nonzero(keep)[:, 1], (h.cells.diff())[torch.nonzero(keep)[:, 0]])
+        kept_cells = torch.nonzero(keep)  # (cell, frame), by cell, then frame
+        kc = kept_cells[:, 1]
+        fine = torch.zeros(b, dtype=torch.long, device=dev).index_add_(0, kc, h.cells.diff()[kept_cells[:, 0]])
         if bool((fine == 0).any()):
             return None
         # the pattern: row r holds the frames (columns) that keep r's coarse cell, ascending
-        kc = torch.nonzero(keep)[:, 1]  # by cell, then frame
         cell_start = torch.cumsum(per_cell, 0) - per_cell
         crow = torch.zeros(self.M + 1, dtype=torch.long, device=dev)
         torch.cumsum(cnt, 0, out=crow[1:])
@@ -543,7 +549,7 @@ class _Engine:
             So = S[:, :px.po]
             s_dot_o[r] = So @ px.s[:px.po]
             logS = So.clamp_min_(self.tiny).log_()
-            pattern = torch.sparse_csr_tensor(sub, col[p0:p1], L[p0:p1], (len(r), b))
+            pattern = _csr_tensor(sub, col[p0:p1], L[p0:p1], (len(r), b))
             L[p0:p1] = torch.sparse.sampled_addmm(pattern, logS, KoT, beta=0.0).values()
         L.sub_(s_dot_o[row] * g[col]).mul_(beta).add_(self.logw[row])
         m = torch.full((b,), -torch.inf, dtype=dt, device=dev).scatter_reduce_(0, col, L, "amax")
@@ -584,7 +590,7 @@ class _Engine:
         crow, col, P, active = pairs
         b = len(gain)
         for r, p0, p1, sub in self._runs(active, crow):
-            Pr = torch.sparse_csr_tensor(sub, col[p0:p1], P[p0:p1], (len(r), b))
+            Pr = _csr_tensor(sub, col[p0:p1], P[p0:p1], (len(r), b))
             vals = self._vals[:2 * len(r) * len(px.q)].view(2, len(r), len(px.q))
             vals[0].copy_(torch.sparse.mm(Pr, Km))
             torch.mul(torch.sparse.mm(Pr, gain[:, None]), px.s[None, :], out=vals[1])
