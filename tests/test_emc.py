@@ -290,7 +290,10 @@ def test_sparse_photons_equal_dense(data, dtype, rtol):
     same = (sparse.quaternion == dense.quaternion).all(1)
     assert same.all() if dtype == "float64" else same.mean() > 0.97  # float32: near-ties may flip
     for col in ("log_likelihood", "mutual_info", "rms_change"):
-        np.testing.assert_allclose(sparse.log[col], dense.log[col], rtol=rtol * 10, err_msg=col)
+        # mutual_info (≈ 1e-4 here) is Σ P log P − Σ P log w, terms ≈ log M ≈ 6: in float32
+        # the two formats' summation orders leave ~1e-7 of it absolute (measured 2.3e-7)
+        atol = 1e-6 if dtype == "float32" and col == "mutual_info" else 0
+        np.testing.assert_allclose(sparse.log[col], dense.log[col], rtol=rtol * 10, atol=atol, err_msg=col)
     pixels = np.flatnonzero(data["valid"])
     few = np.zeros_like(photons)
     few[:, 3, 4] = 2  # one pixel of 224 lit: 0.4 % non-zero

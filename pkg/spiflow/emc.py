@@ -371,7 +371,7 @@ class _Engine:
 
     def _block(self, K, px: _Pixels, dense: bool) -> _Block:
         """K (a dense block or :class:`SparseBlock`) restricted to px; ``dense`` forces a
-        dense block (the coarse-to-fine search gathers frame rows)."""
+        dense block (the coarse-to-fine search takes its sampled products from dense photons)."""
         if isinstance(K, SparseBlock) and dense:
             K = K.dense()
         if not isinstance(K, SparseBlock):
@@ -406,10 +406,9 @@ class _Engine:
                 torch.mm(logS, ko.T, out=out[r0:r1])
             out[r0:r1].addr_(s_dot_o, g, alpha=-1)
 
-    def _merge(self, accum, rot, P, blk: _Block, rows, gain, px: _Pixels) -> None:
+    def _merge(self, accum, rot, P, blk: _Block, gain, px: _Pixels) -> None:
         """accum += the merge of ``Σ_i P_ri K_ip`` and ``s_p Σ_i P_ri φ_i`` for rotations rot
-        (R, 3, 3), P (R, b') over the frames ``rows`` of the block (None: all) with their
-        gains (b',)."""
+        (R, 3, 3), P (R, b) over the frames of the block with their gains (b,)."""
         C = self.chunk
         for r0 in range(0, len(rot), C):
             r1 = min(len(rot), r0 + C)
@@ -418,7 +417,7 @@ class _Engine:
                 full = torch.sparse.mm(blk.kt, P[r0:r1].T.contiguous())
                 vals[0].copy_((full if px.sel is None else full[px.sel]).T)
             else:
-                torch.mm(P[r0:r1], blk.Km if rows is None else blk.Km[rows], out=vals[0])
+                torch.mm(P[r0:r1], blk.Km, out=vals[0])
             torch.mul((P[r0:r1] @ gain)[:, None], px.s[None, :], out=vals[1])
             merge_rotated(accum, px.q, rot[r0:r1], self.grid, vals)
 
@@ -441,10 +440,15 @@ class _Engine:
         s_dot = torch.empty(M, dtype=dt, device=dev)  # Σ_p s_p W_rp over the iteration's pixels (gain)
         for i0, i1, K in self.data:
             b, g = i1 - i0, gain[i0:i1]
-            blk = self._block(K, px, dense=self.hier is not None)
-            sparse = blk.Km is None
+            blk = self._block(K, px, dense=False)
             const = blk.klogs + torch.xlogy(blk.n_o, g)  # Σ_p K log s + N log φ over O_t
-            res = self._coarse_to_fine(W, blk, g, beta, px, s_dot) if self.hier is not None else None
+            res = None
+            if self.hier is not None:  # dense photons for it; a fallback keeps the block's own format
+                dense_blk = blk if blk.Km is not None else self._block(K, px, dense=True)
+                res = self._coarse_to_fine(W, dense_blk, g, beta, px, s_dot)
+                if res is not None:
+                    blk = dense_blk
+            sparse = blk.Km is None
             if res is not None:
                 pairs, lse, plogp, pw, bmax, barg, gden, neg, ev, sup = res
                 pmax[i0:i1], best[i0:i1] = bmax, barg
@@ -467,7 +471,7 @@ class _Engine:
                 support[i0:i1] = M
                 if update_gain:
                     new_gain[i0:i1] = blk.n_all / (s_dot @ P)
-                self._merge(accum, self.rot, P, blk, None, new_gain[i0:i1], px)
+                self._merge(accum, self.rot, P, blk, new_gain[i0:i1], px)
             ll[i0:i1] = ((plogp - pw + lse) / beta + const).double()  # Σ_r P_ri L_ri
             mi[i0:i1] = (plogp - pw).double()  # Σ_r P_ri log(P_ri / w_r)
         comm = self.comm
