@@ -350,13 +350,15 @@ class _Engine:
         self.q_top = float(np.linalg.norm(np.asarray(q_valid), axis=1).max())
         self.grid, self.data, self.chunk = grid, data, settings.orientation_chunk
         self.tiny = torch.finfo(dtype).tiny
+        self.log_floor = float(np.log(self.tiny)) + 1  # the floor of log P (see _posterior)
         self._buf = torch.empty(2 * self.M * data.block, dtype=dtype, device=device)
         self._vals = torch.empty(2 * min(self.chunk, self.M) * len(q_valid), dtype=dtype, device=device)
+        self._tmp = torch.empty(min(self.chunk, self.M) * data.block, dtype=dtype, device=device)
 
     def release(self) -> None:
         """Free the work buffers (up to ``memory_budget_gb``) once the global iterations are
         done, so that the local refinement's own (also within the budget) do not add to them."""
-        self._buf = self._vals = None
+        self._buf = self._vals = self._tmp = None
 
     def pixels(self, fraction: float = 1.0) -> _Pixels:
         """The pixels with ``|q| <= fraction · q_top`` (all for fraction >= 1): the orientation
@@ -387,9 +389,10 @@ class _Engine:
         return _Block(None, None, K.ko, K.kt, K.frame_sums - (K.frame_sums_o - n_o), n_o, klogs)
 
     def _loglik(self, W, rot, ko, g, px: _Pixels, out: torch.Tensor, s_dot: torch.Tensor) -> None:
-        """out (R, b) = ``Σ_{p∈O_t} K_ip log W_rp − φ_i Σ_{p∈O_t} s_p W_rp`` for rotations rot
+        """out (b, R) = ``Σ_{p∈O_t} K_ip log W_rp − φ_i Σ_{p∈O_t} s_p W_rp`` for rotations rot
         (R, 3, 3), frames ko (dense (b, po) or sparse CSR (b, n_orient)) at gains g (b,);
-        s_dot (R,) = ``Σ_p s_p W_rp`` over the iteration's pixels (gain update)."""
+        s_dot (R,) = ``Σ_p s_p W_rp`` over the iteration's pixels (gain update). ``out`` may
+        be a column slice of a wider row-major matrix (the GEMM writes it in place)."""
         C = self.chunk
         for r0 in range(0, len(rot), C):
             r1 = min(len(rot), r0 + C)
@@ -398,28 +401,68 @@ class _Engine:
             So = S[:, :px.po]
             s_dot_o = So @ px.s[:px.po]
             logS = So.clamp_min_(self.tiny).log_()
-            if ko.layout == torch.sparse_csr:  # Σ_{p: K_ip > 0} K_ip log W_rp = (K_o log S_oᵀ)ᵀ
+            if ko.layout == torch.sparse_csr:  # Σ_{p: K_ip > 0} K_ip log W_rp = K_o log S_oᵀ
                 if px.po < self.po:  # log W = 0 beyond the radius: those pixels add nothing
                     logS = torch.cat([logS, logS.new_zeros((r1 - r0, self.po - px.po))], 1)
-                out[r0:r1] = torch.sparse.mm(ko, logS.T.contiguous()).T
-            else:
-                torch.mm(logS, ko.T, out=out[r0:r1])
-            out[r0:r1].addr_(s_dot_o, g, alpha=-1)
+                out[:, r0:r1] = torch.sparse.mm(ko, logS.T.contiguous())
+            else:  # into a contiguous buffer: BLAS writes a column slice of L at about ⅔ the rate
+                tmp = torch.mm(ko, logS.T, out=self._tmp[:len(g) * (r1 - r0)].view(len(g), r1 - r0))
+                out[:, r0:r1].copy_(tmp.addr_(g, s_dot_o, alpha=-1))
+                continue
+            out[:, r0:r1].addr_(g, s_dot_o, alpha=-1)
 
-    def _merge(self, accum, rot, P, blk: _Block, gain, px: _Pixels) -> None:
+    def _posterior(self, L: torch.Tensor, P: torch.Tensor, beta: float):
+        """The exhaustive soft E-step's posterior of one block: L (b, M) the log-likelihoods,
+        overwritten with log P_ri; P (b, M) receives P_ri. Row reductions only (each frame's
+        orientations are contiguous). Returns (log Σ_r w_r e^{βL_ri} (b,), max P (b,), its
+        index (b,)).
+
+        log P is floored at ``log(finfo.tiny) + 1`` before the exponential, so P holds no
+        subnormal numbers (they slow CPU arithmetic and GEMMs several-fold: README, "One
+        reconstruction across processes"); a floored entry carries at most e·tiny
+        (3e-38 in float32) instead of less, against a row sum of 1."""
+        L.mul_(beta).add_(self.logw[None, :])
+        m, best = L.max(1)
+        L.sub_(m[:, None]).clamp_min_(self.log_floor)
+        torch.exp(L, out=P)
+        total = P.sum(1)
+        P.div_(total[:, None])
+        log_total = torch.log(total)
+        L.sub_(log_total[:, None])
+        return m + log_total, 1 / total, best
+
+    def _merge(self, accum, rot, P, blk: _Block, gain, px: _Pixels) -> torch.Tensor:
         """accum += the merge of ``Σ_i P_ri K_ip`` and ``s_p Σ_i P_ri φ_i`` for rotations rot
-        (R, 3, 3), P (R, b) over the frames of the block with their gains (b,)."""
+        (R, 3, 3), P (b, R) over the frames of the block with their gains (b,).
+
+        The pairs with ``P_ri <`` :data:`MERGE_MIN_PROBABILITY` ``/ R`` are left out (set to 0
+        in P, in place), so a frame leaves out less than MERGE_MIN_PROBABILITY of its mass
+        whatever the sampling, and the rotations that keep no pair are not merged at all (at
+        β ≈ 1 most of them). Pair by pair, so the result does not depend on how the frames
+        are split into blocks or ranks. Returns the mass left out per frame (b,), float64."""
         C = self.chunk
-        for r0 in range(0, len(rot), C):
-            r1 = min(len(rot), r0 + C)
-            vals = self._vals[:2 * (r1 - r0) * len(px.q)].view(2, r1 - r0, len(px.q))
-            if blk.Km is None:  # Σ_i P_ri K_ip = (Kᵀ Pᵀ)ᵀ
-                full = torch.sparse.mm(blk.kt, P[r0:r1].T.contiguous())
+        before = P.sum(1, dtype=torch.float64)
+        P.masked_fill_(P < MERGE_MIN_PROBABILITY / len(rot), 0)
+        left = (before - P.sum(1, dtype=torch.float64)).clamp_min_(0)
+        skip = P.amax(0) == 0  # (R,)
+        active = torch.nonzero(~skip)[:, 0]
+        everything = len(active) == len(rot)
+        for a0 in range(0, len(active), C):
+            a1 = min(len(active), a0 + C)
+            if everything:
+                Pr, rr = P[:, a0:a1], rot[a0:a1]
+            else:
+                idx = active[a0:a1]
+                Pr, rr = P[:, idx], rot[idx]
+            vals = self._vals[:2 * (a1 - a0) * len(px.q)].view(2, a1 - a0, len(px.q))
+            if blk.Km is None:  # Σ_i P_ri K_ip = (Kᵀ P)ᵀ
+                full = torch.sparse.mm(blk.kt, Pr.contiguous())
                 vals[0].copy_((full if px.sel is None else full[px.sel]).T)
             else:
-                torch.mm(P[r0:r1], blk.Km, out=vals[0])
-            torch.mul((P[r0:r1] @ gain)[:, None], px.s[None, :], out=vals[1])
-            merge_rotated(accum, px.q, rot[r0:r1], self.grid, vals)
+                torch.mm(Pr.T, blk.Km, out=vals[0])
+            torch.mul((gain @ Pr)[:, None], px.s[None, :], out=vals[1])
+            merge_rotated(accum, px.q, rr, self.grid, vals)
+        return left
 
     def iterate(self, W: torch.Tensor, gain: torch.Tensor, beta: float, update_gain: bool, fraction: float = 1.0):
         """One E + gain + M pass with model W (n, n, n) and gains (frames,) over the pixels
@@ -438,6 +481,7 @@ class _Engine:
                                                  for _ in range(5))
         pmax, best = torch.zeros(frames, dtype=dt, device=dev), torch.zeros(frames, dtype=torch.long, device=dev)
         s_dot = torch.empty(M, dtype=dt, device=dev)  # Σ_p s_p W_rp over the iteration's pixels (gain)
+        skipped = False  # some rotation left out of an exhaustive merge
         for i0, i1, K in self.data:
             b, g = i1 - i0, gain[i0:i1]
             blk = self._block(K, px, dense=False)
@@ -457,21 +501,18 @@ class _Engine:
                     new_gain[i0:i1] = blk.n_all / gden
                 self._merge_pairs(accum, pairs, blk.Km, new_gain[i0:i1], px)
             else:
-                L = self._buf[:M * b].view(M, b)
-                P = self._buf[M * b:2 * M * b].view(M, b)
+                L = self._buf[:M * b].view(b, M)
+                P = self._buf[M * b:2 * M * b].view(b, M)
                 self._loglik(W, self.rot, blk.ko if sparse else blk.Ko, g, px, L, s_dot)
-                L.mul_(beta).add_(self.logw[:, None])
-                lse = torch.logsumexp(L, 0)
-                L.sub_(lse)  # log P_ri
-                torch.exp(L, out=P)
-                pw = self.logw @ P
-                pmax[i0:i1], best[i0:i1] = P.max(0)
-                plogp = L.mul_(P).sum(0)
+                lse, pmax[i0:i1], best[i0:i1] = self._posterior(L, P, beta)
+                pw = P @ self.logw
+                plogp = L.mul_(P).sum(1)
                 evaluated[i0:i1] = M + (self.hier.M if self.hier is not None else 0)
                 support[i0:i1] = M
                 if update_gain:
-                    new_gain[i0:i1] = blk.n_all / (s_dot @ P)
-                self._merge(accum, self.rot, P, blk, new_gain[i0:i1], px)
+                    new_gain[i0:i1] = blk.n_all / (P @ s_dot)
+                neglected[i0:i1] = self._merge(accum, self.rot, P, blk, new_gain[i0:i1], px)
+                skipped = skipped or bool(neglected[i0:i1].any())
             ll[i0:i1] = ((plogp - pw + lse) / beta + const).double()  # Σ_r P_ri L_ri
             mi[i0:i1] = (plogp - pw).double()  # Σ_r P_ri log(P_ri / w_r)
         comm = self.comm
@@ -479,8 +520,8 @@ class _Engine:
         scale = comm.mean(new_gain) if update_gain else torch.ones((), dtype=dt, device=dev)
         W_new = merge_ratio(accum[0], accum[1]) * scale
         weight = friedel_symmetrize(accum[1])
-        if px.sel is not None or self.hier is not None:
-            # voxels beyond the pixels' reach, or (coarse-to-fine) reached by no merged pair, keep their value
+        if px.sel is not None or self.hier is not None or comm.total(float(skipped))[0] > 0:
+            # voxels beyond the pixels' reach, or reached by no merged rotation, keep their value
             W_new = torch.where(weight > 0, W_new, W)
         stats = {"log_likelihood": comm.mean(ll).item(), "mutual_info": comm.mean(mi).item(),
                  "mean_max_probability": comm.mean(pmax.double()).item(),
@@ -503,10 +544,10 @@ class _Engine:
         per-frame arrays (b,) and ``pairs = (crow (M + 1,), col (nnz,), P (nnz,), active)``
         with ``active`` the fine rotations that some frame keeps (s_dot is filled there)."""
         h, b, dt, dev = self.hier, len(g), W.dtype, W.device
-        Lc = self._buf[:h.M * b].view(h.M, b)
+        Lc = self._buf[:h.M * b].view(b, h.M)
         pc = self.pixels(self.coarse_fraction * px.q.norm(dim=1).max().item() / self.q_top)
         self._loglik(W, h.rot, blk.Ko[:, :pc.po], g, pc, Lc, torch.empty(h.M, dtype=dt, device=dev))
-        Pc = torch.softmax(Lc.mul_(beta * COARSE_BETA_FACTOR).add_(h.logw[:, None]), 0)  # coarse posterior (Mc, b)
+        Pc = torch.softmax(Lc.mul_(beta * COARSE_BETA_FACTOR).add_(h.logw[None, :]), 1).T  # coarse posterior (Mc, b)
         keep = torch.zeros((h.M, b), dtype=torch.bool, device=dev)
         neglected = torch.zeros(b, dtype=torch.float64, device=dev)
         srt, order = Pc.topk(min(COARSE_TOP, h.M), 0)
@@ -763,7 +804,7 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
     item = torch.finfo(dtype).bits // 8
     M = n_orientations(settings.num_div)
     budget = settings.memory_budget_gb * 1e9
-    block = int(max(1, min(f1 - f0, budget // (item * (2 * M + len(qv))))))
+    block = int(max(1, min(f1 - f0, budget // (item * (2 * M + min(settings.orientation_chunk, M) + len(qv))))))
     # orientation pixels first (by |q|: resolution marching), the central ones last: see EMCSettings
     central = np.linalg.norm(qv, axis=1) < settings.orientation_min_radius_voxels * grid.dq
     if central.all():
@@ -908,7 +949,7 @@ def _random_starts(photons, pixels, qv, sv, n_orient, grid, settings: EMCSetting
     trial = settings.model_copy(update={"num_div": min(settings.start_num_div, settings.num_div)})
     M = n_orientations(trial.num_div)
     item = torch.finfo(dtype).bits // 8
-    block = int(max(1, min(b - a, settings.memory_budget_gb * 1e9 // (item * (2 * M + len(qv))))))
+    block = int(max(1, min(b - a, settings.memory_budget_gb * 1e9 // (item * (2 * M + min(settings.orientation_chunk, M) + len(qv))))))
     data = PhotonBlocks(sub, pixels, block, True, device, dtype,
                         sparse_orient=n_orient if settings.photon_format == "sparse" else None)
     engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype, comm)

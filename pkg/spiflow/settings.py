@@ -179,8 +179,8 @@ class EMCSettings(Section):
     speckle, σ ≈ 2.5–3 in a usual experiment).
     orientation_chunk: orientations sliced / merged at once (work arrays of chunk × valid
     pixels). memory_budget_gb: frame block size B is the largest with
-    ``B (2 M + P) · itemsize <= budget`` (M orientations, P valid pixels: the log-likelihood
-    and probability matrices plus the photon block); the photons (frames × P) are kept in
+    ``B (2 M + min(chunk, M) + P) · itemsize <= budget`` (M orientations, P valid pixels: the
+    log-likelihood and probability matrices, one chunk's product and the photon block); the photons (frames × P) are kept in
     memory between passes when they fit in the budget too, else re-read every pass.
     dtype: "float32" (fast) or "float64".
     refine_iterations, refine_step_end_deg, refine_radius_steps, refine_assignment: local
