@@ -286,7 +286,7 @@ def emc_spiflow(photons, valid, q, pf, grid, num_div: int, iterations: int, devi
     # global iterations only, in the orientation chunks the measurements were made with
     cfg = EMCSettings(num_div=num_div, iterations=iterations, n_starts=1, beta_start=BETA, beta_factor=1.0,
                       update_gain=True, orientation_min_radius_voxels=MIN_RADIUS, photon_format=fmt,
-                      refine_iterations=0, orientation_chunk=1024)
+                      refine_iterations=0, orientation_chunk=1024, search="exhaustive")
     t0 = time.perf_counter()
     res = run_emc(photons, valid, q, pf, grid, cfg, device=device, progress=False)
     wall = time.perf_counter() - t0
@@ -364,9 +364,12 @@ def export_for_dragonfly(patterns: Path, work: Path) -> tuple[Path, Path]:
 
 
 def emc_dragonfly(photons_file: Path, detector_file: Path, num_div: int, iterations: int, threads: int,
-                  work: Path, timeout: float, beta: float = BETA) -> dict:
-    """``dragonfly.emc -t threads iterations`` on the exported data at constant β; seconds
-    per iteration from its log file (column ``time`` of each iteration row)."""
+                  work: Path, timeout: float, beta: float = BETA, beta_schedule: tuple[float, int] = (1.0, 1000)) -> dict:
+    """``dragonfly.emc -t threads iterations`` on the exported data, β from ``beta``
+    multiplied by ``beta_schedule[0]`` every ``beta_schedule[1]`` iterations (constant by
+    default); seconds per iteration from its log file (column ``time`` of each iteration
+    row). Its outputs (``output/output_NNN.h5``: orientations, quaternions, scale, intens)
+    stay in ``work``."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "output").mkdir(parents=True, exist_ok=True)
     (work / "emc.ini").write_text(f"""[emc]
@@ -377,7 +380,7 @@ output_folder = {work / 'output'}
 log_file = {work / 'EMC.log'}
 need_scaling = 1
 beta = {beta}
-beta_schedule = 1.0 1000
+beta_schedule = {beta_schedule[0]:g} {beta_schedule[1]:d}
 verbosity = 1
 """)
     wall = run_logged([shutil.which("dragonfly.emc"), "-c", str(work / "emc.ini"), "-t", str(threads),
@@ -559,7 +562,10 @@ def run(args) -> dict:
                 print(f"  Dragonfly simulation failed: {exc}", flush=True)
 
     if "emc" in sections:
+        wanted = [w.strip() for w in args.problems.split(",") if w.strip()]
         for p in sizes["emc"]:
+            if wanted and p["name"] not in wanted:
+                continue
             print(f"emc: {p}", flush=True)
             sim = simulated(p["patterns"], p["pixels"], p["photons"])
             photons, valid, q, pf, grid = load_patterns(sim["patterns"])
@@ -749,6 +755,8 @@ def main(argv=None) -> int:
                     help="before each measurement wait until the 1-minute load average is below this (shared machines)")
     ap.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for --max-load at most")
     ap.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    ap.add_argument("--problems", default="", help="comma-separated names of the emc problems to run (default: all "
+                    "of the mode's, e.g. 'low signal')")
     args = ap.parse_args(argv)
     run(args)
     return 0

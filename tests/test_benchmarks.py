@@ -1,4 +1,5 @@
-"""The benchmark script (benchmarks/run.py) runs: its --tiny smoke run, without Dragonfly."""
+"""The benchmark scripts run: benchmarks/run.py's --tiny smoke run and benchmarks/emc_accuracy.py on
+its simulated patterns, without Dragonfly."""
 import csv
 import os
 import subprocess
@@ -12,9 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_benchmark_script_tiny_run(tmp_path):
-    out = tmp_path / "results"
+    out, work = tmp_path / "results", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--no-dragonfly",
-                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--threads", "1", "--out", str(out), "--work", str(work)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
     got = {(r["section"], r["variant"].split(" β=")[0]) for r in rows}
@@ -26,6 +28,18 @@ def test_benchmark_script_tiny_run(tmp_path):
     assert not any(r["tool"] == "dragonfly" for r in rows)
     md = (out / "results.md").read_text()
     assert "| section | problem |" in md and "load average" in md
+    # the accuracy benchmark on the same patterns: one row per search, scored against the truth
+    sim = work / "sim_40_16_500"
+    acc = tmp_path / "accuracy"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "emc_accuracy.py"), "--patterns",
+                           str(sim / "patterns.zarr"), "--truth", str(sim / "truth.zarr"), "--num-div", "2",
+                           "--iterations", "3", "--no-dragonfly", "--threads", "1", "--out", str(acc)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(acc / "results.csv")))
+    assert [r["variant"] for r in rows] == ["exhaustive", "coarse_to_fine"]
+    assert all(0 <= float(r["median_error_deg"]) <= 180 and float(r["s_per_iteration"]) > 0 for r in rows)
+    assert all(int(r["iterations"]) == 3 for r in rows)
 
 
 def test_gpu_check_skips_cleanly_without_cuda():
