@@ -1,12 +1,20 @@
 #!/usr/bin/env python
-"""EMC speed at equal accuracy: spiflow's searches and Dragonfly from a random start to the end
-of the same β schedule, on the same patterns, scored against the truth.
+"""EMC speed at equal accuracy: spiflow's searches and Dragonfly on the same patterns, scored
+against the truth.
 
     python benchmarks/emc_accuracy.py --patterns results/default/simulate/patterns.zarr \\
-        --truth results/default/simulate/truth.zarr --num-div 6 [--iterations 30] \\
-        [--searches exhaustive,coarse_to_fine] [--no-dragonfly] [--out benchmarks/results/accuracy]
+        --truth results/default/simulate/truth.zarr --num-div 6 [--start truth|random] \\
+        [--iterations 30] [--searches exhaustive,coarse_to_fine] [--no-dragonfly] \\
+        [--out benchmarks/results/accuracy]
 
-Every run: one random start (Dragonfly has one), ``--iterations`` global iterations, β from
+``--start truth`` (quick: a few minutes): every tool starts from the true intensity (photons
+per unit pixel factor, the units of both) and the true gains and runs ``--iterations``
+iterations at β = 1, the end of an EMC run, where both spend their time per iteration at the
+accuracy the sampling allows (spiflow: :func:`spiflow.emc.expectation_step` with ``passes``, each
+pass's model and gains feeding the next, timed without the set-up as Dragonfly's log times
+its iterations; Dragonfly:
+``start_model_file`` and ``scale_file``). ``--start random`` (Dragonfly takes about 25
+minutes at num_div 6 on 2 cores): every run from one random start (Dragonfly has one), ``--iterations`` global iterations, β from
 ``EMCSettings.beta_start`` times ``beta_factor`` every ``beta_every`` iterations up to 1 (the
 default schedule; Dragonfly's ``beta_schedule`` with its cap at 1 is the same), gains fitted,
 no local refinement (both end at the sampling's limit), the same orientation pixels
@@ -40,6 +48,24 @@ def _errors(q_est: np.ndarray, q_true: np.ndarray) -> float:
     return float(np.median(orientation_errors(q_est, q_true)[0]))
 
 
+def spiflow_from_truth(photons, valid, q, pf, grid, W, gain, q_true, num_div: int, passes: int, search: str,
+                       device: str) -> dict:
+    """``passes`` chained global passes of :func:`spiflow.emc.expectation_step` at β 1 from
+    the true model W (n, n, n) and gains (frames,); seconds per pass without the set-up
+    (Dragonfly's log times its iterations alone too); wall_s with it."""
+    from spiflow.emc import expectation_step
+    from spiflow.settings import EMCSettings
+    cfg = EMCSettings(num_div=num_div, search=search, orientation_min_radius_voxels=bench.MIN_RADIUS)
+    load0, t0 = bench.load_average(), time.perf_counter()
+    res = expectation_step(photons, valid, q, pf, grid, W, gain, cfg, beta=1.0, device=device, passes=passes)
+    wall = time.perf_counter() - t0
+    return {"tool": "spiflow", "variant": search, "wall_s": wall,
+            "s_per_iteration": float(np.median(res["seconds"])), "s_per_iteration_beta1": float(np.median(res["seconds"])),
+            "iterations": passes, "median_error_deg": _errors(res["quaternion"], q_true),
+            "orientations_per_frame": res["stats"]["orientations_per_frame"],
+            "neglected_mass": res["stats"]["neglected_mass"], "load_start": load0, "load_end": bench.load_average()}
+
+
 def spiflow_run(photons, valid, q, pf, grid, q_true, num_div: int, iterations: int, search: str,
                 refine: bool, device: str) -> dict:
     """One spiflow EMC run (see the module docstring); returns the row's measurements."""
@@ -64,23 +90,33 @@ def spiflow_run(photons, valid, q, pf, grid, q_true, num_div: int, iterations: i
 
 
 def dragonfly_run(patterns: Path, q_true, num_div: int, iterations: int, threads: int, work: Path,
-                  timeout: float) -> dict:
-    """Dragonfly on the exported patterns with the same schedule; its last output's
-    orientations (index into its own quaternion list) scored against the truth."""
+                  timeout: float, start: tuple | None = None) -> dict:
+    """Dragonfly on the exported patterns: with ``start = (W, gain)`` from that model and those
+    gains at β 1, else from its random start with spiflow's default β schedule. Its last
+    output's orientations (index into its own quaternion list) are scored against the truth."""
     import h5py
     from spiflow.settings import EMCSettings
     d = EMCSettings()
     ph, det = bench.export_for_dragonfly(patterns, work)
-    load0 = bench.load_average()
+    load0, extra = bench.load_average(), {}
+    if start is not None:
+        with h5py.File(work / "start.h5", "w") as f:
+            f["intens"] = np.asarray(start[0], np.float64)[None]
+            f["scale"] = np.asarray(start[1], np.float64)
+        extra = {"start_model_file": work / "start.h5", "scale_file": work / "start.h5"}
+        beta, schedule = 1.0, (1.0, 1000)
+    else:
+        beta, schedule = d.beta_start, (d.beta_factor, d.beta_every)
     r = bench.emc_dragonfly(ph, det, num_div, iterations, threads, work / f"nd{num_div}", timeout,
-                            beta=d.beta_start, beta_schedule=(d.beta_factor, d.beta_every))
+                            beta=beta, beta_schedule=schedule, extra=extra)
     out = sorted((work / f"nd{num_div}" / "output").glob("output_*.h5"))[-1]
     with h5py.File(out, "r") as f:
         quats = f["quaternions"][:, :4][f["orientations"][:]]
     conj = quats * np.array([1, -1, -1, -1])
     err = min(_errors(quats, q_true), _errors(conj, q_true))
     times = bench.parse_dragonfly_log(work / f"nd{num_div}" / "EMC.log")
-    betas = [min(1.0, d.beta_start * d.beta_factor ** ((i - 1) // d.beta_every)) for i in range(1, len(times) + 1)]
+    betas = [1.0 if start is not None else min(1.0, beta * schedule[0] ** ((i - 1) // schedule[1]))
+             for i in range(1, len(times) + 1)]
     at1 = [t for t, b in zip(times, betas) if b >= 1.0]
     return {"tool": "dragonfly", "variant": f"dragonfly.emc -t {threads}", "wall_s": r["wall"],
             "s_per_iteration": float(np.median(times)),
@@ -95,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", type=Path, required=True)
     ap.add_argument("--truth", type=Path, required=True)
     ap.add_argument("--num-div", type=int, default=6)
-    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--start", choices=("truth", "random"), default="truth")
+    ap.add_argument("--iterations", type=int, default=None, help="default: 3 from the truth, 30 from random")
     ap.add_argument("--searches", default="exhaustive,coarse_to_fine")
     ap.add_argument("--refine", action="store_true", help="also spiflow's coarse_to_fine with local refinement")
     ap.add_argument("--no-dragonfly", action="store_true")
@@ -110,22 +147,30 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     photons, valid, q, pf, grid = bench.load_patterns(args.patterns)
-    q_true = xr.open_zarr(args.truth).quaternion.values
+    pat, tr = xr.open_zarr(args.patterns), xr.open_zarr(args.truth)
+    q_true = tr.quaternion.values
+    W = tr.intensity.values.astype(np.float64) * (pat.attrs["nominal_fluence_photons_per_angstrom2"]
+                                                  * pat.attrs["classical_electron_radius_angstrom"] ** 2)
+    gain = tr.gain.values.astype(np.float64)
+    truth = args.start == "truth"
+    its = args.iterations or (3 if truth else 30)
     rows = []
 
     def done(row):
-        rows.append(dict(row, num_div=args.num_div, frames=len(photons)))
+        rows.append(dict(row, start=args.start, num_div=args.num_div, frames=len(photons)))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
         pd.DataFrame(rows).to_csv(args.out / "results.csv", index=False)
 
     for search in [s for s in args.searches.split(",") if s]:
-        done(spiflow_run(photons, valid, q, pf, grid, q_true, args.num_div, args.iterations, search, False, args.device))
-    if args.refine:
-        done(spiflow_run(photons, valid, q, pf, grid, q_true, args.num_div, args.iterations, "coarse_to_fine", True,
-                         args.device))
+        if truth:
+            done(spiflow_from_truth(photons, valid, q, pf, grid, W, gain, q_true, args.num_div, its, search, args.device))
+        else:
+            done(spiflow_run(photons, valid, q, pf, grid, q_true, args.num_div, its, search, False, args.device))
+    if args.refine and not truth:
+        done(spiflow_run(photons, valid, q, pf, grid, q_true, args.num_div, its, "coarse_to_fine", True, args.device))
     if not args.no_dragonfly and bench.dragonfly_available():
-        done(dragonfly_run(args.patterns, q_true, args.num_div, args.iterations, args.threads, args.out / "dragonfly",
-                           args.dragonfly_timeout))
+        done(dragonfly_run(args.patterns, q_true, args.num_div, its, args.threads, args.out / "dragonfly",
+                           args.dragonfly_timeout, (W, gain) if truth else None))
     df = pd.DataFrame(rows)
     (args.out / "results.md").write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
     print(df.to_string(index=False))

@@ -364,12 +364,13 @@ def export_for_dragonfly(patterns: Path, work: Path) -> tuple[Path, Path]:
 
 
 def emc_dragonfly(photons_file: Path, detector_file: Path, num_div: int, iterations: int, threads: int,
-                  work: Path, timeout: float, beta: float = BETA, beta_schedule: tuple[float, int] = (1.0, 1000)) -> dict:
+                  work: Path, timeout: float, beta: float = BETA, beta_schedule: tuple[float, int] = (1.0, 1000),
+                  extra: dict | None = None) -> dict:
     """``dragonfly.emc -t threads iterations`` on the exported data, β from ``beta``
     multiplied by ``beta_schedule[0]`` every ``beta_schedule[1]`` iterations (constant by
     default); seconds per iteration from its log file (column ``time`` of each iteration
     row). Its outputs (``output/output_NNN.h5``: orientations, quaternions, scale, intens)
-    stay in ``work``."""
+    stay in ``work``. ``extra``: more ``[emc]`` keys (e.g. ``start_model_file``)."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "output").mkdir(parents=True, exist_ok=True)
     (work / "emc.ini").write_text(f"""[emc]
@@ -382,7 +383,7 @@ need_scaling = 1
 beta = {beta}
 beta_schedule = {beta_schedule[0]:g} {beta_schedule[1]:d}
 verbosity = 1
-""")
+""" + "".join(f"{k} = {v}\n" for k, v in (extra or {}).items()))
     wall = run_logged([shutil.which("dragonfly.emc"), "-c", str(work / "emc.ini"), "-t", str(threads),
                        str(iterations)], work, work / "emc_stdout.log", dragonfly_env(threads), timeout)
     times = parse_dragonfly_log(work / "EMC.log")

@@ -40,6 +40,13 @@ def test_benchmark_script_tiny_run(tmp_path):
     assert [r["variant"] for r in rows] == ["exhaustive", "coarse_to_fine"]
     assert all(0 <= float(r["median_error_deg"]) <= 180 and float(r["s_per_iteration"]) > 0 for r in rows)
     assert all(int(r["iterations"]) == 3 for r in rows)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "emc_accuracy.py"), "--patterns",
+                           str(sim / "patterns.zarr"), "--truth", str(sim / "truth.zarr"), "--num-div", "2",
+                           "--start", "random", "--iterations", "2", "--searches", "coarse_to_fine", "--no-dragonfly",
+                           "--threads", "1", "--out", str(acc)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(acc / "results.csv")))
+    assert len(rows) == 1 and rows[0]["start"] == "random" and int(rows[0]["iterations"]) == 2
 
 
 def test_gpu_check_skips_cleanly_without_cuda():

@@ -467,3 +467,19 @@ def test_exhaustive_posterior_equals_the_brute_force_softmax(data, monkeypatch):
     rel = np.abs(res["model"] - full["model"])[merged] / (full["model"][merged] + 1e-6 * W.max())
     # measured: 99 % of the voxels within 4e-10, the largest 4e-3 (voxels of little weight)
     assert np.mean(rel < 1e-6) > 0.99 and rel.max() < 0.01
+
+
+def test_chained_passes_equal_successive_calls(data):
+    """expectation_step(passes=2) is two calls, the second from the first's model and gains."""
+    grid = data["grid"]
+    W = point_intensity(data["atoms"], grid.q_points()) * data["scale"]
+    base = (data["photons"], data["valid"], data["q"], data["pf"], grid)
+    cfg = EMCSettings(num_div=2, dtype="float64", search="exhaustive")
+    one = expectation_step(*base, W, data["gain"], cfg)
+    two = expectation_step(*base, one["model"], one["gain"], cfg)
+    chained = expectation_step(*base, W, data["gain"], cfg, passes=2)
+    assert len(chained["seconds"]) == 2 and (chained["seconds"] > 0).all()
+    np.testing.assert_allclose(chained["model"], two["model"], rtol=1e-12, atol=1e-12 * W.max())
+    np.testing.assert_allclose(chained["gain"], two["gain"], rtol=1e-12)
+    with pytest.raises(ValueError, match="passes"):
+        expectation_step(*base, W, data["gain"], cfg, passes=0)
