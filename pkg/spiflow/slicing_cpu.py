@@ -242,6 +242,38 @@ if numba is not None:
                     out[c, a, b] = acc
 
 
+if numba is not None:
+    @njit(parallel=True, cache=True, boundscheck=False, fastmath=True)
+    def _block_products(A, B, rows, n_rows, cols, col_start, n_cols, out_start, out):
+        """Block j: ``out[out_start[j] + a · n_cols[j] + i] = A[rows[j] + a] · B[cols[col_start[j] + i]]``
+        for a < n_rows[j], i < n_cols[j] (dot products over the last axis); parallel over blocks."""
+        P = A.shape[1]
+        zero = np.zeros(1, dtype=A.dtype)[0]  # accumulate in A's precision, as a GEMM does
+        for j in prange(rows.shape[0]):
+            r0, nr, nc, c0, o0 = rows[j], n_rows[j], n_cols[j], col_start[j], out_start[j]
+            for i in range(nc):
+                k = cols[c0 + i]
+                for a in range(nr):
+                    acc = zero
+                    for p in range(P):
+                        acc += A[r0 + a, p] * B[k, p]
+                    out[o0 + a * nc + i] = acc
+
+
+def block_products(A: torch.Tensor, B: torch.Tensor, rows, n_rows, cols, col_start, n_cols, out_start,
+                   out: torch.Tensor) -> None:
+    """Dense blocks of a sampled product ``A Bᵀ``, written into the flat ``out`` (CPU, one float
+    dtype): block j is rows ``rows[j] … rows[j] + n_rows[j] − 1`` of A (R, P) against rows
+    ``cols[col_start[j] … col_start[j] + n_cols[j] − 1]`` of B (N, P), stored row-major from
+    ``out[out_start[j]]``. Each row of B is read once per block and reused for the block's
+    rows of A (a block of EMC's coarse-to-fine pattern: a coarse cell's fine rotations against
+    the frames that keep it). Integer arguments are (J,) int64 arrays except ``cols``.
+    Raises nothing of its own."""
+    _threads()
+    _block_products(_np(A), _np(B), *(np.ascontiguousarray(x, dtype=np.int64) for x in
+                                      (rows, n_rows, cols, col_start, n_cols, out_start)), out.numpy())
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
