@@ -136,3 +136,34 @@ def test_refinement_and_checkpoint_resume_with_two_models(mixture, tmp_path):
     assert list(full.log.iteration) == [1, 2, 3, 4, 5, 6] and full.log.moved_fraction.iloc[-2:].notna().all()
 
 
+
+
+#: two models through every path that runs across ranks: random starts on the first frames,
+#: the radial split of the initial models, sparse photons, local refinement
+RANKS = dict(models=2, num_div=2, iterations=4, n_starts=2, start_iterations=2, start_frames=120, start_num_div=1,
+             refine_iterations=2, photon_format="sparse", dtype="float64", beta_every=1, beta_factor=2.0)
+
+
+def _worker(d, tmp):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    res = _run(d, config=RANKS)
+    if dist.get_rank() == 0:
+        np.savez(tmp / "rank0.npz", **{k: getattr(res, k) for k in ("models", "quaternion", "gain", "model",
+                                                                      "model_probability")})
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: 30 s on 2 loaded cores
+def test_two_ranks_equal_one_process_with_two_models(mixture, tmp_path):
+    from spiflow.distributed import run_local
+
+    one = _run(mixture, config=RANKS)
+    run_local(_worker, 2, mixture, tmp_path)
+    two = np.load(tmp_path / "rank0.npz")
+    np.testing.assert_allclose(two["models"], one.models, rtol=1e-6, atol=1e-9 * one.models.max())
+    np.testing.assert_allclose(two["gain"], one.gain, rtol=1e-8)
+    np.testing.assert_array_equal(two["model"], one.model)
+    np.testing.assert_allclose(two["model_probability"], one.model_probability, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(np.sum(two["quaternion"] * one.quaternion, 1)), 1.0, atol=1e-9)
