@@ -57,6 +57,16 @@ posterior outside the cells is not computed). A frame block whose kept pairs exc
 exhaustively. The log's ``orientations_per_frame`` counts the likelihoods evaluated per
 frame (coarse + fine), ``support_per_frame`` the fine rotations kept per frame.
 
+Multi-model EMC (``EMCSettings.models`` K > 1; Dragonfly's "modes", Ayyer et al. 2016):
+K models W_k. In the exhaustive E-step the log-likelihoods of all (model, rotation) pairs
+are rows ``k M : (k + 1) M`` of one (K M, b) matrix (one :meth:`_Engine._loglik` call per
+model), normalised jointly with the prior ``w_r / K``; the gain update sums over both, and
+model k is merged with its rows of the posterior (one :meth:`_Engine._merge` per model).
+Work buffers grow K-fold: the frame block shrinks to keep ``memory_budget_gb``. The
+coarse-to-fine search is single-model (a settings error for K > 1). Local refinement
+refines every frame against its most probable model (:func:`_local_models`). The result's
+models are ordered by particle size (:func:`model_size_order`).
+
 Photon formats (``EMCSettings.photon_format``). *dense*: a block is a (frames × valid pixels)
 matrix K and the E-step and merge are dense matmuls, ``log S_o @ K_oᵀ`` and ``P @ K``
 (cost ∝ frames × orientations × pixels). *sparse*: like Dragonfly's photons files, each
