@@ -89,11 +89,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .align import align_intensity_rotation, rotate_volume
 from .distributed import FrameRange, Ranks, frame_ranges, photon_chunk, setup
-from .grid import Grid, friedel_symmetrize
+from .grid import Grid, friedel_symmetrize, slice_volume
 from .io import (RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint,
                  validate_detector_inputs)
-from .rotation import canonical, quaternion_to_matrix
+from .rotation import canonical, matrix_to_quaternion, quaternion_to_matrix
 from .refine import LocalResult, local_iteration, refine_steps_deg
 from .sampling import coarse_to_fine, n_orientations, so3_sampling
 from .settings import EMCSettings
@@ -129,6 +130,9 @@ MERGE_MIN_PROBABILITY = 1e-6
 #: coarse-to-fine: the kept coarse rotations of a frame are looked for among its this many
 #: most probable ones first (a full sort only for frames whose mass needs more).
 COARSE_TOP = 64
+#: models > 1: the SO(3) sampling of the search that rotates every model into the main
+#: model's frame (:func:`common_frame`; the evaluation's default alignment sampling).
+MODEL_ALIGN_NUM_DIV = 4
 
 
 @dataclass
@@ -974,14 +978,22 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
     quat, gain, pmax = (comm.gather(x, counts) for x in (quat, gain, pmax))
     extra = {}
     if multi:
-        Wn, wn = W.cpu().numpy().astype(np.float32), weight.cpu().numpy().astype(np.float32)
+        Wn, wn = W.double().cpu().numpy(), weight.double().cpu().numpy()
         order = model_size_order(Wn, wn, grid)
         rank = np.argsort(order)  # old index -> new index
         mb = rank[comm.gather(mbest, counts).cpu().numpy()]
         main = int(np.bincount(mb, minlength=len(order)).argmax())
-        extra = {"models": Wn[order], "model_weight": wn[order], "model": mb.astype(np.int64),
+        Wn, wn = Wn[order], wn[order]
+        # every model into the main model's frame, and its frames' orientations with it
+        A = common_frame(Wn, wn, grid, main)
+        rot = quaternion_to_matrix(quat.double().cpu())
+        rot = rot @ torch.as_tensor(A).transpose(1, 2)[torch.as_tensor(mb)]
+        quat = matrix_to_quaternion(rot)
+        Wn, wn = (np.stack([x if k == main else np.asarray(rotate_volume(x, A[k])) for k, x in enumerate(v)]
+                           ).astype(np.float32) for v in (Wn, wn))
+        extra = {"models": Wn, "model_weight": wn, "model": mb.astype(np.int64),
                  "model_probability": comm.gather(mprob, counts).double().cpu().numpy()}
-        W, weight = W[int(order[main])], weight[int(order[main])]
+        W, weight = torch.as_tensor(Wn[main]), torch.as_tensor(wn[main])
     return EMCResult(intensity=W.cpu().numpy().astype(np.float32),
                      weight=weight.cpu().numpy().astype(np.float32),
                      quaternion=canonical(quat.double()).cpu().numpy(),
@@ -989,14 +1001,13 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
                      probability_max=pmax.double().cpu().numpy(), log=log_df, **extra)
 
 
-def model_size_order(models: np.ndarray, weights: np.ndarray, grid: Grid) -> np.ndarray:
-    """The order of K models (K, n, n, n) by the size of the particle each stands for,
-    smallest first: by decreasing half-width of the central speckle, the |q| at which the
-    shell-averaged intensity (shells of width dq over the voxels that every model measures,
-    weights (K, n, n, n) > 0; all voxels when none is common) first falls below half its
-    largest value, linearly interpolated between shells (the central maximum of
-    ``|F(q)|²`` narrows as 1 / size). Scale-free (the gains absorb a model's scale).
-    Returns (K,) int64 indices; ties keep the input order."""
+def speckle_halfwidths(models: np.ndarray, weights: np.ndarray, grid: Grid) -> np.ndarray:
+    """The half-width of the central speckle of each of K models (K, n, n, n), Å⁻¹ (K,): the
+    |q| at which the shell-averaged intensity (shells of width dq over the voxels that every
+    model measures, weights (K, n, n, n) > 0; all voxels when none is common) first falls
+    below half its largest value, linearly interpolated between shells (the last shell's
+    |q| when it never does). The central maximum of ``|F(q)|²`` narrows as 1 / size, so
+    this is a scale-free inverse size (the gains absorb a model's scale)."""
     common = (np.asarray(weights) > 0).all(0)
     mask = common if common.any() else np.ones(common.shape, bool)
     shell = np.rint(grid.q_norm()[mask] / grid.dq).astype(np.int64)
@@ -1013,7 +1024,40 @@ def model_size_order(models: np.ndarray, weights: np.ndarray, grid: Grid) -> np.
         j = top + int(below[0])  # prof[j - 1] >= half > prof[j]
         t = (prof[j - 1] - 0.5 * prof[top]) / (prof[j - 1] - prof[j])
         half.append((filled[j - 1] + t * (filled[j] - filled[j - 1])) * grid.dq)
-    return np.argsort(-np.asarray(half), kind="stable").astype(np.int64)
+    return np.asarray(half)
+
+
+def model_size_order(models: np.ndarray, weights: np.ndarray, grid: Grid) -> np.ndarray:
+    """The order of K models (K, n, n, n) by the size of the particle each stands for,
+    smallest first: by decreasing :func:`speckle_halfwidths`. Returns (K,) int64 indices;
+    ties keep the input order."""
+    return np.argsort(-speckle_halfwidths(models, weights, grid), kind="stable").astype(np.int64)
+
+
+def common_frame(models: np.ndarray, weights: np.ndarray, grid: Grid, main: int,
+                 num_div: int = MODEL_ALIGN_NUM_DIV) -> np.ndarray:
+    """Rotations A (K, 3, 3) that bring every model into the frame of model ``main``:
+    ``W_k(q s_k) ≈ W_main(A_k q)``, found by :func:`spiflow.align.align_intensity_rotation`
+    (``num_div``) between model k resampled at ``q s_k`` and the main model, ``s_k`` the
+    ratio of their :func:`speckle_halfwidths` (so that particles of different size, whose
+    intensities are alike up to the scale of q, are compared at equal speckle width); the
+    voxels used are those both measure (weights > 0). A_main = 1. Each model of
+    multi-model EMC has its own arbitrary frame (nothing ties them); after
+    ``W_k ← rotate_volume(W_k, A_k)`` and ``R_i ← R_i A_kᵀ`` for the frames of model k, all
+    share the main model's frame."""
+    hw = speckle_halfwidths(models, weights, grid)
+    q = torch.as_tensor(grid.q_points())
+    out = np.tile(np.eye(3), (len(models), 1, 1))
+    for k in range(len(models)):
+        if k == main:
+            continue
+        scale = hw[k] / hw[main]
+        Wk = slice_volume(torch.as_tensor(models[k], dtype=torch.float64), q * scale, grid).numpy()
+        meas = slice_volume(torch.as_tensor((weights[k] > 0).astype(np.float64)), q * scale, grid).numpy() > 0.99
+        A, _ = align_intensity_rotation(Wk, models[main], grid, mask=meas, reference_mask=weights[main] > 0,
+                                        num_div=num_div)
+        out[k] = np.asarray(A, dtype=np.float64)
+    return out
 
 
 class _Selected:

@@ -268,10 +268,10 @@ def evaluate_models(config: dict, truth: xr.Dataset, intensity: xr.Dataset, orie
     ``fsc_model_K.csv``) and ``out_dir/models.csv``. Returns ``model_spearman``: Spearman ρ
     (signed) of the frames' model index against the first true conformation parameter (the
     size for nanoparticles: positive when the models are ordered like the truth);
-    ``model_resolution_fsc05_angstrom_mean``; ``orientation_error_median_deg``, the median
-    over all frames of their errors against their own model's global rotation (it replaces
-    the one-rotation figure of :func:`spiflow.pipeline.stage_evaluate`, meaningless across
-    models in different frames); and ``models``, the rows of models.csv.
+    ``model_resolution_fsc05_angstrom_mean`` and ``models``, the rows of models.csv (the
+    run's ``orientation_error_median_deg`` stays the one-rotation figure of
+    :func:`spiflow.pipeline.stage_evaluate`: EMC rotates its models into one frame,
+    :func:`spiflow.emc.common_frame`).
     Returns {} for a truth without ``conformation`` (a homogeneous sample)."""
     from scipy.stats import spearmanr
 
@@ -286,7 +286,7 @@ def evaluate_models(config: dict, truth: xr.Dataset, intensity: xr.Dataset, orie
     names = [str(n) for n in truth.parameter.values]
     label = orientations.model.values.astype(int)
     sym = point_group(config["evaluate"]["symmetry"])
-    rows, errors = [], np.full(len(label), np.nan)
+    rows = []
     for k in range(intensity.sizes["model"]):
         sel = label == k
         if not sel.any():
@@ -301,7 +301,6 @@ def evaluate_models(config: dict, truth: xr.Dataset, intensity: xr.Dataset, orie
                                      grid, out / "models" / f"fsc_model_{k}.csv", out / "models" / f"model_{k}.mrc")
         err, _ = metrics.orientation_errors(orientations.quaternion.values[sel], truth.quaternion.values[sel],
                                             symmetry=sym)
-        errors[sel] = err
         rows.append({"model": k, "frames": int(sel.sum()), **{f"median_true_{n}": float(median[j])
                                                                 for j, n in enumerate(names)},
                      "matched_state": s,
@@ -312,4 +311,4 @@ def evaluate_models(config: dict, truth: xr.Dataset, intensity: xr.Dataset, orie
         df.to_csv(tmp, index=False)
     rho = float(spearmanr(label, conf[:, 0]).statistic) if np.ptp(label) > 0 and np.ptp(conf[:, 0]) > 0 else np.nan
     return {"model_spearman": rho, "model_resolution_fsc05_angstrom_mean": float(df.resolution_fsc05_angstrom.mean()),
-            "orientation_error_median_deg": float(np.nanmedian(errors)), "models": rows}
+            "models": rows}
