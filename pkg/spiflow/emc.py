@@ -710,10 +710,12 @@ def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: i
     """The settings a checkpoint must share to be resumed: all but the iteration count
     (a resumed run may go on), the random starts' and the resolution marching's counts of
     it (``trial_iterations`` and ``resolution_span`` stand for them), and the cost settings (orientation_chunk, memory_budget_gb, photon_format,
-    processes);
+    processes); ``models`` and ``model_init`` only when models > 1;
     plus the seed, grid, data shape, valid-pixel count and per-frame photon totals."""
     fp = settings.model_dump(exclude={"iterations", "start_iterations", "orientation_chunk", "memory_budget_gb",
                                       "photon_format", "processes"})
+    if settings.models == 1:  # one model: the fingerprint of the code before emc.models (its checkpoints resume)
+        fp.pop("models"), fp.pop("model_init")
     fp.update(seed=seed, trial_iterations=settings.trial_iterations, resolution_span=settings.resolution_span,
               grid_n=grid.n, grid_dq=grid.dq,
               data_shape=list(shape), n_valid=int(n_valid), data=data)
