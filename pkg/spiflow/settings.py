@@ -241,7 +241,10 @@ class EMCSettings(Section):
     pixels (a larger particle concentrates its photons at lower q) into K equal groups and
     starts model k from the radial profile of group k (smallest mean |q| first), with the
     usual 10 % noise; "random" starts every model from the radial profile of all frames
-    with its own noise (Dragonfly's random starts).
+    with its own noise (Dragonfly's random starts). The result's models are ordered by
+    particle size and rotated into the frame of the most populated one, with their frames'
+    orientations (:func:`spiflow.emc.common_frame`). Measured on config/nanoparticle.yaml
+    (README): 5 models, radial_split: orientation error 9.7° modulo Oh against 31.8° with one.
     """
     num_div: int = Field(10, ge=1, le=40)
     iterations: int = Field(30, ge=1)
