@@ -59,6 +59,16 @@ posterior outside the cells is not computed). A frame block whose kept pairs exc
 exhaustively. The log's ``orientations_per_frame`` counts the likelihoods evaluated per
 frame (coarse + fine), ``support_per_frame`` the fine rotations kept per frame.
 
+Multi-model EMC (``EMCSettings.models`` K > 1; Dragonfly's "modes", Ayyer et al. 2016):
+K models W_k. In the exhaustive E-step the log-likelihoods of all (model, rotation) pairs
+are rows ``k M : (k + 1) M`` of one (K M, b) matrix (one :meth:`_Engine._loglik` call per
+model), normalised jointly with the prior ``w_r / K``; the gain update sums over both, and
+model k is merged with its rows of the posterior (one :meth:`_Engine._merge` per model).
+Work buffers grow K-fold: the frame block shrinks to keep ``memory_budget_gb``. The
+coarse-to-fine search is single-model (a settings error for K > 1). Local refinement
+refines every frame against its most probable model (:func:`_local_models`). The result's
+models are ordered by particle size (:func:`model_size_order`).
+
 Photon formats (``EMCSettings.photon_format``). *dense*: a block is a (frames × valid pixels)
 matrix K and the E-step and merge are dense matmuls, ``log S_o @ K_oᵀ`` and ``P @ K``
 (cost ∝ frames × orientations × pixels). *sparse*: like Dragonfly's photons files, each
@@ -81,12 +91,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .align import align_intensity_rotation, rotate_volume
 from .distributed import FrameRange, Ranks, frame_ranges, photon_chunk, setup
-from .grid import Grid, friedel_symmetrize
+from .grid import Grid, friedel_symmetrize, slice_volume
 from .io import (RunLog, data_digest, load_checkpoint, resolve_device, save_checkpoint,
                  validate_detector_inputs)
-from .rotation import canonical, quaternion_to_matrix
-from .refine import local_iteration, refine_steps_deg
+from .rotation import canonical, matrix_to_quaternion, quaternion_to_matrix
+from .refine import LocalResult, local_iteration, refine_steps_deg
 from .sampling import coarse_to_fine, n_orientations, so3_sampling
 from .settings import EMCSettings
 from . import slicing_cpu
@@ -123,6 +134,9 @@ MERGE_MIN_PROBABILITY = 1e-6
 #: coarse-to-fine: the kept coarse rotations of a frame are looked for among its this many
 #: most probable ones first (a full sort only for frames whose mass needs more).
 COARSE_TOP = 64
+#: models > 1: the SO(3) sampling of the search that rotates every model into the main
+#: model's frame (:func:`common_frame`; the evaluation's default alignment sampling).
+MODEL_ALIGN_NUM_DIV = 4
 
 
 @dataclass
@@ -137,6 +151,15 @@ class EMCResult:
     probability_max: (frames,) float64, the probability of the most likely sampled
     orientation in the final global E-step. log: one row per
     iteration (columns :data:`LOG_COLUMNS`).
+
+    With ``settings.models`` K > 1 also: models (K, n, n, n) float32, the K models ordered by
+    the particle size they stand for, smallest first (:func:`model_size_order`); model
+    (frames,) int64, each frame's most probable model (index into models); model_probability
+    (frames,) float64, its marginal posterior ``Σ_r P_kri`` in the final global E-step;
+    model_weight (K, n, n, n) float32, the models' merge denominators. Then intensity and
+    weight are those of the most populated model (most frames), probability_max the joint
+    probability of the most likely rotation of the frame's most probable model, and
+    quaternion that rotation (refined against that model with local refinement). None for K = 1.
     """
 
     intensity: np.ndarray
@@ -145,6 +168,10 @@ class EMCResult:
     gain: np.ndarray
     probability_max: np.ndarray
     log: pd.DataFrame
+    models: np.ndarray | None = None
+    model: np.ndarray | None = None
+    model_probability: np.ndarray | None = None
+    model_weight: np.ndarray | None = None
 
 
 def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
@@ -346,6 +373,10 @@ class _Engine:
         self.quats, self.M = quats, len(quats)
         self.rot = quaternion_to_matrix(torch.as_tensor(quats)).to(device, dtype)
         self.logw = torch.as_tensor(np.log(weights)).to(device, dtype)
+        self.K = settings.models
+        # joint (model, rotation) log prior: log w_r − log K (uniform over the models; K = 1: log w_r)
+        self.logw_joint = self.logw if self.K == 1 else (self.logw - np.log(self.K)).repeat(self.K)
+        self.model_best = self.model_probability = None  # filled by iterate (models > 1)
         self.q = torch.as_tensor(q_valid).to(device, dtype)
         self.s = torch.as_tensor(s_valid).to(device, dtype)
         self.logs = torch.log(self.s)
@@ -355,7 +386,7 @@ class _Engine:
         self.grid, self.data, self.chunk = grid, data, settings.orientation_chunk
         self.tiny = torch.finfo(dtype).tiny
         self.log_floor = float(np.log(self.tiny)) + 1  # the floor of log P (see _posterior)
-        self._buf = torch.empty(2 * self.M * data.block, dtype=dtype, device=device)
+        self._buf = torch.empty(2 * self.K * self.M * data.block, dtype=dtype, device=device)
         self._vals = torch.empty(2 * min(self.chunk, self.M) * len(q_valid), dtype=dtype, device=device)
         self._tmp = torch.empty(min(self.chunk, self.M) * data.block, dtype=dtype, device=device)
 
@@ -416,16 +447,16 @@ class _Engine:
             out[:, r0:r1].addr_(g, s_dot_o, alpha=-1)
 
     def _posterior(self, L: torch.Tensor, P: torch.Tensor, beta: float):
-        """The exhaustive soft E-step's posterior of one block: L (b, M) the log-likelihoods,
-        overwritten with log P_ri; P (b, M) receives P_ri. Row reductions only (each frame's
-        orientations are contiguous). Returns (log Σ_r w_r e^{βL_ri} (b,), max P (b,), its
+        """The exhaustive soft E-step's posterior of one block: L (b, K·M) the log-likelihoods
+        (columns: model, then rotation; weights ``logw_joint``), overwritten with log P_ri; P
+        (b, K·M) receives P_ri. Row reductions only (each frame's orientations are contiguous). Returns (log Σ_r w_r e^{βL_ri} (b,), max P (b,), its
         index (b,)).
 
         log P is floored at ``log(finfo.tiny) + 1`` before the exponential, so P holds no
         subnormal numbers (they slow CPU arithmetic and GEMMs several-fold: README, "One
         reconstruction across processes"); a floored entry carries at most e·tiny
         (3e-38 in float32) instead of less, against a row sum of 1."""
-        L.mul_(beta).add_(self.logw[None, :])
+        L.mul_(beta).add_(self.logw_joint[None, :])
         m, best = L.max(1)
         L.sub_(m[:, None]).clamp_min_(self.log_floor)
         torch.exp(L, out=P)
@@ -475,17 +506,29 @@ class _Engine:
 
         Returns (W_new, gain_new, stats, most likely index (frames,), its P (frames,),
         Friedel-symmetrised merge denominator (n, n, n)). Across ranks (``self.comm``) the
-        frames are this rank's; the merge sums and the statistics are all-reduced."""
-        M, dev, dt = self.M, W.device, W.dtype
+        frames are this rank's; the merge sums and the statistics are all-reduced.
+
+        With ``settings.models`` K > 1 (exhaustive search only): W, W_new and the
+        denominator are (K, n, n, n); the posterior runs over (model, rotation) jointly
+        (:class:`~spiflow.settings.EMCSettings`), the returned index is the most likely
+        rotation of each frame's most probable model and P its joint probability; that
+        model (frames,) and its marginal probability Σ_r P_kri (frames,) are left in
+        ``self.model_best`` and ``self.model_probability``; a model no frame reaches keeps
+        its previous value."""
+        M, dev, dt, nk = self.M, W.device, W.dtype, self.K
         frames = self.data.frames
         px = self.pixels(fraction)
-        accum = torch.zeros((2,) + W.shape, dtype=dt, device=dev)  # numerator, denominator
+        Wk = W if nk > 1 else W[None]
+        accum = torch.zeros((nk, 2) + Wk.shape[1:], dtype=dt, device=dev)  # per model: numerator, denominator
         new_gain = gain.clone()
         ll, mi, neglected, evaluated, support = (torch.zeros(frames, dtype=torch.float64, device=dev)
                                                  for _ in range(5))
         pmax, best = torch.zeros(frames, dtype=dt, device=dev), torch.zeros(frames, dtype=torch.long, device=dev)
-        s_dot = torch.empty(M, dtype=dt, device=dev)  # Σ_p s_p W_rp over the iteration's pixels (gain)
+        s_dot = torch.empty(nk * M, dtype=dt, device=dev)  # Σ_p s_p W_krp over the iteration's pixels (gain)
         skipped = False  # some rotation left out of an exhaustive merge
+        if nk > 1:
+            self.model_best = torch.zeros(frames, dtype=torch.long, device=dev)
+            self.model_probability = torch.zeros(frames, dtype=dt, device=dev)
         for i0, i1, K in self.data:
             b, g = i1 - i0, gain[i0:i1]
             blk = self._block(K, px, dense=False)
@@ -503,29 +546,43 @@ class _Engine:
                 neglected[i0:i1], evaluated[i0:i1], support[i0:i1] = neg, ev, sup
                 if update_gain:
                     new_gain[i0:i1] = blk.n_all / gden
-                self._merge_pairs(accum, pairs, blk.Km, new_gain[i0:i1], px)
-            else:
-                L = self._buf[:M * b].view(b, M)
-                P = self._buf[M * b:2 * M * b].view(b, M)
-                self._loglik(W, self.rot, blk.ko if sparse else blk.Ko, g, px, L, s_dot)
-                lse, pmax[i0:i1], best[i0:i1] = self._posterior(L, P, beta)
-                pw = P @ self.logw
+                self._merge_pairs(accum[0], pairs, blk.Km, new_gain[i0:i1], px)
+            else:  # columns k M : (k + 1) M of L and P belong to model k
+                L = self._buf[:nk * M * b].view(b, nk * M)
+                P = self._buf[nk * M * b:2 * nk * M * b].view(b, nk * M)
+                for k in range(nk):
+                    self._loglik(Wk[k], self.rot, blk.ko if sparse else blk.Ko, g, px, L[:, k * M:(k + 1) * M],
+                                 s_dot[k * M:(k + 1) * M])
+                lse, bmax, barg = self._posterior(L, P, beta)
+                if nk == 1:
+                    pmax[i0:i1], best[i0:i1] = bmax, barg
+                else:  # the most probable model, then its most likely rotation
+                    Pk = P.view(b, nk, M)
+                    self.model_probability[i0:i1], kbest = Pk.sum(2).max(1)
+                    self.model_best[i0:i1] = kbest
+                    pmax[i0:i1], best[i0:i1] = Pk[torch.arange(b, device=dev), kbest].max(1)
+                pw = P @ self.logw_joint
                 plogp = L.mul_(P).sum(1)
-                evaluated[i0:i1] = M + (self.hier.M if self.hier is not None else 0)
-                support[i0:i1] = M
+                evaluated[i0:i1] = nk * M + (self.hier.M if self.hier is not None else 0)
+                support[i0:i1] = nk * M
                 if update_gain:
                     new_gain[i0:i1] = blk.n_all / (P @ s_dot)
-                neglected[i0:i1] = self._merge(accum, self.rot, P, blk, new_gain[i0:i1], px)
+                for k in range(nk):
+                    neglected[i0:i1] += self._merge(accum[k], self.rot, P[:, k * M:(k + 1) * M], blk,
+                                                    new_gain[i0:i1], px)
                 skipped = skipped or bool(neglected[i0:i1].any())
             ll[i0:i1] = ((plogp - pw + lse) / beta + const).double()  # Σ_r P_ri L_ri
             mi[i0:i1] = (plogp - pw).double()  # Σ_r P_ri log(P_ri / w_r)
         comm = self.comm
         comm.sum_(accum)
         scale = comm.mean(new_gain) if update_gain else torch.ones((), dtype=dt, device=dev)
-        W_new = merge_ratio(accum[0], accum[1]) * scale
-        weight = friedel_symmetrize(accum[1])
-        if px.sel is not None or self.hier is not None or comm.total(float(skipped))[0] > 0:
-            # voxels beyond the pixels' reach, or reached by no merged rotation, keep their value
+        W_new = merge_ratio(accum[:, 0], accum[:, 1]) * scale
+        weight = friedel_symmetrize(accum[:, 1])
+        if nk == 1:
+            W_new, weight = W_new[0], weight[0]
+        if px.sel is not None or self.hier is not None or nk > 1 or comm.total(float(skipped))[0] > 0:
+            # voxels beyond the pixels' reach, reached by no merged rotation, or (models > 1)
+            # of a model no frame reaches, keep their value
             W_new = torch.where(weight > 0, W_new, W)
         stats = {"log_likelihood": comm.mean(ll).item(), "mutual_info": comm.mean(mi).item(),
                  "mean_max_probability": comm.mean(pmax.double()).item(),
@@ -672,7 +729,8 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
                    grid: Grid, seed: int) -> np.ndarray:
     """W0: radial profile ``Σ_bin Σ_i K_ip / Σ_bin s_p Σ_i φ_i`` (bins of width dq in |q|),
     interpolated linearly to every voxel's |q| (constant beyond the ends), times
-    ``1 + 0.1 u`` with u ~ U[0, 1) from ``numpy.random.default_rng(seed)``. (n, n, n) float64."""
+    ``1 + 0.1 u`` with u ~ U[0, 1) from ``numpy.random.default_rng(seed)`` (an int or a
+    sequence of ints). (n, n, n) float64."""
     k = np.rint(np.linalg.norm(q_valid, axis=1) / grid.dq).astype(np.int64)
     top = np.bincount(k, weights=sum_counts)
     bottom = np.bincount(k, weights=s_valid * gain_sum)
@@ -682,14 +740,51 @@ def _initial_model(sum_counts: np.ndarray, q_valid: np.ndarray, s_valid: np.ndar
     return profile * (1 + 0.1 * np.random.default_rng(seed).random(profile.shape))
 
 
+def _initial_models(comm: Ranks, data: PhotonBlocks, counts: list[int], sum_counts: np.ndarray, q_valid: np.ndarray,
+                    s_valid: np.ndarray, gain: np.ndarray, grid: Grid, settings: EMCSettings, seed: int) -> np.ndarray:
+    """The initial model(s): :func:`_initial_model` of all frames ((n, n, n), models 1), or
+    (K, n, n, n) for ``settings.models`` K > 1 by ``settings.model_init``: "random", every
+    model the profile of all frames with noise seeded ``(seed, k)``; "radial_split", the
+    frames (all ranks', counts per rank, this rank's in ``data``) sorted by the
+    photon-weighted mean |q| of their valid pixels ``Σ_p K_ip |q_p| / Σ_p K_ip`` and cut
+    into K groups of equal size, model k the profile of group k (noise seeded ``(seed, k)``).
+    sum_counts (P,) photons per valid pixel over all frames, gain (all frames,) the initial gains."""
+    nk = settings.models
+    if nk == 1:
+        return _initial_model(sum_counts, q_valid, s_valid, gain.sum(), grid, seed)
+    if settings.model_init == "random":
+        return np.stack([_initial_model(sum_counts, q_valid, s_valid, gain.sum(), grid, [seed, k]) for k in range(nk)])
+    qn = torch.as_tensor(np.linalg.norm(q_valid, axis=1)).to(data.device, data.dtype)
+    proxy = np.zeros(data.frames)
+    for i0, i1, K in data:
+        Kd = K.dense() if isinstance(K, SparseBlock) else K
+        proxy[i0:i1] = ((Kd @ qn) / Kd.sum(1).clamp_min(1)).double().cpu().numpy()
+    proxy = _gathered(comm, proxy, counts)
+    n = len(proxy)
+    group = np.empty(n, np.int64)
+    group[np.argsort(proxy, kind="stable")] = np.arange(n) * nk // n  # group 0: the lowest mean |q|
+    f0 = sum(counts[:comm.rank])
+    mine = torch.as_tensor(group[f0:f0 + data.frames]).to(data.device)
+    sums = torch.zeros((nk, len(q_valid)), dtype=torch.float64, device=data.device)
+    for i0, i1, K in data:
+        Kd = K.dense() if isinstance(K, SparseBlock) else K
+        onehot = torch.nn.functional.one_hot(mine[i0:i1], nk).T.to(Kd.dtype)
+        sums += (onehot @ Kd).double()
+    sums = _reduced(comm, sums.cpu().numpy())
+    return np.stack([_initial_model(sums[k], q_valid, s_valid, gain[group == k].sum(), grid, [seed, k])
+                     for k in range(nk)])
+
+
 def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: int, data: str) -> str:
     """The settings a checkpoint must share to be resumed: all but the iteration count
     (a resumed run may go on), the random starts' and the resolution marching's counts of
     it (``trial_iterations`` and ``resolution_span`` stand for them), and the cost settings (orientation_chunk, memory_budget_gb, photon_format,
-    processes);
+    processes); ``models`` and ``model_init`` only when models > 1;
     plus the seed, grid, data shape, valid-pixel count and per-frame photon totals."""
     fp = settings.model_dump(exclude={"iterations", "start_iterations", "orientation_chunk", "memory_budget_gb",
                                       "photon_format", "processes"})
+    if settings.models == 1:  # one model: the fingerprint of the code before emc.models (its checkpoints resume)
+        fp.pop("models"), fp.pop("model_init")
     fp.update(seed=seed, trial_iterations=settings.trial_iterations, resolution_span=settings.resolution_span,
               grid_n=grid.n, grid_dq=grid.dq,
               data_shape=list(shape), n_valid=int(n_valid), data=data)
@@ -712,8 +807,11 @@ def expectation_step(photons, valid, q, pixel_factor, grid: Grid, model: np.ndar
     with the updated gains; ``gain`` (frames,); ``stats`` the log columns of the pass
     (log_likelihood, mutual_info, mean_max_probability, neglected_mass,
     orientations_per_frame, support_per_frame, q_radius); ``seconds`` (passes,) the wall
-    seconds of each pass (without the set-up: sampling, reading the photons). One process.
-    Raises ValueError as :func:`run_emc`, and for passes < 1."""
+    seconds of each pass (without the set-up: sampling, reading the photons). With
+    ``settings.models`` K > 1, model is (K, n, n, n) (in and out) and the dict adds
+    ``model_best`` (frames,) each frame's most probable model and ``model_probability``
+    (frames,) its marginal posterior. One process. Raises ValueError as :func:`run_emc`,
+    and for passes < 1."""
     settings = settings or EMCSettings()
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
@@ -735,9 +833,13 @@ def expectation_step(photons, valid, q, pixel_factor, grid: Grid, model: np.ndar
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds.append(time.perf_counter() - t0)
-    return {"quaternion": engine.quats[best.cpu().numpy()], "probability_max": pmax.double().cpu().numpy(),
-            "model": W.double().cpu().numpy(), "gain": g.double().cpu().numpy(), "stats": stats,
-            "seconds": np.asarray(seconds)}
+    out = {"quaternion": engine.quats[best.cpu().numpy()], "probability_max": pmax.double().cpu().numpy(),
+           "model": W.double().cpu().numpy(), "gain": g.double().cpu().numpy(), "stats": stats,
+           "seconds": np.asarray(seconds)}
+    if engine.K > 1:
+        out.update(model_best=engine.model_best.cpu().numpy(),
+                   model_probability=engine.model_probability.double().cpu().numpy())
+    return out
 
 
 def choose_photon_format(photons, pixels: np.ndarray, frames: int = 256) -> str:
@@ -847,7 +949,8 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
     item = torch.finfo(dtype).bits // 8
     M = n_orientations(settings.num_div)
     budget = settings.memory_budget_gb * 1e9
-    block = int(max(1, min(f1 - f0, budget // (item * (2 * M + min(settings.orientation_chunk, M) + len(qv))))))
+    block = int(max(1, min(f1 - f0, budget // (item * (2 * M * settings.models + min(settings.orientation_chunk, M)
+                                                      + len(qv))))))
     # orientation pixels first (by |q|: resolution marching), the central ones last: see EMCSettings
     central = np.linalg.norm(qv, axis=1) < settings.orientation_min_radius_voxels * grid.dq
     if central.all():
@@ -891,7 +994,8 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
         state = {"iteration": it, "start": best_start, "model": W.cpu(), "gain": comm.gather(gain, counts).cpu(),
                  "beta": settings.beta(it), "fingerprint": fp, "log_rows": rows.state()}
         for k, v in extra.items():
-            state[k] = (comm.gather(v, counts) if k in ("quaternion", "probability_max") else v)
+            state[k] = (comm.gather(v, counts) if k in ("quaternion", "probability_max", "model_best",
+                                                         "model_probability") else v)
             state[k] = state[k].cpu() if torch.is_tensor(state[k]) else state[k]
         if comm.is_root:
             save_checkpoint(checkpoint_path, state)
@@ -906,7 +1010,8 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
         start = settings.trial_iterations
         checkpoint(start)
     else:
-        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, seed)).to(device, dtype)
+        W = torch.as_tensor(_initial_models(comm, data, counts, sum_counts, qv, sv, g0, grid, settings, seed)
+                            ).to(device, dtype)
 
     steps = refine_steps_deg(settings)
     local = ckpt is not None and "quaternion" in ckpt  # a checkpoint of the local refinement
@@ -921,21 +1026,28 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
                         change=f"{rows[-1]['rms_change']:.2e}")
 
     last_beta = settings.beta(max(start, settings.iterations))
+    multi = settings.models > 1
+    mbest = mprob = None
     if local:
         quat, pmax = (ckpt[k][f0:f1].to(device, dtype) for k in ("quaternion", "probability_max"))
         weight = ckpt["weight"].to(device, dtype)
+        if multi:
+            mbest, mprob = ckpt["model_best"][f0:f1].to(device), ckpt["model_probability"][f0:f1].to(device, dtype)
     else:
         _, _, _, best, pmax, weight = engine.iterate(W, gain, last_beta, update_gain=False,
                                                      fraction=settings.resolution_fraction(max(start, settings.iterations)))
         quat = torch.as_tensor(engine.quats).to(device, dtype)[best]
+        mbest, mprob = engine.model_best, engine.model_probability
+    per_model = {"model_best": mbest, "model_probability": mprob} if multi else {}
     engine.release()
     done = int(ckpt["local_done"]) if local else 0
     q_t, s_t = torch.as_tensor(qv).to(device, dtype), torch.as_tensor(sv).to(device, dtype)
     for k in range(done, len(steps)):
         t0, it = time.perf_counter(), settings.iterations + k + 1
-        res = local_iteration(data, W, quat, gain, q_t, s_t, n_orient, grid, float(steps[k]),
-                              settings.refine_radius_steps, settings.refine_assignment, settings.beta_max,
-                              settings.update_gain, settings.memory_budget_gb, comm=comm)
+        res = (_local_models if multi else local_iteration)(
+            data, W, quat, gain, q_t, s_t, n_orient, grid, float(steps[k]), settings.refine_radius_steps,
+            settings.refine_assignment, settings.beta_max, settings.update_gain, settings.memory_budget_gb,
+            comm=comm, **({"model": mbest} if multi else {}))
         change = (torch.linalg.norm(res.W - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
         W, quat, gain, weight = res.W, res.quaternion, res.gain, res.weight
         if W.device.type == "cuda":
@@ -945,7 +1057,7 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
                "rms_change": change, "gain_std": comm.std(gain),
                "seconds": time.perf_counter() - t0, "step_deg": float(steps[k])}
         rows.append(row)
-        checkpoint(it, quaternion=quat, probability_max=pmax, weight=weight, local_done=k + 1)
+        checkpoint(it, quaternion=quat, probability_max=pmax, weight=weight, local_done=k + 1, **per_model)
         bar.update(1)
         bar.set_postfix(step=f"{steps[k]:.2g}°", loglik=f"{row['log_likelihood']:.4g}",
                         moved=f"{row['moved_fraction']:.2f}")
@@ -953,11 +1065,133 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
 
     log_df = rows.frame()
     quat, gain, pmax = (comm.gather(x, counts) for x in (quat, gain, pmax))
+    extra = {}
+    if multi:
+        Wn, wn = W.double().cpu().numpy(), weight.double().cpu().numpy()
+        order = model_size_order(Wn, wn, grid)
+        rank = np.argsort(order)  # old index -> new index
+        mb = rank[comm.gather(mbest, counts).cpu().numpy()]
+        main = int(np.bincount(mb, minlength=len(order)).argmax())
+        Wn, wn = Wn[order], wn[order]
+        # every model into the main model's frame, and its frames' orientations with it
+        A = common_frame(Wn, wn, grid, main)
+        rot = quaternion_to_matrix(quat.double().cpu())
+        rot = rot @ torch.as_tensor(A).transpose(1, 2)[torch.as_tensor(mb)]
+        quat = matrix_to_quaternion(rot)
+        Wn, wn = (np.stack([x if k == main else np.asarray(rotate_volume(x, A[k])) for k, x in enumerate(v)]
+                           ).astype(np.float32) for v in (Wn, wn))
+        extra = {"models": Wn, "model_weight": wn, "model": mb.astype(np.int64),
+                 "model_probability": comm.gather(mprob, counts).double().cpu().numpy()}
+        W, weight = torch.as_tensor(Wn[main]), torch.as_tensor(wn[main])
     return EMCResult(intensity=W.cpu().numpy().astype(np.float32),
                      weight=weight.cpu().numpy().astype(np.float32),
                      quaternion=canonical(quat.double()).cpu().numpy(),
                      gain=gain.double().cpu().numpy(),
-                     probability_max=pmax.double().cpu().numpy(), log=log_df)
+                     probability_max=pmax.double().cpu().numpy(), log=log_df, **extra)
+
+
+def speckle_halfwidths(models: np.ndarray, weights: np.ndarray, grid: Grid) -> np.ndarray:
+    """The half-width of the central speckle of each of K models (K, n, n, n), Å⁻¹ (K,): the
+    |q| at which the shell-averaged intensity (shells of width dq over the voxels that every
+    model measures, weights (K, n, n, n) > 0; all voxels when none is common) first falls
+    below half its largest value, linearly interpolated between shells (the last shell's
+    |q| when it never does). The central maximum of ``|F(q)|²`` narrows as 1 / size, so
+    this is a scale-free inverse size (the gains absorb a model's scale)."""
+    common = (np.asarray(weights) > 0).all(0)
+    mask = common if common.any() else np.ones(common.shape, bool)
+    shell = np.rint(grid.q_norm()[mask] / grid.dq).astype(np.int64)
+    count = np.bincount(shell)
+    filled = np.flatnonzero(count > 0)
+    half = []
+    for m in np.asarray(models, dtype=np.float64):
+        prof = (np.bincount(shell, weights=m[mask], minlength=len(count))[filled] / count[filled])
+        top = int(prof.argmax())
+        below = np.flatnonzero(prof[top:] < 0.5 * prof[top])
+        if len(below) == 0:
+            half.append(filled[-1] * grid.dq)
+            continue
+        j = top + int(below[0])  # prof[j - 1] >= half > prof[j]
+        t = (prof[j - 1] - 0.5 * prof[top]) / (prof[j - 1] - prof[j])
+        half.append((filled[j - 1] + t * (filled[j] - filled[j - 1])) * grid.dq)
+    return np.asarray(half)
+
+
+def model_size_order(models: np.ndarray, weights: np.ndarray, grid: Grid) -> np.ndarray:
+    """The order of K models (K, n, n, n) by the size of the particle each stands for,
+    smallest first: by decreasing :func:`speckle_halfwidths`. Returns (K,) int64 indices;
+    ties keep the input order."""
+    return np.argsort(-speckle_halfwidths(models, weights, grid), kind="stable").astype(np.int64)
+
+
+def common_frame(models: np.ndarray, weights: np.ndarray, grid: Grid, main: int,
+                 num_div: int = MODEL_ALIGN_NUM_DIV) -> np.ndarray:
+    """Rotations A (K, 3, 3) that bring every model into the frame of model ``main``:
+    ``W_k(q s_k) ≈ W_main(A_k q)``, found by :func:`spiflow.align.align_intensity_rotation`
+    (``num_div``) between model k resampled at ``q s_k`` and the main model, ``s_k`` the
+    ratio of their :func:`speckle_halfwidths` (so that particles of different size, whose
+    intensities are alike up to the scale of q, are compared at equal speckle width); the
+    voxels used are those both measure (weights > 0). A_main = 1. Each model of
+    multi-model EMC has its own arbitrary frame (nothing ties them); after
+    ``W_k ← rotate_volume(W_k, A_k)`` and ``R_i ← R_i A_kᵀ`` for the frames of model k, all
+    share the main model's frame."""
+    hw = speckle_halfwidths(models, weights, grid)
+    q = torch.as_tensor(grid.q_points())
+    out = np.tile(np.eye(3), (len(models), 1, 1))
+    for k in range(len(models)):
+        if k == main:
+            continue
+        scale = hw[k] / hw[main]
+        Wk = slice_volume(torch.as_tensor(models[k], dtype=torch.float64), q * scale, grid).numpy()
+        meas = slice_volume(torch.as_tensor((weights[k] > 0).astype(np.float64)), q * scale, grid).numpy() > 0.99
+        A, _ = align_intensity_rotation(Wk, models[main], grid, mask=meas, reference_mask=weights[main] > 0,
+                                        num_div=num_div)
+        out[k] = np.asarray(A, dtype=np.float64)
+    return out
+
+
+class _Selected:
+    """The frames ``selected`` (bool (frames,) tensor) of photon blocks ``data``, as blocks
+    ``(j0, j1, K)`` numbered among the selected frames only (dense K)."""
+
+    def __init__(self, data, selected: torch.Tensor):
+        self.data, self.selected = data, selected
+
+    def __iter__(self):
+        j = 0
+        for i0, i1, K in self.data:
+            idx = torch.nonzero(self.selected[i0:i1])[:, 0]
+            if len(idx) == 0:
+                continue
+            dense = getattr(K, "dense", None)
+            K = dense() if dense is not None else K
+            yield j, j + len(idx), K[idx.to(K.device)]
+            j += len(idx)
+
+
+def _local_models(data, W, quat, gain, q_t, s_t, n_orient, grid, step_deg, radius_steps, assignment, beta,
+                  update_gain, memory_budget_gb, comm: Ranks, model: torch.Tensor) -> LocalResult:
+    """One local iteration (:func:`spiflow.refine.local_iteration`) for K models W (K, n, n, n):
+    every frame refined against its own most probable model ``model`` (frames,) (this rank's
+    frames), model k merged from its frames alone; a model without frames keeps its value
+    (weight 0). Gains are normalised to mean 1 within each model's frames (the scale of a
+    model and its frames' gains are interchangeable), so their overall mean stays 1. The
+    statistics are frame-weighted means over the models. Returns a :class:`LocalResult`
+    with W and weight (K, n, n, n)."""
+    W_new, weight = W.clone(), torch.zeros_like(W)
+    quat, gain = quat.clone(), gain.clone()
+    sums, total = {}, 0.0
+    for k in range(len(W)):
+        sel = model == k
+        (n_k,) = comm.total(int(sel.sum()))
+        if n_k == 0:
+            continue
+        res = local_iteration(_Selected(data, sel), W[k], quat[sel], gain[sel], q_t, s_t, n_orient, grid, step_deg,
+                              radius_steps, assignment, beta, update_gain, memory_budget_gb, comm=comm)
+        W_new[k], weight[k], quat[sel], gain[sel] = res.W, res.weight, res.quaternion, res.gain
+        for name, v in res.stats.items():
+            sums[name] = sums.get(name, 0.0) + v * n_k
+        total += n_k
+    return LocalResult(W_new, quat, gain, weight, {name: v / total for name, v in sums.items()})
 
 
 def _step(engine: _Engine, W, gain, it: int, start_index: int, settings: EMCSettings, rows: RunLog):
@@ -992,7 +1226,8 @@ def _random_starts(photons, pixels, qv, sv, n_orient, grid, settings: EMCSetting
     trial = settings.model_copy(update={"num_div": min(settings.start_num_div, settings.num_div)})
     M = n_orientations(trial.num_div)
     item = torch.finfo(dtype).bits // 8
-    block = int(max(1, min(b - a, settings.memory_budget_gb * 1e9 // (item * (2 * M + min(settings.orientation_chunk, M) + len(qv))))))
+    block = int(max(1, min(b - a, settings.memory_budget_gb * 1e9
+                           // (item * (2 * M * settings.models + min(settings.orientation_chunk, M) + len(qv))))))
     data = PhotonBlocks(sub, pixels, block, True, device, dtype,
                         sparse_orient=n_orient if settings.photon_format == "sparse" else None)
     engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype, comm)
@@ -1001,7 +1236,8 @@ def _random_starts(photons, pixels, qv, sv, n_orient, grid, settings: EMCSetting
     best = (-np.inf, None, 0)
     bar = tqdm(total=settings.n_starts * settings.trial_iterations, disable=not progress, desc="EMC starts")
     for k in range(settings.n_starts):
-        W = torch.as_tensor(_initial_model(sum_counts, qv, sv, g0.sum(), grid, seed + k)).to(device, dtype)
+        W = torch.as_tensor(_initial_models(comm, data, [y - x for x, y in ranges], sum_counts, qv, sv, g0, grid,
+                                            settings, seed + k)).to(device, dtype)
         gain = torch.as_tensor(g0[a:b]).to(device, dtype)
         for it in range(1, settings.trial_iterations + 1):
             W, gain = _step(engine, W, gain, it, k, trial, rows)

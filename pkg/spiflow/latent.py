@@ -26,6 +26,10 @@
   ``states.csv``;
 * ``latent_traversal.png``: central sections of the volumes decoded along PC1
   (:func:`spiflow.vae.traversal`, ±2 σ).
+
+:func:`evaluate_models` evaluates multi-model EMC's models (``emc.models`` > 1) the same way
+(:func:`compare_with_state`, shared with the VAE's states): ``evaluate/emc/models/`` and
+``models.csv``, with each model's orientation error modulo the point group.
 """
 from __future__ import annotations
 
@@ -174,8 +178,6 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     rotation: A with ``I_rec(q) ≈ I_true(A q)``; scale: J r_e² that turns the decoder's
     photons per unit pixel factor into electrons². Files go to ``out_dir``.
     """
-    from .stores import write_mrc
-
     out = Path(out_dir)
     (out / "states").mkdir(parents=True, exist_ok=True)
     v, seed = config["vae"], config["dataset"]["seed"]
@@ -199,22 +201,14 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     else:
         matched, true_density = np.zeros(len(frames), int), truth.density.values[None]
     vols = decode(decoder, zk, grid=grid, decoder_grid=dgrid) / scale
-    phasing = PhasingSettings(**config["phase"])
     rows = []
     for k, (f, s, vol) in enumerate(zip(frames, matched, vols)):
-        res = phase(vol, grid, phasing, measured=measured, seed=seed, device=config["device"])
-        rho, reg = align_density(np.asarray(rotate_volume(res.density, rotation)), true_density[s])
-        rho = np.asarray(rho)
-        table = metrics.fsc(rho, true_density[s], grid)
-        with atomic_path(out / "states" / f"fsc_state_{k}.csv") as tmp:
-            table.to_csv(tmp, index=False)
-        with atomic_path(out / "states" / f"state_{k}.mrc") as tmp:
-            write_mrc(tmp, rho, grid.voxel_size)
+        numbers = compare_with_state(config, vol, measured, rotation, true_density[s], grid,
+                                     out / "states" / f"fsc_state_{k}.csv", out / "states" / f"state_{k}.mrc")
         row = {"state": k, "frame": int(f), **{f"z{d}": float(x) for d, x in enumerate(zk[k])},
                **{f"true_{n}": float(conf[f, j]) for j, n in enumerate(names)}, "matched_state": int(s),
                **{f"matched_{n}": float(truth.state_conformation.values[s, j]) for j, n in enumerate(names)},
-               "resolution_fsc05_angstrom": metrics.resolution_at(table, 0.5),
-               "resolution_fsc0143_angstrom": metrics.resolution_at(table, 0.143), "density_cc": float(reg["cc"])}
+               **numbers}
         rows.append(row)
     df = pd.DataFrame(rows)
     with atomic_path(out / "states.csv") as tmp:
@@ -231,3 +225,90 @@ def evaluate_latent(config: dict, truth: xr.Dataset, latent: xr.Dataset, decoder
     _, path_vols = traversal(decoder, z, steps=steps, span=2.0)
     plot_traversal(path_vols, dgrid, np.linspace(-2, 2, steps), out / "latent_traversal.png")
     return result
+
+
+def compare_with_state(config: dict, intensity: np.ndarray, measured: np.ndarray, rotation: np.ndarray,
+                       true_density: np.ndarray, grid: Grid, fsc_csv, mrc) -> dict:
+    """Phase one recovered state's intensity (n, n, n) electrons² (``phase`` settings,
+    ``dataset.seed``, ``device``; voxels outside ``measured`` left free), rotate its density
+    by ``rotation`` (A with ``I_rec(q) ≈ I_true(A q)``), register it to ``true_density``
+    (n, n, n) e/Å³ (translation, inversion) and compare them by FSC. Writes the FSC table
+    to ``fsc_csv`` and the aligned density to ``mrc``; returns ``resolution_fsc05_angstrom``,
+    ``resolution_fsc0143_angstrom`` (Å) and ``density_cc``. Used for the VAE's k-means states
+    (:func:`evaluate_latent`) and multi-model EMC's models (:func:`evaluate_models`)."""
+    from .stores import write_mrc
+
+    res = phase(intensity, grid, PhasingSettings(**config["phase"]), measured=measured, seed=config["dataset"]["seed"],
+                device=config["device"])
+    rho, reg = align_density(np.asarray(rotate_volume(res.density, rotation)), true_density)
+    rho = np.asarray(rho)
+    table = metrics.fsc(rho, true_density, grid)
+    with atomic_path(fsc_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(mrc) as tmp:
+        write_mrc(tmp, rho, grid.voxel_size)
+    return {"resolution_fsc05_angstrom": metrics.resolution_at(table, 0.5),
+            "resolution_fsc0143_angstrom": metrics.resolution_at(table, 0.143), "density_cc": float(reg["cc"])}
+
+
+def evaluate_models(config: dict, truth: xr.Dataset, intensity: xr.Dataset, orientations: xr.Dataset, grid: Grid,
+                    out_dir) -> dict:
+    """Multi-model EMC (``emc.models`` > 1) against a heterogeneous truth, as the VAE's states.
+
+    intensity: the EMC intensity store with ``models``/``models_measured`` (model, qx, qy, qz)
+    (smallest particle first, :func:`spiflow.emc.model_size_order`); orientations: its
+    orientations store with each frame's ``model``. Model k's frames (those whose most
+    probable model it is) give its *matching true state*: the reference state nearest the
+    median of their true conformations (:func:`match_states`). Each model with frames is
+    rotated into the truth's frame by :func:`spiflow.align.align_intensity_rotation` against
+    that state's intensity (``evaluate.align_num_div``; every model has its own arbitrary
+    frame), then phased and compared (:func:`compare_with_state`); its frames' orientation
+    errors are taken modulo ``evaluate.symmetry`` (:func:`spiflow.metrics.orientation_errors`,
+    a global rotation fitted per model). Files in ``out_dir/models/`` (``model_K.mrc``,
+    ``fsc_model_K.csv``) and ``out_dir/models.csv``. Returns ``model_spearman``: Spearman ρ
+    (signed) of the frames' model index against the first true conformation parameter (the
+    size for nanoparticles: positive when the models are ordered like the truth);
+    ``model_resolution_fsc05_angstrom_mean`` and ``models``, the rows of models.csv (the
+    run's ``orientation_error_median_deg`` stays the one-rotation figure of
+    :func:`spiflow.pipeline.stage_evaluate`: EMC rotates its models into one frame,
+    :func:`spiflow.emc.common_frame`).
+    Returns {} for a truth without ``conformation`` (a homogeneous sample)."""
+    from scipy.stats import spearmanr
+
+    from .align import align_intensity_rotation
+    from .symmetry import point_group
+
+    if "conformation" not in truth:
+        return {}
+    out = Path(out_dir)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    conf = truth.conformation.values
+    names = [str(n) for n in truth.parameter.values]
+    label = orientations.model.values.astype(int)
+    sym = point_group(config["evaluate"]["symmetry"])
+    rows = []
+    for k in range(intensity.sizes["model"]):
+        sel = label == k
+        if not sel.any():
+            continue
+        median = np.median(conf[sel], axis=0)
+        s = int(match_states(median[None], truth.state_conformation.values, np.ptp(conf, axis=0))[0])
+        vol = intensity.models.values[k]
+        meas = intensity.models_measured.values[k]
+        A, rot_cc = align_intensity_rotation(vol, truth.state_intensity.values[s], grid, mask=meas,
+                                             num_div=config["evaluate"]["align_num_div"])
+        numbers = compare_with_state(config, vol, meas, np.asarray(A, dtype=np.float64), truth.state_density.values[s],
+                                     grid, out / "models" / f"fsc_model_{k}.csv", out / "models" / f"model_{k}.mrc")
+        err, _ = metrics.orientation_errors(orientations.quaternion.values[sel], truth.quaternion.values[sel],
+                                            symmetry=sym)
+        rows.append({"model": k, "frames": int(sel.sum()), **{f"median_true_{n}": float(median[j])
+                                                                for j, n in enumerate(names)},
+                     "matched_state": s,
+                     **{f"matched_{n}": float(truth.state_conformation.values[s, j]) for j, n in enumerate(names)},
+                     "orientation_error_median_deg": float(np.median(err)), "rotation_cc": float(rot_cc), **numbers})
+    df = pd.DataFrame(rows)
+    with atomic_path(out / "models.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    rho = float(spearmanr(label, conf[:, 0]).statistic) if np.ptp(label) > 0 and np.ptp(conf[:, 0]) > 0 else np.nan
+    return {"model_spearman": rho, "model_resolution_fsc05_angstrom_mean": float(df.resolution_fsc05_angstrom.mean()),
+            "models": rows}

@@ -99,15 +99,21 @@ def _patterns(patterns: str):
 
 
 def _write_recon(W, measured, quaternion, gain, grid: Grid, scale: float, attrs: dict, intensity: str,
-                 orientations: str, **per_frame) -> None:
-    """Write a method's intensity (``W / scale`` in electrons²) and orientations stores."""
-    stores.write_intensity(intensity, W / scale, grid, measured, attrs)
+                 orientations: str, models=None, models_measured=None, **per_frame) -> None:
+    """Write a method's intensity (``W / scale`` in electrons², and ``models / scale`` when
+    given) and orientations stores."""
+    stores.write_intensity(intensity, W / scale, grid, measured, attrs,
+                           None if models is None else models / scale, models_measured)
     stores.write_orientations(orientations, quaternion, gain, attrs, **per_frame)
 
 
 def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str,
               checkpoint: str, progress: bool = True, seed_offset: int = 0) -> None:
     """orient with EMC: streams photons from the Zarr chunks; never reads the truth.
+    With ``emc.models`` K > 1 the intensity store adds ``models``/``models_measured`` (model,
+    qx, qy, qz) (smallest particle first) and its ``intensity`` is the most populated model;
+    the orientations store adds each frame's ``model`` and ``model_probability``
+    (:class:`spiflow.emc.EMCResult`).
 
     The model W (photons per unit pixel factor) becomes electrons² through the nominal
     fluence J of the patterns' metadata: ``I = W / (J r_e²)``. seed_offset: added to
@@ -127,9 +133,11 @@ def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, lo
     if not ranks.is_root:
         return
     attrs = {"method": "emc", "wall_seconds": time.perf_counter() - t0, "num_div": cfg.num_div,
-             "iterations": cfg.iterations, "refine_iterations": cfg.refine_iterations}
+             "iterations": cfg.iterations, "refine_iterations": cfg.refine_iterations, "models": cfg.models}
+    multi = {} if res.models is None else {"models": res.models, "models_measured": res.model_weight > 0,
+                                           "model": res.model, "model_probability": res.model_probability}
     _write_recon(res.intensity, res.weight > 0, res.quaternion, res.gain, grid, scale, attrs, intensity,
-                 orientations, probability_max=res.probability_max)
+                 orientations, probability_max=res.probability_max, **multi)
 
 
 def stage_mtip(config: dict, patterns: str, intensity: str, orientations: str, log_csv: str, checkpoint: str,
@@ -324,6 +332,8 @@ def _evaluate_against_truth(config, method, tr, patterns, rec, ori, den, grid, m
                                   f"{method}: true (top) vs reconstructed (bottom) intensity")
     plots.plot_density_slices(tr.density.values, rho_al, grid, out / "density_slices.png")
     plots.plot_orientation_errors(errors, out / "orientation_errors.png")
+    if "models" in rec and "model" in ori:  # multi-model EMC: every model against its matching true state
+        result.update(latent_eval.evaluate_models(config, tr, rec, ori, grid, out))
     if latent is not None and decoder is not None:
         pat = xr.open_zarr(patterns)
         scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
@@ -338,6 +348,7 @@ SUMMARY_COLUMNS = ["method", "resolution_fsc05_angstrom", "resolution_fsc0143_an
 # with the first true conformation parameter, PC1's share of the latent variance, and the
 # mean FSC-0.5 resolution of the recovered states against their matching true states
 SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resolution_fsc05_angstrom_mean",
+                 "model_spearman", "model_resolution_fsc05_angstrom_mean",
                  "prtf_resolution_angstrom", "halfset_resolution_fsc0143_angstrom", "halfset_resolution_fsc05_angstrom"]
 
 

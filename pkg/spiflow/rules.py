@@ -31,6 +31,8 @@ STAGE_KEYS: dict[str, tuple[str, ...] | None] = {
     "train_vae": ("vae", "dataset.seed", "device"),
     "phase": ("phase", "dataset.seed", "device"),
     "evaluate": ("evaluate.align_num_div", "evaluate.symmetry"),
+    # method emc with emc.models > 1: + every model phased (spiflow.latent.evaluate_models)
+    "evaluate_models": ("evaluate.align_num_div", "evaluate.symmetry", "phase", "dataset.seed", "device"),
     # + the latent analysis (spiflow.latent.evaluate_latent): k-means states phased, a traversal
     "evaluate_vae": ("evaluate.align_num_div", "evaluate.symmetry", "vae.clusters", "vae.traversal_steps",
                      "phase", "dataset.seed", "device"),

@@ -18,7 +18,7 @@ import sys
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from .rules import SCHEMA_PATH
 
@@ -179,8 +179,8 @@ class EMCSettings(Section):
     speckle, σ ≈ 2.5–3 in a usual experiment).
     orientation_chunk: orientations sliced / merged at once (work arrays of chunk × valid
     pixels). memory_budget_gb: frame block size B is the largest with
-    ``B (2 M + min(chunk, M) + P) · itemsize <= budget`` (M orientations, P valid pixels: the
-    log-likelihood and probability matrices, one chunk's product and the photon block); the photons (frames × P) are kept in
+    ``B (2 K M + min(chunk, M) + P) · itemsize <= budget`` (M orientations, K models, P valid
+    pixels: the log-likelihood and probability matrices, one chunk's product and the photon block); the photons (frames × P) are kept in
     memory between passes when they fit in the budget too, else re-read every pass.
     dtype: "float32" (fast) or "float64".
     refine_iterations, refine_step_end_deg, refine_radius_steps, refine_assignment: local
@@ -228,6 +228,23 @@ class EMCSettings(Section):
     :data:`spiflow.emc.MERGE_MIN_PROBABILITY` are merged; frame blocks whose kept pairs
     exceed :data:`spiflow.emc.COARSE_TO_FINE_MAX_FRACTION` of all are searched exhaustively
     (broad posteriors at low β).
+    models, model_init: multi-model EMC for a particle that varies from frame to frame, as
+    Dragonfly's "modes" (Ayyer et al., J. Appl. Cryst. 49, 1320 (2016)): K = ``models``
+    intensity models W_k; each frame's posterior runs over (model k, rotation r) jointly,
+    ``P_kri = (w_r / K) exp(β L_kri) / Σ_k'r' (w_r' / K) exp(β L_k'r'i)`` (uniform model
+    prior), the gains use ``Σ_kr P_kri Σ_p s_p W_krp``, and model k is merged with its own
+    weights P_kri. 1 is plain EMC (the same code path and result). K > 1 needs
+    ``search: exhaustive`` (the coarse-to-fine search is single-model; a settings error
+    otherwise); the random starts, checkpoints and processes > 1 run all K models, local
+    refinement refines each frame against its most probable model. Initial models, without
+    the truth: "radial_split" sorts the frames by the photon-weighted mean |q| of their valid
+    pixels (a larger particle concentrates its photons at lower q) into K equal groups and
+    starts model k from the radial profile of group k (smallest mean |q| first), with the
+    usual 10 % noise; "random" starts every model from the radial profile of all frames
+    with its own noise (Dragonfly's random starts). The result's models are ordered by
+    particle size and rotated into the frame of the most populated one, with their frames'
+    orientations (:func:`spiflow.emc.common_frame`). Measured on config/nanoparticle.yaml
+    (README): 5 models, radial_split: orientation error 9.7° modulo Oh against 31.8° with one.
     """
     num_div: int = Field(10, ge=1, le=40)
     iterations: int = Field(30, ge=1)
@@ -264,6 +281,18 @@ class EMCSettings(Section):
         "iteration, same FSC and orientation error within run-to-run noise; README)")
     search_mass: float = Field(0.999, gt=0, lt=1, description="coarse_to_fine: coarse posterior mass kept per frame "
                                "(the rest is neglected and logged)")
+    models: int = Field(1, ge=1, le=64, description="intensity models (Dragonfly's modes): each frame's posterior runs "
+                        "over (model, rotation) jointly; 1: single-model EMC; > 1 needs search: exhaustive")
+    model_init: Literal["radial_split", "random"] = Field(
+        "radial_split", description="models > 1: initial models from the radial profiles of K groups of frames split "
+        "by their photon-weighted mean |q|, or all from the overall profile with independent noise")
+
+    @model_validator(mode="after")
+    def _models_need_exhaustive_search(self):
+        if self.models > 1 and self.search != "exhaustive":
+            raise ValueError(f"emc.models = {self.models} needs emc.search: exhaustive (the coarse-to-fine search is "
+                             f"single-model), got emc.search: {self.search}")
+        return self
 
     @property
     def coarse_num_div(self) -> int:

@@ -234,11 +234,21 @@ def intensity_dataset(intensity: np.ndarray, q_axis: np.ndarray, measured: np.nd
 
 
 def write_intensity(path, intensity: np.ndarray, grid: Grid, measured: np.ndarray | None = None,
-                    attrs: dict | None = None) -> None:
+                    attrs: dict | None = None, models: np.ndarray | None = None,
+                    models_measured: np.ndarray | None = None) -> None:
     """Write a method's intensity store (:func:`intensity_dataset`; electrons² for every
     method, arbitrary units when the patterns' fluence is unknown) atomically. attrs:
-    ``method``, ``wall_seconds`` and the method's settings (``num_div``, ``epochs``, …)."""
-    write_dataset(intensity_dataset(intensity, grid.q_axis, measured, attrs), path)
+    ``method``, ``wall_seconds`` and the method's settings (``num_div``, ``epochs``, …).
+    models, models_measured: multi-model EMC (``emc.models`` > 1): ``models (model, qx, qy,
+    qz)`` float32 and ``models_measured (model, qx, qy, qz)`` bool, every model in the units
+    of ``intensity`` (which is one of them)."""
+    ds = intensity_dataset(intensity, grid.q_axis, measured, attrs)
+    if models is not None:
+        dims = ("model", "qx", "qy", "qz")
+        ds["models"] = (dims, np.asarray(models, dtype=np.float32))
+        ds["models_measured"] = (dims, np.asarray(models_measured, dtype=bool))
+        ds = ds.assign_coords(model=np.arange(len(models)))
+    write_dataset(ds, path)
 
 
 def orientations_dataset(quaternion: np.ndarray, gain: np.ndarray, attrs: dict | None = None) -> xr.Dataset:

@@ -26,8 +26,9 @@ rule evaluate:
         f"{LOGS}/evaluate_{{method}}.log",
     benchmark:
         f"{BENCH}/evaluate_{{method}}.tsv"
-    params:
-        config=stage_config(config, "evaluate"),
+    params:  # multi-model EMC phases each model too (spiflow.latent.evaluate_models)
+        config=lambda wc: stage_config(config, "evaluate_models" if wc.method == "emc"
+                                       and config["emc"].get("models", 1) > 1 else "evaluate"),
     conda:
         "../envs/spiflow.yaml"
     threads: 1
