@@ -798,7 +798,8 @@ def expectation_step(photons, valid, q, pixel_factor, grid: Grid, model: np.ndar
     every valid pixel: for checking a search (``settings.search``) against another on the
     same model, or assigning orientations with a known intensity. With ``passes`` > 1 the
     passes are chained (each pass's merged model and gains feed the next), as the last
-    iterations of :func:`run_emc` at constant β.
+    iterations of :func:`run_emc` at constant β. The photons are held in the format
+    ``settings.photon_format`` chooses, as in :func:`run_emc`.
 
     photons, valid, q, pixel_factor, grid: as :func:`run_emc`; model (n, n, n) W in photons
     per unit pixel factor; gain (frames,); beta: the inverse temperature. Returns a dict (of
@@ -820,8 +821,12 @@ def expectation_step(photons, valid, q, pixel_factor, grid: Grid, model: np.ndar
     central = np.linalg.norm(qv, axis=1) < settings.orientation_min_radius_voxels * grid.dq
     order = np.lexsort((np.linalg.norm(qv, axis=1), central))
     pixels = np.flatnonzero(valid.reshape(-1))[order]
-    data = PhotonBlocks(photons, pixels, frames, True, dev, dtype)
-    engine = _Engine(data, qv[order], sv[order], int((~central).sum()), grid, settings, dev, dtype)
+    n_orient = int((~central).sum())
+    fmt = settings.photon_format
+    if fmt == "auto":
+        fmt = choose_photon_format(photons, pixels[:n_orient])
+    data = PhotonBlocks(photons, pixels, frames, True, dev, dtype, sparse_orient=n_orient if fmt == "sparse" else None)
+    engine = _Engine(data, qv[order], sv[order], n_orient, grid, settings, dev, dtype)
     W = torch.as_tensor(np.asarray(model)).to(dev, dtype)
     g = torch.as_tensor(np.asarray(gain)).to(dev, dtype)
     for _ in data:  # read the photons once, outside the timing
