@@ -1,4 +1,5 @@
-"""CPU kernels of the slicing and merging in :mod:`spiflow.slicing`, compiled with numba.
+"""CPU kernels of the slicing and merging in :mod:`spiflow.slicing`, compiled with numba, and
+of the coarse-to-fine E-step's cell blocks (:func:`block_products`, used by :mod:`spiflow.emc`).
 
 torch's CPU 3D grid sampler is a generic scalar loop: on one AMD EPYC core (beside another
 job) its input gradient (the merge) cost about 270 ns a point for EMC's two channels, 4× its
