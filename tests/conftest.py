@@ -19,7 +19,7 @@ TINY = {
     "emc": {"num_div": 2, "iterations": 3, "refine_iterations": 2},
     "mtip": {"num_div": 2, "iterations": 2},
     "selfsup": {"epochs": 2, "batch_size": 40, "siren_width": 32, "siren_layers": 3, "encoder_width": 8,
-                "encoder_stages": 2},
+                "encoder_stages": 2, "amortize_steps": 10, "amortize_batch": 16},
     "phase": {"n_restarts": 2, "n_average": 2, "n_cycles": 1, "schedule": "RAAR:30,ER:10", "final_er": 10},
     "evaluate": {"align_num_div": 1, "montage_frames": 4},
 }

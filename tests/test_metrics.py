@@ -348,3 +348,23 @@ def test_orientation_errors_modulo_the_particle_symmetry():
                                   orientation_errors(qe2, qt)[0])  # C1: the plain fit
     with pytest.raises(ValueError, match="symmetry"):
         orientation_errors(qe, qt, symmetry=np.ones((2, 3, 3)))
+
+
+def test_orientation_errors_modulo_the_friedel_mate():
+    """Estimates M R_true Aᵀ for a random half of the frames (M: π about the beam axis, the
+    mate one pattern cannot tell from R_true but by the Ewald curvature), R_true Aᵀ for the
+    rest: zero error with friedel_mate, 180° for the mated half without it."""
+    from spiflow.rotation import BEAM_FLIP
+
+    rng = np.random.default_rng(2)
+    qt = random_quaternions(300, rng)
+    r_true = quaternion_to_matrix(torch.as_tensor(qt))
+    A = quaternion_to_matrix(torch.as_tensor(random_quaternions(1, rng)))[0]
+    mated = rng.random(300) < 0.5
+    r_est = torch.where(torch.as_tensor(mated)[:, None, None], BEAM_FLIP @ r_true, r_true) @ A.T
+    qe = matrix_to_quaternion(r_est).numpy()
+    plain = orientation_errors(qe, qt)[0]
+    assert np.all(plain[mated] > 179) and np.all(plain[~mated] < 1e-6)
+    err, G = orientation_errors(qe, qt, friedel_mate=True)
+    assert err.max() < 1e-6
+    np.testing.assert_allclose(G, A.numpy(), atol=1e-9)  # R_true = R_est G

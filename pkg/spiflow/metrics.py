@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from spiflow.grid import Grid, density_to_structure_factor
-from spiflow.rotation import angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix
+from spiflow.rotation import BEAM_FLIP, angle_between, matrix_to_quaternion, mean_rotation, quaternion_to_matrix
 
 FSC_THRESHOLDS = (0.5, 0.143)  # the customary 0.5 and Rosenthal & Henderson, JMB 333, 721 (2003)
 
@@ -175,7 +175,7 @@ def intensity_cc(recon, truth, mask, grid: Grid, shell_width: int = 1) -> float:
 
 
 def orientation_errors(q_est, q_true, robust_fraction: float = 0.5, symmetry=None,
-                       candidates: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                       candidates: int = 32, friedel_mate: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame orientation errors after removing EMC's arbitrary global rotation.
 
     q_est, q_true: (N, 4) quaternions [w, x, y, z]. The model frame is arbitrary: with
@@ -191,7 +191,10 @@ def orientation_errors(q_est, q_true, robust_fraction: float = 0.5, symmetry=Non
     error of frame i is ``min_g ∠(R_true_i g, R_est_i G)`` and the frames' g_i and G are
     fitted by alternation, started from the best of ``candidates`` single-frame guesses
     ``G = R_est_kᵀ R_true_k`` (the plain mean of a symmetric set of rotations is
-    meaningless). Returns ``(errors_deg (N,), G (3, 3))``: the angles in degrees (0 … 180)
+    meaningless). friedel_mate: also count ``M R_true_i g`` as a match, M the rotation by π
+    about the beam axis (:data:`spiflow.rotation.BEAM_FLIP`): one pattern tells R from M R only
+    through the Ewald sphere's curvature (:func:`spiflow.selfsup.mate_chordal`), so this is the
+    error of an orientation read from a pattern alone, fitted like the symmetry. Returns ``(errors_deg (N,), G (3, 3))``: the angles in degrees (0 … 180)
     and G (≈ Aᵀ). Raises ValueError for shapes other than matching (N, 4), N = 0,
     zero-norm or non-finite quaternions, or symmetry operations that are not (K, 3, 3)
     orthogonal matrices.
@@ -214,6 +217,8 @@ def orientation_errors(q_est, q_true, robust_fraction: float = 0.5, symmetry=Non
     r_est = quaternion_to_matrix(torch.from_numpy(qe))
     r_true = quaternion_to_matrix(torch.from_numpy(qt))
     sym_true = r_true[:, None] @ torch.from_numpy(ops)[None]  # (N, K, 3, 3): R_true g
+    if friedel_mate:  # and M R_true g (∠(M A, B) = ∠(A, M B) for the involution M)
+        sym_true = torch.cat([sym_true, BEAM_FLIP @ sym_true], 1)
     q_sym = matrix_to_quaternion(sym_true)
     n, k = len(qe), max(1, int(np.ceil(robust_fraction * len(qe))))
 
@@ -224,7 +229,7 @@ def orientation_errors(q_est, q_true, robust_fraction: float = 0.5, symmetry=Non
         G = mean_rotation(rel)
         return mean_rotation(rel[torch.argsort(angles(G).min(1).values)[:k]])
 
-    if len(ops) == 1:
+    if sym_true.shape[1] == 1:
         G = refit(r_est.transpose(-1, -2) @ r_true)
     else:
         picks = np.random.default_rng(0).choice(n, size=min(candidates, n), replace=False)

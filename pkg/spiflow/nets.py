@@ -60,15 +60,18 @@ class _Block(nn.Module):
 
 
 class ResNetEncoder(nn.Module):
-    """ResNet trunk: (B, 1, ny, nx) image → (B, C) features, ``C = width · 2**(stages − 1)``.
+    """ResNet trunk: (B, 1, ny, nx) image → (B, C) features (C below).
 
     Stage s has ``blocks`` BasicBlocks of ``width · 2**s`` channels (stride 2 from s = 1).
     Stem: ImageNet-style (7×7 conv, stride 2, 3×3 max pool) when ``min(ny, nx) >= 64``,
     else one 3×3 conv, stride 1 (CIFAR-style, so small patterns keep their pixels).
-    Ends in global average pooling. Kaiming-normal convolutions, BN weight 1 and bias 0.
+    Ends in average pooling to ``pool × pool`` cells, flattened (``pool`` 1: global average
+    pooling, as ResNet; then ``C = width · 2**(stages − 1)``, else ``C · pool²``): cells keep
+    where on the detector the features lie, which an orientation depends on. Kaiming-normal
+    convolutions, BN weight 1 and bias 0.
     """
 
-    def __init__(self, image_size: int, width: int, stages: int, blocks: int):
+    def __init__(self, image_size: int, width: int, stages: int, blocks: int, pool: int = 1):
         super().__init__()
         if image_size >= 64:
             stem = [nn.Conv2d(1, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
@@ -81,8 +84,8 @@ class ResNetEncoder(nn.Module):
             for b in range(blocks):
                 layers.append(_Block(c, c_out, 2 if (s > 0 and b == 0) else 1))
                 c = c_out
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.features = c
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pool), nn.Flatten())
+        self.features = c * pool * pool
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -185,7 +185,8 @@ def stage_selfsup(config: dict, patterns: str, intensity: str, orientations: str
     qn = np.linalg.norm(q[valid], axis=-1)
     measured = (grid.q_norm() >= qn.min()) & (grid.q_norm() <= qn.max())
     attrs = {"method": "selfsup", "wall_seconds": time.perf_counter() - t0, "epochs": cfg.epochs,
-             "training_seconds": float(res.log["seconds"].sum()), "search_epochs": cfg.search_epochs}
+             "training_seconds": float(res.log["seconds"].sum()), "search_epochs": cfg.search_epochs,
+             **res.amortize}
     _write_recon(res.intensity, measured, res.quaternion, res.gain, grid, scale, attrs, intensity, orientations,
                  encoder_quaternion=res.encoder_quaternion)
 
@@ -318,6 +319,13 @@ def _evaluate_against_truth(config, method, tr, patterns, rec, ori, den, grid, m
     table = metrics.fsc(rho_al, tr.density.values, grid)
     errors, _ = metrics.orientation_errors(ori.quaternion.values, tr.quaternion.values,
                                            symmetry=point_group(config["evaluate"]["symmetry"]))
+    if "encoder_quaternion" in ori:  # selfsup: the encoder's one-pass poses, up to the Friedel mate
+        enc_errors, _ = metrics.orientation_errors(ori.encoder_quaternion.values, tr.quaternion.values,
+                                                   symmetry=point_group(config["evaluate"]["symmetry"]),
+                                                   friedel_mate=True)
+        extra = {"encoder_orientation_error_median_deg": float(np.median(enc_errors))}
+    else:
+        extra = {}
     result = {
         "resolution_fsc05_angstrom": metrics.resolution_at(table, 0.5),
         "resolution_fsc0143_angstrom": metrics.resolution_at(table, 0.143),
@@ -325,6 +333,7 @@ def _evaluate_against_truth(config, method, tr, patterns, rec, ori, den, grid, m
         "orientation_error_median_deg": float(np.median(errors)),
         "gain_pearson": metrics.gain_pearson(ori.gain.values, tr.gain.values),
         "rotation_cc": float(rot_cc), "density_cc": float(reg["cc"]), "inverted": bool(reg["inverted"]),
+        **extra,
     }
     with atomic_path(out / "fsc.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -348,7 +357,7 @@ SUMMARY_COLUMNS = ["method", "resolution_fsc05_angstrom", "resolution_fsc0143_an
 # with the first true conformation parameter, PC1's share of the latent variance, and the
 # mean FSC-0.5 resolution of the recovered states against their matching true states
 SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resolution_fsc05_angstrom_mean",
-                 "model_spearman", "model_resolution_fsc05_angstrom_mean",
+                 "model_spearman", "model_resolution_fsc05_angstrom_mean", "encoder_orientation_error_median_deg",
                  "prtf_resolution_angstrom", "halfset_resolution_fsc0143_angstrom", "halfset_resolution_fsc05_angstrom"]
 
 

@@ -14,6 +14,12 @@ import numpy as np
 import torch
 
 
+BEAM_FLIP = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
+"""M (3, 3) float64, the rotation by π about the beam axis (+z, docs/conventions.md), applied in
+the lab frame: a frame at ``M R`` records nearly the pattern of R (the Friedel mate,
+:func:`spiflow.selfsup.mate_chordal`)."""
+
+
 def quaternion_to_matrix(quat: torch.Tensor) -> torch.Tensor:
     """Rotation matrices of unit quaternions.
 

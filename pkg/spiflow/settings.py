@@ -398,7 +398,10 @@ class SelfSupSettings(Section):
     loss: "poisson" or "mse" [mse]. decoder: "siren" or "voxel".
     siren_layers, siren_width, siren_omega0: sine layers, their width, ω₀ of the first [5, 256, 30].
     encoder_width, encoder_stages, encoder_blocks: ResNet channels of the first stage,
-    stages, BasicBlocks per stage [64, 4, 2 = ResNet-18].
+    stages, BasicBlocks per stage [64, 4, 2 = ResNet-18]. encoder_pool, encoder_hidden: the
+    trunk's pooled cells per side [1] and the rotation head's hidden width [0: linear].
+    amortize_steps, amortize_batch, amortize_lr: the simulation-based amortization of the
+    poses after the epochs (:func:`spiflow.selfsup.amortize`; not in the reference).
     fit_gain: learn per-frame gains (else 1). radial_baseline: add the data's radial
     log-profile to the decoder (else its mean).
     patch_count, patch_size_min, patch_size_max: zeroed rectangles per training input, side
@@ -432,6 +435,8 @@ class SelfSupSettings(Section):
     encoder_width: int = Field(16, ge=1)
     encoder_stages: int = Field(3, ge=1)
     encoder_blocks: int = Field(1, ge=1)
+    encoder_pool: int = Field(5, ge=1, description='the encoder trunk ends in average pooling to encoder_pool x encoder_pool cells, flattened (1: global average pooling, as ResNet); the cells keep where on the detector the speckles lie (measured on the default data, an encoder trained on 90,000 patterns simulated from the true intensity: 36 deg median error modulo the Friedel mate with 5 and a 256-wide rotation head, 60 deg with 1 and a linear head)')
+    encoder_hidden: int = Field(256, ge=0, description='hidden width of the rotation head (one ReLU layer); 0: a linear head')
     fit_gain: bool = Field(True)
     radial_baseline: bool = Field(True)
     patch_count: int = Field(100, ge=0)
@@ -451,7 +456,10 @@ class SelfSupSettings(Section):
     refine_iterations: int = Field(3, ge=0, description='local refinement iterations (spiflow.refine.local_search, hard assignment) at the start of every epoch after the search epochs and once more at the end (steps from the search sampling covering radius / radius_steps down to refine_step_end_deg in the first, 2 x refine_step_end_deg to it later)')
     refine_radius_steps: int = Field(2, ge=1, description='radius of the local search ball in steps')
     refine_step_end_deg: float = Field(0.5, gt=0, description='smallest local search step, degrees')
-    pose_weight: float = Field(1.0, ge=0, description='weight of the chordal pose loss |R_encoder - R_pose|_F^2 against the photon loss while poses are searched')
+    pose_weight: float = Field(1.0, ge=0, description='weight of the chordal pose loss min(|R_encoder - R_pose|_F^2, |R_encoder - M R_pose|_F^2) (M: pi about the beam axis, the Friedel mate) against the photon loss while poses are searched')
+    amortize_steps: int = Field(2000, ge=0, description='after the epochs, the encoder (trunk and heads; the decoder fixed) is trained for this many steps on patterns simulated from the learnt intensity at uniformly random rotations, gains drawn from the frames\' maximum-likelihood gains, Poisson noise (simulation-based amortization); its one-pass poses are returned as encoder_quaternion. 0: off')
+    amortize_batch: int = Field(64, ge=1, description='simulated patterns per amortization step (split over the ranks)')
+    amortize_lr: float = Field(0.002, gt=0, description='peak AdamW learning rate of the amortization (10 % linear warm-up, then cosine to 1 %)')
     processes: int = Field(1, ge=1, description="ranks of one selfsup training (DistributedDataParallel): torchrun on "
                            "one node, or srun inside a SLURM allocation of this many tasks (spiflow.launch); 1: one process")
     final_refine: bool = Field(True, description='return per-frame refined poses and their maximum-likelihood gains: the searched poses refined once more (search_epochs > 0) or the encoder poses refined from the search scale (search_epochs 0); false: the encoder poses and gains. The encoder-only poses are always returned as encoder_quaternion')
