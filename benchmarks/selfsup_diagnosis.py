@@ -11,6 +11,11 @@ read here, by the diagnosis only, never by :func:`spiflow.selfsup.run_selfsup`):
 * ``joint``: the full method of Chen et al. as it was (``search_epochs: 0``).
 * ``search``: the remedy, the pose-search warm start (``search_epochs`` > 0), encoder-only
   poses reported per epoch.
+* ``simulated``: the encoder trained by :func:`spiflow.selfsup.amortize` on patterns
+  simulated from the TRUE intensity at known rotations (gains: the frames' maximum-likelihood
+  gains at their true poses), ``amortize_steps`` of ``amortize_batch``; scored on the real
+  frames, also modulo the Friedel mate (``friedel_mate``). ``--plain-pose-loss`` replaces
+  the mate-aware pose loss by the plain chordal distance (the diagnosis of the mate).
 
 After every epoch the encoder's rotations on the unaugmented patterns are compared with the
 truth after the best global rotation (:func:`spiflow.metrics.orientation_errors`). Writes
@@ -89,6 +94,29 @@ class _NoBar:
         pass
 
 
+def run_simulated(data, settings: SelfSupSettings, seed: int = 0):
+    """The encoder amortized on patterns simulated from the true intensity; one row."""
+    from spiflow import selfsup
+
+    photons, valid, q, pf, grid, W, truth = data
+    frames, valid_, qv, sv = validate_detector_inputs(photons, valid, q, pf, grid)
+    stream = FrameStream(photons, valid_, settings.chunk_frames, settings.batch_size, seed, True)
+    inputs = EncoderInputs(valid_, photons[:, valid_].sum(1).mean(), settings, "cpu")
+    search = selfsup.PoseSearch(stream, qv, sv, grid, settings, "cpu")
+    Wt = torch.as_tensor(W, dtype=torch.float32)
+    gains = search.gains(Wt, torch.as_tensor(truth, dtype=torch.float32))
+    torch.manual_seed(seed)
+    model = SelfSupModel(settings, valid_.shape, grid, torch.zeros(grid.n))
+    t0 = time.perf_counter()
+    out = selfsup.amortize(model, Wt, gains, search, inputs, settings, seed)
+    quat = infer(model, stream, inputs, grid, settings.batch_size, "cpu", False)["quaternion"]
+    row = {"epoch": 1, "seconds": time.perf_counter() - t0, "median_error_deg": median_error(quat, truth),
+           "mate_median_error_deg": float(np.median(orientation_errors(quat, truth, friedel_mate=True)[0])),
+           "patterns": settings.amortize_steps * settings.amortize_batch, **out}
+    print(row, flush=True)
+    return [row]
+
+
 def run_method(data, settings: SelfSupSettings, seed: int = 0):
     """The real :func:`run_selfsup` with an epoch callback that scores the encoder (and the searched poses)."""
     photons, valid, q, pf, grid, W, truth = data
@@ -122,7 +150,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="selfsup setting key=value (YAML value)")
     ap.add_argument("--out", type=Path, default=Path("docs/figures"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plain-pose-loss", action="store_true", help="diagnosis: the plain chordal pose loss "
+                    "||R - R_pose||^2 instead of the Friedel-mate-aware one (spiflow.selfsup.mate_chordal)")
     args = ap.parse_args(argv)
+    if args.plain_pose_loss:
+        from spiflow import selfsup
+        selfsup.mate_chordal = lambda R, T: (R - T).square().sum((1, 2))
     torch.set_num_threads(args.threads)
     import yaml
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -136,6 +169,8 @@ def main(argv=None):
             rows = run_frozen(data, base, args.epochs, supervised=mode == "supervised")
         elif mode == "joint":
             rows = run_method(data, base.model_copy(update={"search_epochs": 0}))
+        elif mode == "simulated":
+            rows = run_simulated(data, base)
         elif mode == "search":
             se = args.search_epochs if args.search_epochs is not None else (base.search_epochs or args.epochs // 2)
             rows = run_method(data, base.model_copy(update={"search_epochs": se}))
