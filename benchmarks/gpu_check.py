@@ -123,7 +123,7 @@ def checks(data):
         from spiflow.settings import SelfSupSettings
         torch.manual_seed(0)
         cfg = SelfSupSettings(epochs=1, batch_size=40, siren_width=32, siren_layers=3, encoder_width=8,
-                              encoder_stages=2, amp=False)
+                              encoder_stages=2, amp=False, amortize_steps=20, amortize_batch=16)  # the amortization runs too
         res = run_selfsup(photons, valid, q, pf, grid, cfg, seed=0, device=device, progress=False)
         return {"W": res.intensity, "loss": res.log["loss"].to_numpy()}
 

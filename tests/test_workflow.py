@@ -48,8 +48,11 @@ def test_stage_config_holds_exactly_the_declared_keys():
 def test_tiny_workflow_end_to_end(tiny_run):
     r = tiny_run / "results" / "tiny"
     summary = pd.read_csv(r / "evaluate" / "summary.csv")
-    assert list(summary.columns) == SUMMARY_COLUMNS + ["prtf_resolution_angstrom"]  # PRTF: every run
+    # the encoder's one-pass error: selfsup only; PRTF: every run
+    assert list(summary.columns) == SUMMARY_COLUMNS + ["encoder_orientation_error_median_deg", "prtf_resolution_angstrom"]
     assert sorted(summary.method) == sorted(TINY["reconstruction"]["methods"])
+    encoder = summary.set_index("method").encoder_orientation_error_median_deg
+    assert np.isfinite(encoder["selfsup"]) and encoder.drop("selfsup").isna().all()
     truth_row = summary.set_index("method").loc["truth"]
     assert truth_row.orientation_error_median_deg < 1e-6 and truth_row.gain_pearson == pytest.approx(1.0)
     assert np.all(np.isfinite(summary.resolution_fsc05_angstrom)) and np.all(summary.wall_seconds > 0)
