@@ -195,9 +195,9 @@ def orientation_errors(q_est, q_true, robust_fraction: float = 0.5, symmetry=Non
     about the beam axis (:data:`spiflow.rotation.BEAM_FLIP`): one pattern tells R from M R only
     through the Ewald sphere's curvature (:func:`spiflow.selfsup.mate_chordal`), so this is the
     error of an orientation read from a pattern alone, fitted like the symmetry.
-    Returns ``(errors_deg (N,), G (3, 3))``: the angles in degrees (0 … 180) and G (≈ Aᵀ). Raises ValueError for shapes other than matching (N, 4), N = 0,
-    zero-norm or non-finite quaternions, or symmetry operations that are not (K, 3, 3)
-    orthogonal matrices.
+    Returns ``(errors_deg (N,), G (3, 3))``: the angles in degrees (0 … 180) and G (≈ Aᵀ).
+    Raises ValueError for shapes other than matching (N, 4), N = 0, zero-norm or non-finite
+    quaternions, or symmetry operations that are not (K, 3, 3) orthogonal matrices.
     """
     qe = _array(q_est, "q_est", np.float64)
     qt = _array(q_true, "q_true", np.float64)
