@@ -250,8 +250,7 @@ def test_amortization_teaches_the_encoder_orientations():
     """Simulation-based amortization (:func:`spiflow.selfsup.amortize`) against the true
     intensity of 6 point atoms: the encoder, trained only on patterns simulated from it, reads
     the orientations of the measured frames in one pass (modulo the Friedel mate; random
-    rotations give a median of ≈ 93° so). Measured: 93° before, 53° after 800 steps of 32
-    (pool 1 with a linear head: 73°)."""
+    rotations give a median of ≈ 93° so). Measured: 93° before, 48° after 800 steps of 32."""
     d = _simulate(200, 3000.0, 6, 15.0, seed=1)
     cfg = SelfSupSettings(**{**TINY, "decoder": "voxel", "encoder_width": 8, "encoder_pool": 5, "encoder_hidden": 64,
                              "amortize_steps": 800, "amortize_batch": 32, "amortize_lr": 0.003})
