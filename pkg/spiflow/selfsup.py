@@ -54,9 +54,7 @@ one (:func:`mate_chordal`): one pattern tells them apart only through the Ewald 
 against either as a label the plain loss taught nothing (README, "Why selfsup did not
 orient"). Amortization (``amortize_steps`` > 0, :func:`amortize`): after the epochs the
 encoder is trained on patterns simulated from the learnt intensity at known random rotations,
-as many as wanted, since the measured frames were too few to teach it;
-:meth:`PoseSearch.refine_mates` turns its one-pass poses into poses of new frames by a local
-refinement of both mates.
+as many as wanted, since the measured frames were too few to teach it.
 No truth and no EMC result is read.
 
 Output (:func:`run_selfsup`): ``intensity = exp(D)`` on the grid × mean(g) in photons per
@@ -479,27 +477,6 @@ class PoseSearch:
             S = slice_rotated(W, self.q, quaternion_to_matrix(quat[i0:i1].to(self.device, torch.float32)), self.grid)
             out[i0:i1] = (K.sum(1) / (S @ self.s).clamp_min(1e-30)).double().cpu()
         return self.gather(out.to(self.ranks.device)).cpu()
-
-    @torch.no_grad()
-    def scores(self, W: torch.Tensor, quat: torch.Tensor) -> torch.Tensor:
-        """Each frame's :func:`poisson_pose_score` at its own pose ``quat`` (frames, 4) against W,
-        (frames,) float64 (gathered over the ranks)."""
-        out = torch.zeros(len(quat), dtype=torch.float64)
-        for i0, i1, K in self.blocks():
-            S = slice_rotated(W, self.q, quaternion_to_matrix(quat[i0:i1].to(self.device, torch.float32)), self.grid)
-            out[i0:i1] = poisson_pose_score(S[:, None], K, self.s)[:, 0].double().cpu()
-        return self.gather(out.to(self.ranks.device)).cpu()
-
-    def refine_mates(self, W: torch.Tensor, quat: torch.Tensor) -> torch.Tensor:
-        """Poses for frames whose ``quat`` (frames, 4) is known up to the Friedel mate (the
-        amortized encoder's): R and ``M R`` (:func:`mate_chordal`) are each refined locally from
-        the global search's scale down (:meth:`global_steps`), and the one that scores higher
-        is kept: at the refined precision the curvature separates them. (frames, 4)."""
-        quat = quat.to(self.device, torch.float32)
-        mate = matrix_to_quaternion(BEAM_FLIP.to(quat) @ quaternion_to_matrix(quat))
-        a, b = (self.refine(W, x, self.global_steps()) for x in (quat, mate))
-        keep = self.scores(W, a) >= self.scores(W, b)
-        return torch.where(keep[:, None].to(a.device), a, b)
 
     def refine(self, W: torch.Tensor, quat: torch.Tensor, steps) -> torch.Tensor:
         """Local refinement on all valid pixels from ``quat`` (frames, 4) against W (n, n, n)."""
