@@ -646,6 +646,13 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
         poses = None if poses is None else poses.to(device)
     rows = RunLog(log_path if rank == 0 else None, LOG_COLUMNS, ckpt, key="epoch")
 
+    def save(epoch: int, **extra) -> None:  # rank 0 writes; extra: "amortized" after the amortization
+        if rank == 0 and checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                              "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                                              "fingerprint": fp, "log_rows": rows.state(),
+                                              **({} if poses is None else {"poses": poses.cpu()}), **extra})
+
     bar = tqdm(total=settings.epochs * steps, initial=min(start, settings.epochs) * steps,
                disable=not progress or rank != 0, desc="selfsup")
     late_steps = step_schedule(2 * settings.refine_step_end_deg, settings.refine_step_end_deg,
@@ -676,13 +683,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
                "patterns_per_second": acc[1].item() / seconds, "seconds": seconds,
                "pose_loss": (acc[2] / acc[1]).item(), "search_seconds": t_search}
         rows.append(row)
-        if rank == 0 and checkpoint_path is not None:
-            state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "fingerprint": fp,
-                     "log_rows": rows.state()}
-            if poses is not None:
-                state["poses"] = poses.cpu()
-            save_checkpoint(checkpoint_path, state)
+        save(epoch)
         bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4g}")
         if epoch_callback is not None:
             epoch_callback(epoch, model, poses)
@@ -707,12 +708,7 @@ def run_selfsup(photons, valid, q, pixel_factor, grid: Grid, settings: SelfSupSe
             bar = tqdm(total=settings.amortize_steps, disable=not progress or rank != 0, desc="amortize")
             amortized = amortize(model, W, phi, search, inputs, settings, seed, bar)
             bar.close()
-            if rank == 0 and checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, {"epoch": settings.epochs, "model": model.state_dict(),
-                                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                  "rng": torch.get_rng_state(), "fingerprint": fp,
-                                                  "log_rows": rows.state(), "amortized": amortized,
-                                                  **({} if poses is None else {"poses": poses.cpu()})})
+            save(settings.epochs, amortized=amortized)
     if world > 1:  # BatchNorm statistics differ between ranks: use rank 0's
         for b in model.buffers():
             dist.broadcast(b, 0)
