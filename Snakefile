@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from spiflow.rules import (SCHEMA_PATH, check_run, halfset_inputs, layout, measured_source, sample_files,
-                           shard_ranges, stage_config, vae_orientations_source, emc_models)
+                           shard_ranges, stage_config, vae_orientations_source)
 
 min_version("8.0")
 

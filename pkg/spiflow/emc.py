@@ -803,16 +803,7 @@ def tie_sizes(W: torch.Tensor, weight: torch.Tensor, models: int, sizes: np.ndar
     the model is ``Σ_j ŵ_j c_j Ŵ_j / Σ_j ŵ_j`` with ``ŵ_j(u) = s_j⁻³ weight_j(u / s_j)`` (a
     component's exposure per reference voxel; s⁻³ the Jacobian of the resampling); component
     j becomes ``model(s_j q) / c_j`` wherever the model is measured at ``s_j q`` and keeps its
-    own value elsewhere (a component that nothing measured has ``c_j = 1``). The model's own
-    size is a gauge (``model(a q)`` with every ``s_j / a`` fits the data alike), fixed here
-    so that the components' exposure-weighted geometric mean size is 1 to within half a
-    step: with ``E_j = Σ_u weight_j``, ``m = Σ_j E_j log s_j / Σ_j E_j`` and the step
-    ``d = log(s_0 / s_1)``, ``a = exp(d · round(m / d))`` and component j becomes
-    ``model(a s_j q) / c(a s_j)``, c interpolated linearly in log s between the components'
-    fitted brightnesses (clamped at the ends). Whole steps relabel the components (component
-    j takes the model at a neighbour's size), so a centred run is left as it is. Without it the frames drift to the largest or
-    smallest component (measured on config/nanoparticle.yaml: 1,051 of 1,500 frames in the
-    largest of 7, 20° median orientation error). Every resampling is :func:`spiflow.grid.slice_volume` (trilinear;
+    own value elsewhere (a component that nothing measured has ``c_j = 1``). Every resampling is :func:`spiflow.grid.slice_volume` (trilinear;
     points outside the grid read 0 and count as unmeasured). Raises nothing of its own."""
     S = len(sizes)
     q = torch.as_tensor(grid.q_points(), dtype=W.dtype, device=W.device)
@@ -836,20 +827,9 @@ def tie_sizes(W: torch.Tensor, weight: torch.Tensor, models: int, sizes: np.ndar
         total = wts.sum(0)
         model = (wts * bright[:, None, None, None] * und).sum(0) / total.clamp_min(torch.finfo(W.dtype).tiny)
         have = (total > 0).to(W.dtype)
-        # the gauge: the model's own size is free (model(a q) with every s_j / a fits alike);
-        # fix it so that the components' exposure-weighted geometric mean size is 1
-        exposure = weight[k * S:(k + 1) * S].sum((1, 2, 3)).double().cpu().numpy()
-        log_s = np.log(np.asarray(sizes, dtype=np.float64))
-        mean = exposure @ log_s / exposure.sum() if exposure.sum() > 0 else 0.0
-        step = (log_s.max() - log_s.min()) / (S - 1)  # whole steps: the components are relabelled
-        shift = float(np.exp(step * np.round(mean / step)))
-        log_c = np.log(bright.double().cpu().numpy())
-        up = np.argsort(log_s)
         for j, c in enumerate(comps):
-            s_new = float(sizes[j]) * shift  # component j now holds the model at size s_j · shift
-            c_new = float(np.exp(np.interp(np.log(s_new), log_s[up], log_c[up])))
-            ok = slice_volume(have, q * s_new, grid) > 0.99
-            out[c] = torch.where(ok, slice_volume(model, q * s_new, grid) / c_new, W[c])
+            ok = slice_volume(have, q * float(sizes[j]), grid) > 0.99
+            out[c] = torch.where(ok, slice_volume(model, q * float(sizes[j]), grid) / bright[j], W[c])
     return out
 
 

@@ -31,7 +31,7 @@ STAGE_KEYS: dict[str, tuple[str, ...] | None] = {
     "train_vae": ("vae", "dataset.seed", "device"),
     "phase": ("phase", "dataset.seed", "device"),
     "evaluate": ("evaluate.align_num_div", "evaluate.symmetry"),
-    # method emc with emc_models > 1: + every model phased (spiflow.latent.evaluate_models)
+    # method emc with emc.models > 1: + every model phased (spiflow.latent.evaluate_models)
     "evaluate_models": ("evaluate.align_num_div", "evaluate.symmetry", "phase", "dataset.seed", "device"),
     # + the latent analysis (spiflow.latent.evaluate_latent): k-means states phased, a traversal
     "evaluate_vae": ("evaluate.align_num_div", "evaluate.symmetry", "vae.clusters", "vae.traversal_steps",
@@ -46,14 +46,6 @@ STAGE_KEYS: dict[str, tuple[str, ...] | None] = {
                     "dataset.chunk_frames"),
     "ae3d_track": ("ae3d.tracking", "device"),
 }
-
-
-def emc_models(config: dict) -> int:
-    """The intensity models EMC writes for ``config`` (its ``emc`` section):
-    :attr:`spiflow.settings.EMCSettings.components`, ``emc.models · emc.size_scales``."""
-    from .settings import EMCSettings  # settings imports this module
-
-    return EMCSettings(**config.get("emc", {})).components
 
 
 def stage_config(config: dict, rule: str) -> dict:

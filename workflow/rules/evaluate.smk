@@ -28,7 +28,7 @@ rule evaluate:
         f"{BENCH}/evaluate_{{method}}.tsv"
     params:  # multi-model EMC phases each model too (spiflow.latent.evaluate_models)
         config=lambda wc: stage_config(config, "evaluate_models" if wc.method == "emc"
-                                       and emc_models(config) > 1 else "evaluate"),
+                                       and config["emc"].get("models", 1) > 1 else "evaluate"),
     conda:
         "../envs/spiflow.yaml"
     threads: 1
