@@ -160,10 +160,6 @@ class EMCResult:
     weight are those of the most populated model (most frames), probability_max the joint
     probability of the most likely rotation of the frame's most probable model, and
     quaternion that rotation (refined against that model with local refinement). None for K = 1.
-    With ``settings.size_scales`` S > 1 the "models" are the K S size-tied components
-    (:func:`tie_sizes`), ordered by size likewise, and model_size (frames,) float64 is the
-    relative particle size ``s_j`` of each frame's component (:meth:`EMCSettings.size_factors`;
-    None otherwise).
     """
 
     intensity: np.ndarray
@@ -176,7 +172,6 @@ class EMCResult:
     model: np.ndarray | None = None
     model_probability: np.ndarray | None = None
     model_weight: np.ndarray | None = None
-    model_size: np.ndarray | None = None
 
 
 def compress(counts: torch.Tensor, prob: torch.Tensor, gain: torch.Tensor, q_valid: torch.Tensor,
@@ -378,9 +373,7 @@ class _Engine:
         self.quats, self.M = quats, len(quats)
         self.rot = quaternion_to_matrix(torch.as_tensor(quats)).to(device, dtype)
         self.logw = torch.as_tensor(np.log(weights)).to(device, dtype)
-        self.K = settings.components
-        # size-tied components (settings.size_scales > 1): (models, relative sizes) for tie_sizes
-        self.sizes = (settings.models, settings.size_factors()) if settings.size_scales > 1 else None
+        self.K = settings.models
         # joint (model, rotation) log prior: log w_r − log K (uniform over the models; K = 1: log w_r)
         self.logw_joint = self.logw if self.K == 1 else (self.logw - np.log(self.K)).repeat(self.K)
         self.model_best = self.model_probability = None  # filled by iterate (models > 1)
@@ -591,8 +584,6 @@ class _Engine:
             # voxels beyond the pixels' reach, reached by no merged rotation, or (models > 1)
             # of a model no frame reaches, keep their value
             W_new = torch.where(weight > 0, W_new, W)
-        if self.sizes is not None:
-            W_new = tie_sizes(W_new, weight, *self.sizes, self.grid)
         stats = {"log_likelihood": comm.mean(ll).item(), "mutual_info": comm.mean(mi).item(),
                  "mean_max_probability": comm.mean(pmax.double()).item(),
                  "neglected_mass": comm.mean(neglected).item(), "orientations_per_frame": comm.mean(evaluated).item(),
@@ -757,18 +748,12 @@ def _initial_models(comm: Ranks, data: PhotonBlocks, counts: list[int], sum_coun
     frames (all ranks', counts per rank, this rank's in ``data``) sorted by the
     photon-weighted mean |q| of their valid pixels ``Σ_p K_ip |q_p| / Σ_p K_ip`` and cut
     into K groups of equal size, model k the profile of group k (noise seeded ``(seed, k)``).
-    With ``settings.size_scales`` S > 1 (whatever model_init) the frames are cut into S such
-    groups, largest particle (smallest mean |q|) first, and component ``c = k S + j`` (model
-    k at size j) starts from the profile of group j, noise seeded ``(seed, c)``: (K S, n, n, n).
     sum_counts (P,) photons per valid pixel over all frames, gain (all frames,) the initial gains."""
-    nk = settings.components
+    nk = settings.models
     if nk == 1:
         return _initial_model(sum_counts, q_valid, s_valid, gain.sum(), grid, seed)
-    sizes = settings.size_scales
-    if settings.model_init == "random" and sizes == 1:
+    if settings.model_init == "random":
         return np.stack([_initial_model(sum_counts, q_valid, s_valid, gain.sum(), grid, [seed, k]) for k in range(nk)])
-    if sizes > 1:
-        nk = sizes
     qn = torch.as_tensor(np.linalg.norm(q_valid, axis=1)).to(data.device, data.dtype)
     proxy = np.zeros(data.frames)
     for i0, i1, K in data:
@@ -786,51 +771,8 @@ def _initial_models(comm: Ranks, data: PhotonBlocks, counts: list[int], sum_coun
         onehot = torch.nn.functional.one_hot(mine[i0:i1], nk).T.to(Kd.dtype)
         sums += (onehot @ Kd).double()
     sums = _reduced(comm, sums.cpu().numpy())
-    return np.stack([_initial_model(sums[c % nk], q_valid, s_valid, gain[group == c % nk].sum(), grid, [seed, c])
-                     for c in range(settings.components)])
-
-
-def tie_sizes(W: torch.Tensor, weight: torch.Tensor, models: int, sizes: np.ndarray, grid: Grid) -> torch.Tensor:
-    """Size-tied components (``EMCSettings.size_scales``): W (K S, n, n, n) merged
-    components, component ``c = k S + j`` model k at relative particle size ``sizes[j]``
-    (S,); weight (K S, n, n, n) their merge denominators (0: unmeasured). Returns the tied
-    components (K S, n, n, n), same dtype and device.
-
-    By the Fourier similarity theorem (``I_s(q) ∝ I(s q)``, :class:`EMCSettings`) component j
-    resampled at ``u / s_j`` is model k at the reference size, up to a brightness ``c_j``
-    (the gains absorb it). For each model: ``c_j = Σ_u Ŵ_ref / Σ_u Ŵ_j`` over the voxels
-    that both the best-measured component (largest total weight) and component j measure;
-    the model is ``Σ_j ŵ_j c_j Ŵ_j / Σ_j ŵ_j`` with ``ŵ_j(u) = s_j⁻³ weight_j(u / s_j)`` (a
-    component's exposure per reference voxel; s⁻³ the Jacobian of the resampling); component
-    j becomes ``model(s_j q) / c_j`` wherever the model is measured at ``s_j q`` and keeps its
-    own value elsewhere (a component that nothing measured has ``c_j = 1``). Every resampling is :func:`spiflow.grid.slice_volume` (trilinear;
-    points outside the grid read 0 and count as unmeasured). Raises nothing of its own."""
-    S = len(sizes)
-    q = torch.as_tensor(grid.q_points(), dtype=W.dtype, device=W.device)
-    measured = (weight > 0).to(W.dtype)
-    out = W.clone()
-    for k in range(models):
-        comps = range(k * S, (k + 1) * S)
-        und = torch.stack([slice_volume(W[c], q / float(sizes[j]), grid) for j, c in enumerate(comps)])
-        wts = torch.stack([slice_volume(weight[c], q / float(sizes[j]), grid) / float(sizes[j]) ** 3
-                           for j, c in enumerate(comps)])
-        inside = torch.stack([slice_volume(measured[c], q / float(sizes[j]), grid) > 0.99
-                              for j, c in enumerate(comps)])
-        ref = int(torch.argmax(wts.sum((1, 2, 3))))
-        bright = torch.ones(S, dtype=W.dtype, device=W.device)
-        for j in range(S):
-            both = inside[j] & inside[ref]
-            den = und[j][both].sum()
-            if j != ref and both.any() and den > 0:
-                bright[j] = und[ref][both].sum() / den
-        wts = wts * inside
-        total = wts.sum(0)
-        model = (wts * bright[:, None, None, None] * und).sum(0) / total.clamp_min(torch.finfo(W.dtype).tiny)
-        have = (total > 0).to(W.dtype)
-        for j, c in enumerate(comps):
-            ok = slice_volume(have, q * float(sizes[j]), grid) > 0.99
-            out[c] = torch.where(ok, slice_volume(model, q * float(sizes[j]), grid) / bright[j], W[c])
-    return out
+    return np.stack([_initial_model(sums[k], q_valid, s_valid, gain[group == k].sum(), grid, [seed, k])
+                     for k in range(nk)])
 
 
 def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: int, data: str) -> str:
@@ -843,8 +785,6 @@ def _fingerprint(settings: EMCSettings, seed: int, grid: Grid, shape, n_valid: i
                                       "photon_format", "processes"})
     if settings.models == 1:  # one model: the fingerprint of the code before emc.models (its checkpoints resume)
         fp.pop("models"), fp.pop("model_init")
-    if settings.size_scales == 1:  # likewise before emc.size_scales
-        fp.pop("size_scales"), fp.pop("size_range")
     fp.update(seed=seed, trial_iterations=settings.trial_iterations, resolution_span=settings.resolution_span,
               grid_n=grid.n, grid_dq=grid.dq,
               data_shape=list(shape), n_valid=int(n_valid), data=data)
@@ -1014,7 +954,7 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
     item = torch.finfo(dtype).bits // 8
     M = n_orientations(settings.num_div)
     budget = settings.memory_budget_gb * 1e9
-    block = int(max(1, min(f1 - f0, budget // (item * (2 * M * settings.components + min(settings.orientation_chunk, M)
+    block = int(max(1, min(f1 - f0, budget // (item * (2 * M * settings.models + min(settings.orientation_chunk, M)
                                                       + len(qv))))))
     # orientation pixels first (by |q|: resolution marching), the central ones last: see EMCSettings
     central = np.linalg.norm(qv, axis=1) < settings.orientation_min_radius_voxels * grid.dq
@@ -1091,7 +1031,7 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
                         change=f"{rows[-1]['rms_change']:.2e}")
 
     last_beta = settings.beta(max(start, settings.iterations))
-    multi = settings.components > 1
+    multi = settings.models > 1
     mbest = mprob = None
     if local:
         quat, pmax = (ckpt[k][f0:f1].to(device, dtype) for k in ("quaternion", "probability_max"))
@@ -1112,7 +1052,7 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
         res = (_local_models if multi else local_iteration)(
             data, W, quat, gain, q_t, s_t, n_orient, grid, float(steps[k]), settings.refine_radius_steps,
             settings.refine_assignment, settings.beta_max, settings.update_gain, settings.memory_budget_gb,
-            comm=comm, **({"model": mbest, "sizes": engine.sizes} if multi else {}))
+            comm=comm, **({"model": mbest} if multi else {}))
         change = (torch.linalg.norm(res.W - W) / torch.linalg.norm(W).clamp_min(1e-30)).item()
         W, quat, gain, weight = res.W, res.quaternion, res.gain, res.weight
         if W.device.type == "cuda":
@@ -1135,27 +1075,18 @@ def _run(comm: Ranks, photons, frames, valid, qv, sv, grid, settings, seed, log_
         Wn, wn = W.double().cpu().numpy(), weight.double().cpu().numpy()
         order = model_size_order(Wn, wn, grid)
         rank = np.argsort(order)  # old index -> new index
-        mb_orig = comm.gather(mbest, counts).cpu().numpy()
-        mb = rank[mb_orig]
+        mb = rank[comm.gather(mbest, counts).cpu().numpy()]
         main = int(np.bincount(mb, minlength=len(order)).argmax())
-        # every model into the main model's frame, and its frames' orientations with it
-        S = settings.size_scales
-        if S == 1:
-            A = common_frame(Wn[order], wn[order], grid, main)
-        else:  # size-tied components share their model's frame: align one component per model
-            reps = np.arange(settings.models) * S + S // 2
-            A = common_frame(Wn[reps], wn[reps], grid, int(order[main]) // S)[np.arange(len(Wn)) // S][order]
         Wn, wn = Wn[order], wn[order]
+        # every model into the main model's frame, and its frames' orientations with it
+        A = common_frame(Wn, wn, grid, main)
         rot = quaternion_to_matrix(quat.double().cpu())
         rot = rot @ torch.as_tensor(A).transpose(1, 2)[torch.as_tensor(mb)]
         quat = matrix_to_quaternion(rot)
-        Wn, wn = (np.stack([x if np.array_equal(A[k], np.eye(3)) else np.asarray(rotate_volume(x, A[k]))
-                            for k, x in enumerate(v)]
+        Wn, wn = (np.stack([x if k == main else np.asarray(rotate_volume(x, A[k])) for k, x in enumerate(v)]
                            ).astype(np.float32) for v in (Wn, wn))
         extra = {"models": Wn, "model_weight": wn, "model": mb.astype(np.int64),
                  "model_probability": comm.gather(mprob, counts).double().cpu().numpy()}
-        if S > 1:
-            extra["model_size"] = settings.size_factors()[mb_orig % S]
         W, weight = torch.as_tensor(Wn[main]), torch.as_tensor(wn[main])
     return EMCResult(intensity=W.cpu().numpy().astype(np.float32),
                      weight=weight.cpu().numpy().astype(np.float32),
@@ -1243,15 +1174,14 @@ class _Selected:
 
 
 def _local_models(data, W, quat, gain, q_t, s_t, n_orient, grid, step_deg, radius_steps, assignment, beta,
-                  update_gain, memory_budget_gb, comm: Ranks, model: torch.Tensor, sizes=None) -> LocalResult:
+                  update_gain, memory_budget_gb, comm: Ranks, model: torch.Tensor) -> LocalResult:
     """One local iteration (:func:`spiflow.refine.local_iteration`) for K models W (K, n, n, n):
     every frame refined against its own most probable model ``model`` (frames,) (this rank's
     frames), model k merged from its frames alone; a model without frames keeps its value
     (weight 0). Gains are normalised to mean 1 within each model's frames (the scale of a
     model and its frames' gains are interchangeable), so their overall mean stays 1. The
-    statistics are frame-weighted means over the models. sizes: None, or (models, relative
-    sizes) of size-tied components, tied after the merge (:func:`tie_sizes`). Returns a
-    :class:`LocalResult` with W and weight (K, n, n, n)."""
+    statistics are frame-weighted means over the models. Returns a :class:`LocalResult`
+    with W and weight (K, n, n, n)."""
     W_new, weight = W.clone(), torch.zeros_like(W)
     quat, gain = quat.clone(), gain.clone()
     sums, total = {}, 0.0
@@ -1266,8 +1196,6 @@ def _local_models(data, W, quat, gain, q_t, s_t, n_orient, grid, step_deg, radiu
         for name, v in res.stats.items():
             sums[name] = sums.get(name, 0.0) + v * n_k
         total += n_k
-    if sizes is not None:
-        W_new = tie_sizes(W_new, weight, *sizes, grid)
     return LocalResult(W_new, quat, gain, weight, {name: v / total for name, v in sums.items()})
 
 
@@ -1304,7 +1232,7 @@ def _random_starts(photons, pixels, qv, sv, n_orient, grid, settings: EMCSetting
     M = n_orientations(trial.num_div)
     item = torch.finfo(dtype).bits // 8
     block = int(max(1, min(b - a, settings.memory_budget_gb * 1e9
-                           // (item * (2 * M * settings.components + min(settings.orientation_chunk, M) + len(qv))))))
+                           // (item * (2 * M * settings.models + min(settings.orientation_chunk, M) + len(qv))))))
     data = PhotonBlocks(sub, pixels, block, True, device, dtype,
                         sparse_orient=n_orient if settings.photon_format == "sparse" else None)
     engine = _Engine(data, qv, sv, n_orient, grid, trial, device, dtype, comm)

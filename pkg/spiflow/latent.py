@@ -267,11 +267,7 @@ def evaluate_models(config: dict, truth: xr.Dataset, intensity: xr.Dataset, orie
     a global rotation fitted per model). Files in ``out_dir/models/`` (``model_K.mrc``,
     ``fsc_model_K.csv``) and ``out_dir/models.csv``. Returns ``model_spearman``: Spearman ρ
     (signed) of the frames' model index against the first true conformation parameter (the
-    size for nanoparticles: positive when the models are ordered like the truth); with the
-    orientations' ``model_size`` (size-tied components, ``emc.size_scales`` > 1) also
-    ``size_spearman``, Spearman ρ of that relative size against the first parameter, and
-    ``size_relative_rms``, the rms of ``a s_i / x_i − 1`` with ``a = median(x_i / s_i)`` (the
-    reference size, the one thing fitted to the truth);
+    size for nanoparticles: positive when the models are ordered like the truth);
     ``model_resolution_fsc05_angstrom_mean`` and ``models``, the rows of models.csv (the
     run's ``orientation_error_median_deg`` stays the one-rotation figure of
     :func:`spiflow.pipeline.stage_evaluate`: EMC rotates its models into one frame,
@@ -314,11 +310,5 @@ def evaluate_models(config: dict, truth: xr.Dataset, intensity: xr.Dataset, orie
     with atomic_path(out / "models.csv") as tmp:
         df.to_csv(tmp, index=False)
     rho = float(spearmanr(label, conf[:, 0]).statistic) if np.ptp(label) > 0 and np.ptp(conf[:, 0]) > 0 else np.nan
-    sizes = {}
-    if "model_size" in orientations:  # size-tied components (emc.size_scales > 1): relative size per frame
-        s = orientations.model_size.values
-        a = np.median(conf[:, 0] / s)  # the reference size in the first parameter's units
-        sizes = {"size_spearman": float(spearmanr(s, conf[:, 0]).statistic) if np.ptp(s) > 0 else np.nan,
-                 "size_relative_rms": float(np.sqrt(np.mean((a * s / conf[:, 0] - 1) ** 2)))}
     return {"model_spearman": rho, "model_resolution_fsc05_angstrom_mean": float(df.resolution_fsc05_angstrom.mean()),
-            **sizes, "models": rows}
+            "models": rows}

@@ -136,8 +136,6 @@ def stage_emc(config: dict, patterns: str, intensity: str, orientations: str, lo
              "iterations": cfg.iterations, "refine_iterations": cfg.refine_iterations, "models": cfg.models}
     multi = {} if res.models is None else {"models": res.models, "models_measured": res.model_weight > 0,
                                            "model": res.model, "model_probability": res.model_probability}
-    if res.model_size is not None:
-        multi["model_size"] = res.model_size
     _write_recon(res.intensity, res.weight > 0, res.quaternion, res.gain, grid, scale, attrs, intensity,
                  orientations, probability_max=res.probability_max, **multi)
 
@@ -359,8 +357,7 @@ SUMMARY_COLUMNS = ["method", "resolution_fsc05_angstrom", "resolution_fsc0143_an
 # with the first true conformation parameter, PC1's share of the latent variance, and the
 # mean FSC-0.5 resolution of the recovered states against their matching true states
 SUMMARY_EXTRA = ["latent_spearman", "latent_pc1_variance_ratio", "state_resolution_fsc05_angstrom_mean",
-                 "model_spearman", "size_spearman", "model_resolution_fsc05_angstrom_mean",
-                 "encoder_orientation_error_median_deg",
+                 "model_spearman", "model_resolution_fsc05_angstrom_mean", "encoder_orientation_error_median_deg",
                  "prtf_resolution_angstrom", "halfset_resolution_fsc0143_angstrom", "halfset_resolution_fsc05_angstrom"]
 
 

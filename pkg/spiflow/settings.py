@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Any, ClassVar, Literal
 
-import numpy as np
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
@@ -246,18 +245,6 @@ class EMCSettings(Section):
     particle size and rotated into the frame of the most populated one, with their frames'
     orientations (:func:`spiflow.emc.common_frame`). Measured on config/nanoparticle.yaml
     (README): 5 models, radial_split: orientation error 9.7° modulo Oh against 31.8° with one.
-    size_scales, size_range: size-tied models for particles of one shape and varying size
-    (nanoparticle ensembles). By the Fourier similarity theorem a particle of ``s`` times
-    the size has ``F_s(q) = s³ F(s q)`` (Bracewell, The Fourier Transform and its
-    Applications, 3rd ed., ch. 6), so ``I_s(q) ∝ I(s q)``. With ``size_scales`` S > 1 each of
-    the K models has S *components*, the model dilated to the relative sizes ``s_j``
-    (:meth:`size_factors`: S values spaced geometrically from ``size_range[1]`` down to
-    ``size_range[0]``, the largest particle first). The E-step and merge run over the K · S
-    components as multi-model EMC does; after every merge the components of a model are
-    tied (:func:`spiflow.emc.tie_sizes`): each is resampled to the reference size,
-    their weighted mean becomes the model and each component is its dilation again, so all
-    frames of all sizes build one model. The frames' gains absorb the components'
-    brightness (the s⁶ of the theorem and the detector's solid angle).
     """
     num_div: int = Field(10, ge=1, le=40)
     iterations: int = Field(30, ge=1)
@@ -299,42 +286,13 @@ class EMCSettings(Section):
     model_init: Literal["radial_split", "random"] = Field(
         "radial_split", description="models > 1: initial models from the radial profiles of K groups of frames split "
         "by their photon-weighted mean |q|, or all from the overall profile with independent noise")
-    size_scales: int = Field(1, ge=1, le=32, description="size components per model, the model dilated to size_scales "
-                             "relative sizes (size-tied models for particles of one shape and varying size); 1: none; "
-                             "> 1 needs search: exhaustive")
-    size_range: list[Annotated[float, Field(gt=0)]] = Field(
-        [0.8, 1.25], min_length=2, max_length=2, description="size_scales > 1: the smallest and largest relative "
-        "particle size of the components (spaced geometrically; the model itself has size 1)")
 
     @model_validator(mode="after")
     def _models_need_exhaustive_search(self):
-        if self.components > 1 and self.search != "exhaustive":
-            what = f"emc.models = {self.models}" + (f", emc.size_scales = {self.size_scales}" if self.size_scales > 1
-                                                    else "")
-            raise ValueError(f"{what} needs emc.search: exhaustive (the coarse-to-fine search is single-model), "
-                             f"got emc.search: {self.search}")
-        lo, hi = self.size_range
-        if lo > hi:
-            raise ValueError(f"emc.size_range = [{lo:g}, {hi:g}]: needs smallest <= largest")
-        if self.size_scales > 1 and lo == hi:
-            raise ValueError(f"emc.size_range = [{lo:g}, {hi:g}]: emc.size_scales = {self.size_scales} needs "
-                             f"smallest < largest")
+        if self.models > 1 and self.search != "exhaustive":
+            raise ValueError(f"emc.models = {self.models} needs emc.search: exhaustive (the coarse-to-fine search is "
+                             f"single-model), got emc.search: {self.search}")
         return self
-
-    @property
-    def components(self) -> int:
-        """The intensity components EMC runs over: ``models · size_scales``; component
-        ``k · size_scales + j`` is model k at relative size ``size_factors()[j]``."""
-        return self.models * self.size_scales
-
-    def size_factors(self) -> np.ndarray:
-        """The relative particle sizes ``s_j`` of the size components (size_scales,), float64,
-        largest first: ``geomspace(size_range[1], size_range[0], size_scales)``; [1] for
-        size_scales 1."""
-        if self.size_scales == 1:
-            return np.ones(1)
-        lo, hi = self.size_range
-        return np.geomspace(hi, lo, self.size_scales)
 
     @property
     def coarse_num_div(self) -> int:
