@@ -1,11 +1,12 @@
 """The benchmark scripts run: benchmarks/run.py's --tiny smoke run and benchmarks/emc_accuracy.py on
-its simulated patterns, without Dragonfly."""
+its simulated patterns, without Dragonfly; benchmarks/orientation_limit.py on a tiny nanoparticle run."""
 import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +57,33 @@ def test_gpu_check_skips_cleanly_without_cuda():
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "gpu-check: skipped, no CUDA device here" in proc.stdout
+
+
+@pytest.mark.slow  # two subprocesses: about 20 s
+def test_orientation_limit_runs_on_a_small_nanoparticle_run(tmp_path):
+    """benchmarks/orientation_limit.py on a 12-frame nanoparticle run: every frame oriented
+    against its own true intensity and against the nearest reference state, one csv row each."""
+    import yaml
+
+    from spiflow import config as cfg
+    from spiflow import simulate
+
+    config = cfg.validate(cfg.merge({
+        "sample": {"kind": "nanoparticles", "nanoparticles": {"size_range_angstrom": [8.0, 12.0]},
+                   "reference_states": 2},
+        "dataset": {"n_patterns": 12, "seed": 4, "chunk_frames": 5},
+        "detector": {"n_pixels": 12, "pixel_size_m": 2.6e-3, "beam_stop_radius_m": 2e-3},
+        "beam": {"mean_photons_per_pattern": 800.0}, "simulate": {"pilot_orientations": 8},
+        "evaluate": {"symmetry": "Oh"}}, {}))
+    run = tmp_path / "run"
+    simulate.simulate(config, run / "simulate" / "patterns.zarr", run / "simulate" / "truth.zarr", progress=False)
+    (run / "evaluate").mkdir()
+    (run / "evaluate" / "config.yaml").write_text(yaml.safe_dump(config))
+    for model in ("own", "nearest_state"):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "orientation_limit.py"), str(run),
+                               "--frames", "4", "--num-div", "2", "--model", model, "--csv", str(tmp_path / "e.csv")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "median error" in proc.stdout
+        rows = pd.read_csv(tmp_path / "e.csv")
+        assert len(rows) == 4 and ((rows.error_deg >= 0) & (rows.error_deg <= 180)).all()
