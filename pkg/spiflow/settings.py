@@ -435,7 +435,7 @@ class SelfSupSettings(Section):
     encoder_width: int = Field(16, ge=1)
     encoder_stages: int = Field(3, ge=1)
     encoder_blocks: int = Field(1, ge=1)
-    encoder_pool: int = Field(5, ge=1, description='the encoder trunk ends in average pooling to encoder_pool x encoder_pool cells, flattened (1: global average pooling, as ResNet); the cells keep where on the detector the speckles lie (measured on the default data, an encoder trained on 90,000 patterns simulated from the true intensity: 36 deg median error modulo the Friedel mate with 5 and a 256-wide rotation head, 60 deg with 1 and a linear head)')
+    encoder_pool: int = Field(5, ge=1, description='the encoder trunk ends in average pooling to encoder_pool x encoder_pool cells, flattened (1: global average pooling, as ResNet); the cells keep where on the detector the speckles lie (measured in a scratch run on the default data, not with the committed benchmark: an encoder trained on 90,000 patterns simulated from the true intensity, 36 deg median error modulo the Friedel mate with 5 and a 256-wide rotation head, 60 deg with 1 and a linear head)')
     encoder_hidden: int = Field(256, ge=0, description='hidden width of the rotation head (one ReLU layer); 0: a linear head')
     fit_gain: bool = Field(True)
     radial_baseline: bool = Field(True)
