@@ -144,13 +144,13 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
     import xarray as xr
+    from spiflow.stores import photon_scale
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     photons, valid, q, pf, grid = bench.load_patterns(args.patterns)
     pat, tr = xr.open_zarr(args.patterns), xr.open_zarr(args.truth)
     q_true = tr.quaternion.values
-    W = tr.intensity.values.astype(np.float64) * (pat.attrs["nominal_fluence_photons_per_angstrom2"]
-                                                  * pat.attrs["classical_electron_radius_angstrom"] ** 2)
+    W = tr.intensity.values.astype(np.float64) * photon_scale(pat)
     gain = tr.gain.values.astype(np.float64)
     truth = args.start == "truth"
     its = args.iterations or (3 if truth else 30)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pkg"))
 from spiflow import metrics  # noqa: E402
 from spiflow.emc import expectation_step  # noqa: E402
 from spiflow.latent import match_states  # noqa: E402
-from spiflow.pipeline import _patterns  # noqa: E402
+from spiflow import stores  # noqa: E402
 from spiflow.settings import EMCSettings  # noqa: E402
 from spiflow.simulate import build_sample, volumes  # noqa: E402
 from spiflow.symmetry import point_group  # noqa: E402
@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     truth = xr.open_zarr(args.run / "simulate" / "truth.zarr")
     if "conformation" not in truth:
         raise ValueError(f"{args.run}: a homogeneous run (no conformation in its truth store)")
-    pat, grid, photons, valid, q, pf, scale = _patterns(str(args.run / "simulate" / "patterns.zarr"))
+    pat, photons = stores.open_patterns(str(args.run / "simulate" / "patterns.zarr"))
+    grid, scale = stores.grid_of(pat), stores.photon_scale(pat)
+    valid, q, pf = pat.valid.values, pat.q.values.astype(np.float64), pat.pixel_factor.values.astype(np.float64)
     sample, _ = build_sample(config)
     conf, quat, gain = truth.conformation.values, truth.quaternion.values, truth.gain.values
     n = len(conf)

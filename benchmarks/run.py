@@ -305,9 +305,10 @@ def emc_search(patterns: Path, truth: Path, num_div: int, device: str) -> list[d
     import xarray as xr
     from spiflow.emc import expectation_step
     from spiflow.rotation import angle_between
+    from spiflow.stores import photon_scale
     photons, valid, q, pf, grid = load_patterns(patterns)
     pat, tr = xr.open_zarr(patterns), xr.open_zarr(truth)
-    scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+    scale = photon_scale(pat)
     W, gain, quat = tr.intensity.values.astype(np.float64) * scale, tr.gain.values, tr.quaternion.values
     rows = []
     for search in ("exhaustive", "coarse_to_fine"):

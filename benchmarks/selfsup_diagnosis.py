@@ -46,7 +46,7 @@ def load(run: Path, frames: int):
     """(photons, valid, q, pixel_factor, grid, true W in photons per unit pixel factor, true quaternions)."""
     pat, photons = stores.open_patterns(str(run / "simulate/patterns.zarr"))
     tr = open_dataset(str(run / "simulate/truth.zarr"), "truth store")
-    scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+    scale = stores.photon_scale(pat)
     W = tr.intensity.values.astype(np.float64) * scale * tr.gain.values.mean()
     return (np.asarray(photons[:frames]), pat.valid.values, pat.q.values.astype(np.float64),
             pat.pixel_factor.values.astype(np.float64), stores.grid_of(pat), W, tr.quaternion.values[:frames])

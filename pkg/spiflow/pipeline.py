@@ -93,7 +93,7 @@ def _patterns(patterns: str):
     """(static dataset with the attrs, grid, lazily read photons, valid, q, pixel_factor,
     scale J r_e²) of a patterns store (:func:`spiflow.stores.open_patterns`)."""
     pat, photons = stores.open_patterns(patterns)
-    scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+    scale = stores.photon_scale(pat)
     return (pat, stores.grid_of(pat), photons, pat.valid.values, pat.q.values.astype(np.float64),
             pat.pixel_factor.values.astype(np.float64), scale)
 
@@ -345,7 +345,7 @@ def _evaluate_against_truth(config, method, tr, patterns, rec, ori, den, grid, m
         result.update(latent_eval.evaluate_models(config, tr, rec, ori, grid, out))
     if latent is not None and decoder is not None:
         pat = xr.open_zarr(patterns)
-        scale = pat.attrs["nominal_fluence_photons_per_angstrom2"] * pat.attrs["classical_electron_radius_angstrom"] ** 2
+        scale = stores.photon_scale(pat)
         result.update(latent_eval.evaluate_latent(config, tr, open_dataset(latent, "latent store"), decoder,
                                                   measured, A, scale, out))
     return result

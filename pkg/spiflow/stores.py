@@ -156,6 +156,16 @@ def open_patterns(path) -> tuple[xr.Dataset, PhotonFrames]:
     return static, photons
 
 
+def photon_scale(patterns: xr.Dataset) -> float:
+    """``J r_e²`` (photons per unit pixel factor per electron², Å² · photons/Å² / Å²) of a
+    patterns store: its attrs ``nominal_fluence_photons_per_angstrom2`` J times
+    ``classical_electron_radius_angstrom`` r_e squared. An intensity I in electrons² gives the
+    EMC model ``W = I · J r_e²`` (expected photons per unit pixel factor at gain 1; Thomson
+    scattering, e.g. Als-Nielsen & McMorrow, Elements of Modern X-ray Physics, 2nd ed., eq. 1.8)."""
+    return float(patterns.attrs["nominal_fluence_photons_per_angstrom2"]
+                 * patterns.attrs["classical_electron_radius_angstrom"] ** 2)
+
+
 def grid_of(patterns: xr.Dataset) -> Grid:
     """The reconstruction grid recorded in a patterns store's attrs ``recon_grid_n``, ``recon_grid_dq``."""
     return Grid(int(patterns.attrs["recon_grid_n"]), float(patterns.attrs["recon_grid_dq"]))
