@@ -157,11 +157,13 @@ def open_patterns(path) -> tuple[xr.Dataset, PhotonFrames]:
 
 
 def photon_scale(patterns: xr.Dataset) -> float:
-    """``J r_e²`` (photons per unit pixel factor per electron², Å² · photons/Å² / Å²) of a
-    patterns store: its attrs ``nominal_fluence_photons_per_angstrom2`` J times
-    ``classical_electron_radius_angstrom`` r_e squared. An intensity I in electrons² gives the
-    EMC model ``W = I · J r_e²`` (expected photons per unit pixel factor at gain 1; Thomson
-    scattering, e.g. Als-Nielsen & McMorrow, Elements of Modern X-ray Physics, 2nd ed., eq. 1.8)."""
+    """``J r_e²`` of a patterns store, photons per electron² per unit pixel factor: its attrs
+    ``nominal_fluence_photons_per_angstrom2`` J (photons/Å²) times
+    ``classical_electron_radius_angstrom`` r_e (Å) squared. An intensity I in electrons²
+    gives the EMC model ``W = I · J r_e²``, the expected photons per unit pixel factor (solid
+    angle × polarization) at gain 1, by the Thomson cross-section ``dσ/dΩ = r_e² P``
+    (Als-Nielsen & McMorrow, Elements of Modern X-ray Physics, 2nd ed., ch. 1). Raises
+    KeyError for a store without those attrs."""
     return float(patterns.attrs["nominal_fluence_photons_per_angstrom2"]
                  * patterns.attrs["classical_electron_radius_angstrom"] ** 2)
 
