@@ -315,8 +315,10 @@ def mate_chordal(R: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     An encoder cannot tell the two apart from low-q speckles, and a plain chordal loss against
     targets that are either one pulls it to their mean, which keeps only the beam direction:
     measured on the default data (benchmarks/selfsup_diagnosis.py, mode simulated: 102,400
-    patterns simulated from the true intensity), the plain loss left the encoder at chance
-    (89° modulo the mate, 120° direct), this loss brought it to 48.9° modulo the mate. Which of the two a frame is, the local refinement decides
+    patterns simulated from the true intensity, with the training augmentation), the plain
+    loss left the encoder at chance (89° modulo the mate, 120° direct), this loss brought it
+    to 48.9° modulo the mate (29.7° without the augmentation). Which of the two a frame is,
+    the local refinement decides
     (:func:`refine_poses`: at the encoder's precision the likelihoods of the two do not
     separate them, measured on the tiny case of tests/test_selfsup.py: 45 % chosen wrongly)."""
     M = BEAM_FLIP.to(R)
@@ -497,9 +499,10 @@ def amortize(model: SelfSupModel, W: torch.Tensor, gains: torch.Tensor, search: 
     intensity, the model of the module docstring), and trains the trunk and the two heads
     (the decoder is not touched) on ``mate_chordal(R_enc, R) + (log g_enc − log φ)²``, with
     the training augmentation (:class:`EncoderInputs`) only if ``amortize_augment`` (measured
-    on the default data it cost more than it gave: 48.9° against 29.7° modulo the mate). AdamW at ``amortize_lr``, 10 %
-    linear warm-up, then cosine to 1 %. This is neural posterior estimation from simulations
-    (Cranmer, Brehmer & Louppe, PNAS 117, 30055 (2020)) with the learnt model as simulator:
+    on the default data it cost more than it gave: 48.9° against 29.7° modulo the mate).
+    AdamW at ``amortize_lr``, 10 % linear warm-up, then cosine to 1 %. This is neural
+    posterior estimation from simulations (Cranmer, Brehmer & Louppe, PNAS 117, 30055
+    (2020)) with the learnt model as simulator:
     the 3,000 measured frames of the default data were too few to teach the encoder (README,
     "Why selfsup did not orient"), simulated ones are unlimited. Nothing but the learnt
     intensity and gains is read. Ranks draw different patterns (seed, rank) and average their
