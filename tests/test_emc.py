@@ -429,6 +429,36 @@ def test_coarse_to_fine_finds_the_exhaustive_orientations(data, monkeypatch):
 
 
 
+@pytest.mark.skipif(slicing_cpu.numba is None, reason="numba not installed")
+@pytest.mark.parametrize("dtype,models", [("float64", 1), ("float64", 2), ("float32", 1)])
+def test_numba_posterior_rows_equal_the_torch_path(data, dtype, models, monkeypatch):
+    """The exhaustive E-step's posterior, its statistics, the gain update, the cut before the
+    merge and (models > 1) the model probabilities: the CPU numba row kernel
+    (slicing_cpu.posterior_rows) and the torch operations CUDA uses give the same pass."""
+    grid, beta = data["grid"], 0.3
+    W = point_intensity(data["atoms"], grid.q_points()) * data["scale"]
+    if models > 1:  # a second, dilated model
+        W = np.stack([W, point_intensity(0.9 * data["atoms"], grid.q_points()) * data["scale"]])
+    cfg = EMCSettings(num_div=2, dtype=dtype, search="exhaustive", models=models, orientation_chunk=256)
+    args = (data["photons"], data["valid"], data["q"], data["pf"], grid, W, data["gain"], cfg)
+    out = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(slicing_cpu, "ENABLED", kernel)
+        out[kernel] = expectation_step(*args, beta=beta)
+    a, b = out[True], out[False]
+    rtol = 1e-9 if dtype == "float64" else 2e-4
+    assert (angle_between(torch.as_tensor(a["quaternion"]), torch.as_tensor(b["quaternion"])).numpy() < 1e-6).mean() > 0.99
+    for key in ("probability_max", "gain", "model"):
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=rtol * np.abs(b[key]).max())
+    for key in ("log_likelihood", "mutual_info", "mean_max_probability"):
+        assert a["stats"][key] == pytest.approx(b["stats"][key], rel=rtol, abs=rtol)
+    assert 0 < a["stats"]["neglected_mass"] < models * 1e-6
+    assert a["stats"]["neglected_mass"] == pytest.approx(b["stats"]["neglected_mass"], rel=1e-3 if dtype == "float64" else 0.05)
+    if models > 1:
+        assert (a["model_best"] == b["model_best"]).all()
+        np.testing.assert_allclose(a["model_probability"], b["model_probability"], rtol=rtol)
+
+
 def test_exhaustive_posterior_equals_the_brute_force_softmax(data, monkeypatch):
     """The exhaustive E-step's posterior (row-wise, floored against subnormals) equals
     P_ri = w_r e^{β L_ri} / Σ_r' w_r' e^{β L_r'i} with L_ri = Σ_{p∈O} K_ip log(φ_i s_p W_rp)

@@ -446,16 +446,35 @@ class _Engine:
                 continue
             out[:, r0:r1].addr_(g, s_dot_o, alpha=-1)
 
-    def _posterior(self, L: torch.Tensor, P: torch.Tensor, beta: float):
+    def _posterior(self, L: torch.Tensor, P: torch.Tensor, beta: float, s_dot: torch.Tensor):
         """The exhaustive soft E-step's posterior of one block: L (b, K·M) the log-likelihoods
         (columns: model, then rotation; weights ``logw_joint``), overwritten with log P_ri; P
-        (b, K·M) receives P_ri. Row reductions only (each frame's orientations are contiguous). Returns (log Σ_r w_r e^{βL_ri} (b,), max P (b,), its
-        index (b,)).
+        (b, K·M) receives P_ri, with the pairs below :data:`MERGE_MIN_PROBABILITY` ``/ M`` set
+        to 0 (left out of the merge: :meth:`_merge`); s_dot (K·M,) = Σ_p s_p W_rp.
+
+        Returns (log Σ_r w_r e^{βL_ri}, max P, its index, Σ_r P_ri log w_r, Σ_r P_ri log P_ri,
+        Σ_r P_ri s_dot_r, the mass left out of the merge), each (b,), and each model's mass
+        Σ_{r∈k} P_kri (b, K); all sums are of P before the cut. Row reductions only (each
+        frame's orientations are contiguous).
 
         log P is floored at ``log(finfo.tiny) + 1`` before the exponential, so P holds no
         subnormal numbers (they slow CPU arithmetic and GEMMs several-fold: README, "One
         reconstruction across processes"); a floored entry carries at most e·tiny
-        (3e-38 in float32) instead of less, against a row sum of 1."""
+        (3e-38 in float32) instead of less, against a row sum of 1.
+
+        The cut leaves a frame less than MERGE_MIN_PROBABILITY of its mass whatever the
+        sampling, pair by pair, so the result does not depend on how the frames are split
+        into blocks or ranks. On CPU one numba kernel does all of this in three passes over
+        each row (:func:`spiflow.slicing_cpu.posterior_rows`); elsewhere torch operations
+        over the whole block (the same formulas; tested equal)."""
+        threshold = MERGE_MIN_PROBABILITY / self.M
+        if slicing_cpu.available(L, P, s_dot):
+            lse, pmax, pw, plogp, psd, left, mass, best = slicing_cpu.posterior_rows(
+                L, P, self.logw_joint, beta, self.log_floor, s_dot, threshold, self.K)
+            dt = L.dtype
+            return (lse.to(dt), pmax.to(dt), best, pw.to(dt), plogp.to(dt), psd.to(dt), left,
+                    mass.to(dt))
+        b = L.shape[0]
         L.mul_(beta).add_(self.logw_joint[None, :])
         m, best = L.max(1)
         L.sub_(m[:, None]).clamp_min_(self.log_floor)
@@ -464,21 +483,20 @@ class _Engine:
         P.div_(total[:, None])
         log_total = torch.log(total)
         L.sub_(log_total[:, None])
-        return m + log_total, 1 / total, best
+        pw, psd = P @ self.logw_joint, P @ s_dot
+        mass = P.view(b, self.K, self.M).sum(2)
+        small = P < threshold
+        left = torch.where(small, P, 0).sum(1).double()  # each entry below the threshold: no cancellation
+        plogp = L.mul_(P).sum(1)
+        P.masked_fill_(small, 0)
+        return m + log_total, 1 / total, best, pw, plogp, psd, left, mass
 
-    def _merge(self, accum, rot, P, blk: _Block, gain, px: _Pixels) -> torch.Tensor:
+    def _merge(self, accum, rot, P, blk: _Block, gain, px: _Pixels) -> None:
         """accum += the merge of ``Σ_i P_ri K_ip`` and ``s_p Σ_i P_ri φ_i`` for rotations rot
-        (R, 3, 3), P (b, R) over the frames of the block with their gains (b,).
-
-        The pairs with ``P_ri <`` :data:`MERGE_MIN_PROBABILITY` ``/ R`` are left out (set to 0
-        in P, in place), so a frame leaves out less than MERGE_MIN_PROBABILITY of its mass
-        whatever the sampling, and the rotations that keep no pair are not merged at all (at
-        β ≈ 1 most of them). Pair by pair, so the result does not depend on how the frames
-        are split into blocks or ranks. Returns the mass left out per frame (b,), float64."""
+        (R, 3, 3), P (b, R) over the frames of the block with their gains (b,). The rotations
+        that keep no pair (P already cut by :meth:`_posterior`; at β ≈ 1 most of them) are
+        not merged at all."""
         C = self.chunk
-        before = P.sum(1, dtype=torch.float64)
-        P.masked_fill_(P < MERGE_MIN_PROBABILITY / len(rot), 0)
-        left = (before - P.sum(1, dtype=torch.float64)).clamp_min_(0)
         skip = P.amax(0) == 0  # (R,)
         active = torch.nonzero(~skip)[:, 0]
         everything = len(active) == len(rot)
@@ -497,7 +515,6 @@ class _Engine:
                 torch.mm(Pr.T, blk.Km, out=vals[0])
             torch.mul((gain @ Pr)[:, None], px.s[None, :], out=vals[1])
             merge_rotated(accum, px.q, rr, self.grid, vals)
-        return left
 
     def iterate(self, W: torch.Tensor, gain: torch.Tensor, beta: float, update_gain: bool, fraction: float = 1.0):
         """One E + gain + M pass with model W (n, n, n) and gains (frames,) over the pixels
@@ -553,23 +570,20 @@ class _Engine:
                 for k in range(nk):
                     self._loglik(Wk[k], self.rot, blk.ko if sparse else blk.Ko, g, px, L[:, k * M:(k + 1) * M],
                                  s_dot[k * M:(k + 1) * M])
-                lse, bmax, barg = self._posterior(L, P, beta)
+                lse, bmax, barg, pw, plogp, psd, left, mass = self._posterior(L, P, beta, s_dot)
                 if nk == 1:
                     pmax[i0:i1], best[i0:i1] = bmax, barg
-                else:  # the most probable model, then its most likely rotation
-                    Pk = P.view(b, nk, M)
-                    self.model_probability[i0:i1], kbest = Pk.sum(2).max(1)
+                else:  # the most probable model, then its most likely rotation (above the cut)
+                    self.model_probability[i0:i1], kbest = mass.max(1)
                     self.model_best[i0:i1] = kbest
-                    pmax[i0:i1], best[i0:i1] = Pk[torch.arange(b, device=dev), kbest].max(1)
-                pw = P @ self.logw_joint
-                plogp = L.mul_(P).sum(1)
+                    pmax[i0:i1], best[i0:i1] = P.view(b, nk, M)[torch.arange(b, device=dev), kbest].max(1)
                 evaluated[i0:i1] = nk * M + (self.hier.M if self.hier is not None else 0)
                 support[i0:i1] = nk * M
                 if update_gain:
-                    new_gain[i0:i1] = blk.n_all / (P @ s_dot)
+                    new_gain[i0:i1] = blk.n_all / psd
                 for k in range(nk):
-                    neglected[i0:i1] += self._merge(accum[k], self.rot, P[:, k * M:(k + 1) * M], blk,
-                                                    new_gain[i0:i1], px)
+                    self._merge(accum[k], self.rot, P[:, k * M:(k + 1) * M], blk, new_gain[i0:i1], px)
+                neglected[i0:i1] = left
                 skipped = skipped or bool(neglected[i0:i1].any())
             ll[i0:i1] = ((plogp - pw + lse) / beta + const).double()  # Σ_r P_ri L_ri
             mi[i0:i1] = (plogp - pw).double()  # Σ_r P_ri log(P_ri / w_r)

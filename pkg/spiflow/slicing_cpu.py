@@ -1,5 +1,6 @@
 """CPU kernels of the slicing and merging in :mod:`spiflow.slicing`, compiled with numba, and
-of the coarse-to-fine E-step's cell blocks (:func:`block_products`, used by :mod:`spiflow.emc`).
+of two steps of :mod:`spiflow.emc`: the coarse-to-fine E-step's cell blocks
+(:func:`block_products`) and the exhaustive E-step's row posterior (:func:`posterior_rows`).
 
 torch's CPU 3D grid sampler is a generic scalar loop: on one AMD EPYC core (beside another
 job) its input gradient (the merge) cost about 270 ns a point for EMC's two channels, 4× its
@@ -261,6 +262,84 @@ if numba is not None:
                     out[o0 + a * nc + i] = acc
 
 
+if numba is not None:
+    @njit(parallel=True, cache=True, boundscheck=False, fastmath=True)
+    def _posterior_rows(L, P, logw, beta, constants, s_dot, models, out, model_mass, best):
+        """Row i (a frame) of the exhaustive E-step's posterior, in five passes over the row
+        while it sits in cache (see :func:`posterior_rows`); out[:, 0…5] = log Σ, 1 / Σ,
+        Σ P logw, Σ P log P, Σ P s_dot, mass left out. The row's arithmetic stays in L's
+        dtype (a float32 exp is 3× a float64 one here); the sums are float64."""
+        b, m = L.shape
+        per = m // models
+        log_floor, threshold = constants[0, 0], constants[0, 1]
+        for i in prange(b):
+            for j in range(m):
+                L[i, j] = L[i, j] * beta + logw[j]
+            mx, arg = L[i, 0], 0  # the max of the stored (rounded) values, so its exp is 1
+            for j in range(m):
+                if L[i, j] > mx:
+                    mx, arg = L[i, j], j
+            total = 0.0
+            for j in range(m):
+                x = max(L[i, j] - mx, log_floor)
+                L[i, j] = x
+                e = np.exp(x)
+                P[i, j] = e
+                total += e
+            inv, log_total = 1.0 / total, np.log(total)
+            constants[i, 2], constants[i, 3] = inv, log_total  # rounded to L's dtype
+            inv_t, log_total_t = constants[i, 2], constants[i, 3]
+            pw, plogp, psd, left = 0.0, 0.0, 0.0, 0.0
+            for j in range(m):
+                p = P[i, j] * inv_t
+                lp = L[i, j] - log_total_t
+                L[i, j] = lp
+                pw += p * logw[j]
+                plogp += p * lp
+                psd += p * s_dot[j]
+            for k in range(models):  # a pass of its own: in the loop above it cost 30 %
+                mass = 0.0
+                for j in range(k * per, (k + 1) * per):
+                    mass += P[i, j]
+                model_mass[i, k] = mass * inv
+            for j in range(m):
+                p = P[i, j] * inv_t
+                if p < threshold:
+                    left += p
+                    p = 0.0
+                P[i, j] = p
+            out[i, 0], out[i, 1], out[i, 2] = mx + log_total, inv, pw
+            out[i, 3], out[i, 4], out[i, 5] = plogp, psd, left
+            best[i] = arg
+
+
+def posterior_rows(L: torch.Tensor, P: torch.Tensor, logw: torch.Tensor, beta: float, log_floor: float,
+                   s_dot: torch.Tensor, threshold: float, models: int):
+    """The exhaustive E-step's soft posterior, row by row (one frame a row, parallel over
+    frames, each row read three times while it sits in cache), for
+    the exhaustive E-step of :mod:`spiflow.emc` (whose engine documents the formulas and the
+    torch path it equals):
+    L (b, m) the log-likelihoods, contiguous, overwritten with log P; P (b, m) receives P,
+    with the entries below ``threshold`` set to 0 (left out of the merge); logw, s_dot (m,);
+    the m columns are ``models`` runs of equal length. CPU tensors of one float dtype
+    (:func:`available`). Returns (log Σ_r w_r e^{βL_r}, 1 / Σ (= max P), Σ_r P_r log w_r,
+    Σ_r P_r log P_r, Σ_r P_r s_dot_r, mass left out) each (b,) float64, the mass of each
+    run (b, models) float64 before the cut, and the first index of max P (b,) int64.
+    Raises ValueError if L or P is not contiguous."""
+    if not (L.is_contiguous() and P.is_contiguous()):
+        raise ValueError("posterior_rows: L and P must be contiguous (they are written in place)")
+    _threads()
+    b = L.shape[0]
+    out, model_mass = np.empty((b, 6)), np.empty((b, models))
+    best = np.empty(b, dtype=np.int64)
+    dt = _np(L).dtype
+    constants = np.empty((b, 4), dtype=dt)  # per row: log floor, threshold, then 1 / Σ and log Σ in L's dtype
+    constants[:, 0], constants[:, 1] = log_floor, threshold
+    _posterior_rows(_np(L), _np(P), _np(logw), dt.type(beta), constants, _np(s_dot), int(models), out,
+                    model_mass, best)
+    return (*torch.from_numpy(out).T, torch.from_numpy(model_mass), torch.from_numpy(best))
+
+
 def block_products(A: torch.Tensor, B: torch.Tensor, rows, n_rows, cols, col_start, n_cols, out_start,
                    out: torch.Tensor) -> None:
     """Dense blocks of a sampled product ``A Bᵀ``, written into the flat ``out`` (CPU, one float
@@ -352,4 +431,6 @@ def compile_kernels(dtypes=(torch.float32, torch.float64)) -> float:
             merge_trilinear(vol[:ch].clone(), values[:ch], 1e9, q=q, rs=rs)
         for cubic in (False, True):
             slice_channels_rotated(vol, q, rs, cubic)
+        L = torch.zeros((1, 2), dtype=dt)
+        posterior_rows(L, L.clone(), L[0].clone(), 1.0, -80.0, L[0].clone(), 0.0, 1)
     return time.perf_counter() - t0
