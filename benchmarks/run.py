@@ -283,10 +283,12 @@ def problem_shape(photons, valid, q, grid, num_div: int) -> dict:
 
 def emc_spiflow(photons, valid, q, pf, grid, num_div: int, iterations: int, device: str, fmt: str) -> dict:
     from spiflow.emc import run_emc
-    # global iterations only, in the orientation chunks the measurements were made with
+    # global iterations only, in the orientation chunks the measurements were made with, every
+    # pixel in every iteration as Dragonfly does (no resolution marching: with it the first of
+    # the 2 iterations used the pixels within half the q radius, 2026-12-03 and before)
     cfg = EMCSettings(num_div=num_div, iterations=iterations, n_starts=1, beta_start=BETA, beta_factor=1.0,
                       update_gain=True, orientation_min_radius_voxels=MIN_RADIUS, photon_format=fmt,
-                      refine_iterations=0, orientation_chunk=1024, search="exhaustive")
+                      refine_iterations=0, orientation_chunk=1024, search="exhaustive", resolution_start=1.0)
     t0 = time.perf_counter()
     res = run_emc(photons, valid, q, pf, grid, cfg, device=device, progress=False)
     wall = time.perf_counter() - t0
