@@ -597,7 +597,8 @@ def run(args) -> dict:
                 nd = p["search_num_div"]
                 rec.start()
                 for r in emc_search(sim["patterns"], sim["truth"], nd, device):
-                    rec.add(**dict(common, M=n_orientations(nd)), problem=problem.replace(f"num_div {p['num_div']}", f"num_div {nd}"),
+                    rec.add(**dict(common, M=n_orientations(nd),
+                                   problem=problem.replace(f"num_div {p['num_div']}", f"num_div {nd}")),
                             tool="spiflow", variant=f"E-step search {r['search']} β=1 (true model)", value=r["seconds"],
                             unit="s/pass", seconds=r["seconds"], iterations=1,
                             notes=(f"CPU {r['cpu_seconds']:.3g} s, {r['orientations_per_frame']:.0f} likelihoods/frame, {r['support_per_frame']:.0f} "
