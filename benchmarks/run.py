@@ -78,7 +78,7 @@ SIZES = {
     "tiny": {  # the test suite's smoke run (tests/test_benchmarks.py)
         "simulate": dict(patterns=40, pixels=16, photons=500),
         "emc": [dict(name="tiny", patterns=40, pixels=16, photons=100, num_div=1, iterations=2,
-                     dragonfly=[(1.0, 2), (0.05, 2)])],
+                     dragonfly=[(1.0, 2), (0.05, 2)], search_num_div=2)],
         "formats": dict(patterns=40, pixels=16, photons=500, num_div=1, levels=[500, 50]),
         "phase": dict(restarts=2, iterations=10),
         "selfsup": dict(patterns=16, epochs=1, batch_size=8, small=True),

@@ -23,7 +23,8 @@ def test_benchmark_script_tiny_run(tmp_path):
     got = {(r["section"], r["variant"].split(" β=")[0]) for r in rows}
     for want in [("simulate", "simulate stage"), ("emc", "EMC dense"), ("emc", "EMC sparse"),
                  ("emc", "E-step GEMM"), ("formats", "EMC dense"), ("formats", "EMC sparse"),
-                 ("phase", "RAAR/ER + shrinkwrap")]:
+                 ("phase", "RAAR/ER + shrinkwrap"), ("emc", "E-step search exhaustive"),
+                 ("emc", "E-step search coarse_to_fine")]:
         assert want in got, want
     assert all(float(r["value"]) > 0 for r in rows)
     assert not any(r["tool"] == "dragonfly" for r in rows)
