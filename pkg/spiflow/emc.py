@@ -61,9 +61,9 @@ frame (coarse + fine), ``support_per_frame`` the fine rotations kept per frame.
 
 Multi-model EMC (``EMCSettings.models`` K > 1; Dragonfly's "modes", Ayyer et al. 2016):
 K models W_k. In the exhaustive E-step the log-likelihoods of all (model, rotation) pairs
-are rows ``k M : (k + 1) M`` of one (K M, b) matrix (one :meth:`_Engine._loglik` call per
+are columns ``k M : (k + 1) M`` of one (b, K M) matrix (one :meth:`_Engine._loglik` call per
 model), normalised jointly with the prior ``w_r / K``; the gain update sums over both, and
-model k is merged with its rows of the posterior (one :meth:`_Engine._merge` per model).
+model k is merged with its columns of the posterior (one :meth:`_Engine._merge` per model).
 Work buffers grow K-fold: the frame block shrinks to keep ``memory_budget_gb``. The
 coarse-to-fine search is single-model (a settings error for K > 1). Local refinement
 refines every frame against its most probable model (:func:`_local_models`). The result's
@@ -74,8 +74,14 @@ matrix K and the E-step and merge are dense matmuls, ``log S_o @ K_oᵀ`` and ``
 (cost ∝ frames × orientations × pixels). *sparse*: like Dragonfly's photons files, each
 frame keeps only its pixels with K_ip > 0 (compressed sparse rows), and
 ``Σ_{p∈O: K_ip>0} K_ip log W_rp`` and ``Σ_i P_ri K_ip`` are sparse × dense products (cost ∝
-orientations × non-zero pixels), far cheaper at low photon counts. Both give the same
-result to floating-point rounding (the same sums in a different order).
+orientations × non-zero pixels, :data:`SPARSE_PRODUCT_COLUMNS` rotations at a time), far
+cheaper at low photon counts. Both give the same result to floating-point rounding (the
+same sums in a different order).
+
+The exhaustive E-step's posterior of a block (prior, normalisation, log P, the statistics,
+the gain denominators and the merge cut; :meth:`_Engine._posterior`) is one numba kernel
+on CPU that reads each frame's row five times while it sits in cache
+(:func:`spiflow.slicing_cpu.posterior_rows`), and torch operations elsewhere.
 """
 from __future__ import annotations
 
