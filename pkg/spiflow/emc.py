@@ -477,9 +477,11 @@ class _Engine:
 
         The cut leaves a frame less than MERGE_MIN_PROBABILITY of its mass whatever the
         sampling, pair by pair, so the result does not depend on how the frames are split
-        into blocks or ranks. On CPU one numba kernel does all of this in three passes over
-        each row (:func:`spiflow.slicing_cpu.posterior_rows`); elsewhere torch operations
-        over the whole block (the same formulas; tested equal)."""
+        into blocks or ranks. On CPU one numba kernel does all of this in five passes over
+        each row while it sits in cache (:func:`spiflow.slicing_cpu.posterior_rows`);
+        elsewhere torch operations over the whole block (the same formulas; tested equal).
+        The posterior is EMC's (Loh & Elser, Phys. Rev. E 80, 026705 (2009)), tempered by
+        β as in Dragonfly (Ayyer et al., J. Appl. Cryst. 49, 1320 (2016))."""
         threshold = MERGE_MIN_PROBABILITY / self.M
         if slicing_cpu.available(L, P, s_dot):
             lse, pmax, pw, plogp, psd, left, mass, best = slicing_cpu.posterior_rows(

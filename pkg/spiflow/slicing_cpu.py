@@ -315,10 +315,9 @@ if numba is not None:
 
 def posterior_rows(L: torch.Tensor, P: torch.Tensor, logw: torch.Tensor, beta: float, log_floor: float,
                    s_dot: torch.Tensor, threshold: float, models: int):
-    """The exhaustive E-step's soft posterior, row by row (one frame a row, parallel over
-    frames, each row read three times while it sits in cache), for
-    the exhaustive E-step of :mod:`spiflow.emc` (whose engine documents the formulas and the
-    torch path it equals):
+    """The soft posterior of :mod:`spiflow.emc`'s exhaustive E-step, row by row (one frame
+    a row, parallel over frames, each row read five times while it sits in cache; the
+    formulas, and the torch path this equals, are documented in :mod:`spiflow.emc`):
     L (b, m) the log-likelihoods, contiguous, overwritten with log P; P (b, m) receives P,
     with the entries below ``threshold`` set to 0 (left out of the merge); logw, s_dot (m,);
     the m columns are ``models`` runs of equal length. CPU tensors of one float dtype
