@@ -24,7 +24,31 @@ amplitude ``ρ = sigmoid(·)`` ∈ [0, 1] (the truth's scale: 1 inside the cryst
 phase ``φ = π tanh(·)`` rad. Any odd n whose halvings ``(n + 1) / 2`` stay odd down to the
 bottom works (17, 33, 65, …).
 
-Losses (per object; means over the batch):
+Strain phase head (``phase_head: strain``). The convolutional phase head never learned the
+strain phase (README, "Direct ML phasing": the true amplitude with its phase scored as the
+flat phase). Two obstacles, each shown by a probe: the decoder (a smooth polynomial phase
+learned what it did not) and the twin. The twin of ``ρ e^{iφ}`` is ``ρ(−r) e^{−iφ(−r)}``, so
+for the strain gradient ``φ = rᵀ K r`` of :func:`spiflow.bragg.displacement_phase` it has the
+form −K; forms of either sign modulo ±1 form a projective space on which no continuous
+function (a network) can choose a sign. This head therefore regresses what the intensity does
+determine, the sign-free ``M = k kᵀ`` (6 × 6; k = K's six entries :data:`STRAIN_TERMS` in
+units of the training forms' RMS entry, ``strain_scale``) by a linear map of z
+(:func:`strain_loss`, against the forms fitted to the true phases by :func:`fit_strain_form`),
+reads ±k from M's top eigenpair (:meth:`AE3D.strain_form`) and chooses the sign per object by
+the Fourier-modulus error of ``ρ e^{±iφ}`` with the decoded amplitude ρ
+(:meth:`AE3D.complex_density`): given ρ the sign is no longer a twin ambiguity (``ρ e^{−iφ}``
+has the intensity I(−q), not I(q), unless ρ is centrosymmetric, when the two are twins). The
+amplitude head is trained with the twin-invariant :func:`amplitude_loss`. The head represents
+strain gradients only (no dislocation vortices).
+
+Augmentation (``augment``). The crystals' distribution is invariant under the 48 signed axis
+permutations of the cube (uniformly random rotations; K drawn from a rotation-invariant
+ensemble), and a density and its intensity transform alike. Each training batch is replaced
+by its image under one operation drawn per step (:func:`symmetry_operations`: those leaving
+the measured mask unchanged; :func:`apply_symmetry`), the strain forms by ``T K Tᵀ``.
+
+Losses (per object; means over the batch; the strain head replaces the supervised loss by
+``amplitude_loss + strain_weight · strain_loss``, above):
 
 * supervised, invariant to the ambiguities of the data (global phase α, twin
   ``d*(−r)``, :func:`spiflow.bragg.twin`): ``min_{t ∈ {d, twin(d)}} min_α ‖p − e^{iα} t‖² / ‖t‖²``
@@ -63,6 +87,8 @@ from .settings import AE3DSettings, PhasingSettings
 
 INPUT_STD_FLOOR = 0.02  # of the per-voxel std of the normalised log intensity (AE3D.set_input_statistics)
 LOG_COLUMNS = ["epoch", "loss", "supervised", "physics", "lr", "seconds"]
+PHASE_HEADS = ("convolutional", "strain")
+STRAIN_TERMS = ("xx", "yy", "zz", "xy", "xz", "yz")  # k: K's entries; φ = Σ k_j b_j (strain_basis)
 _AXES = (-3, -2, -1)
 
 
@@ -83,15 +109,94 @@ def _conv(cin: int, cout: int, stride: int = 1, transpose: bool = False, norm: b
     return nn.Sequential(*layers)
 
 
+def strain_basis(n: int) -> np.ndarray:
+    """The quadratic monomials (6, n, n, n) of the centred voxel coordinates r (voxels, 0 at
+    index n // 2), ``x², y², z², 2xy, 2xz, 2yz`` (:data:`STRAIN_TERMS`), so that the phase of a
+    strain gradient ``φ(r) = rᵀ K r`` (K symmetric, rad per voxel²;
+    :func:`spiflow.bragg.displacement_phase`) is ``Σ_j k_j b_j`` with k = (K_xx, K_yy, K_zz,
+    K_xy, K_xz, K_yz)."""
+    r = np.stack(np.meshgrid(*[np.arange(n) - n // 2] * 3, indexing="ij")).astype(np.float64)
+    x, y, z = r
+    return np.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z])
+
+
+def fit_strain_form(amplitude, phase, threshold: float = 0.5) -> np.ndarray:
+    """Least-squares strain forms k (B, 6) rad per voxel² (:func:`strain_basis`) of phases
+    (B, n, n, n) rad over each object's support ``amplitude > threshold`` (a constant phase
+    fitted alongside and dropped). Exact for the strain gradients of
+    :func:`spiflow.bragg.displacement_phase`; with dislocations the best quadratic. Raises
+    ValueError for an object whose support has fewer than 7 voxels."""
+    amp, ph = np.asarray(amplitude), np.asarray(phase)
+    if amp.ndim == 3:
+        amp, ph = amp[None], ph[None]
+    basis = strain_basis(amp.shape[-1]).reshape(6, -1).T
+    out = []
+    for i, (a, p) in enumerate(zip(amp, ph)):
+        m = a.ravel() > threshold
+        if m.sum() < 7:
+            raise ValueError(f"object {i}: a support of {int(m.sum())} voxels cannot fit a strain form")
+        c = np.linalg.lstsq(np.c_[basis[m], np.ones(m.sum())], p.ravel()[m].astype(np.float64), rcond=None)[0]
+        out.append(c[:6])
+    return np.array(out)
+
+
+def symmetry_operations(measured) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The signed axis permutations ``(perm, signs)`` of the cube (48: rotations and
+    inversions) that leave ``measured`` (n, n, n) bool on the centred odd grid unchanged, the
+    identity first. An operation maps a volume V to ``V.permute(perm)`` flipped along the axes
+    with sign −1, i.e. the point r to ``T r`` with ``T = diag(signs) P`` (:func:`apply_symmetry`);
+    a density and its intensity transform alike (the Fourier transform commutes with T)."""
+    import itertools
+    m = torch.as_tensor(np.asarray(measured), dtype=torch.bool)
+    ops = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            if torch.equal(_transform(m, perm, signs), m):
+                ops.append((perm, signs))
+    return ops
+
+
+def _transform(v: torch.Tensor, perm, signs) -> torch.Tensor:
+    lead = v.ndim - 3
+    v = v.permute(*range(lead), *[lead + p for p in perm])
+    flips = [lead + k for k in range(3) if signs[k] < 0]
+    return v.flip(flips) if flips else v
+
+
+def apply_symmetry(op, volumes: list[torch.Tensor], forms: torch.Tensor | None = None):
+    """Apply one operation ``(perm, signs)`` of :func:`symmetry_operations` to volumes
+    (..., n, n, n) (the last three axes) and to strain forms (B, 6) (``K → T K Tᵀ``).
+    Returns ``(volumes, forms)``."""
+    perm, signs = op
+    out = [_transform(v, perm, signs) for v in volumes]
+    if forms is None:
+        return out, None
+    T = torch.zeros(3, 3, dtype=forms.dtype)
+    T[range(3), list(perm)] = 1.0
+    T = torch.diag(torch.as_tensor(signs, dtype=forms.dtype)) @ T
+    idx = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+    K = forms.new_zeros(len(forms), 3, 3)
+    for j, (a, b) in enumerate(idx):
+        K[:, a, b] = forms[:, j]
+        K[:, b, a] = forms[:, j]
+    K = T @ K @ T.T
+    return out, torch.stack([K[:, a, b] for a, b in idx], 1)
+
+
 class AE3D(nn.Module):
     """The encoder–decoder of the module docstring for an (n, n, n) grid, ``channels`` c,
-    ``latent_dim``. ``forward(x)`` with x (B, 2, n, n, n) → (amplitude, phase) (B, n, n, n);
-    :meth:`encode` → z (B, latent_dim), :meth:`decode` z → (amplitude, phase).
-    Raises ValueError for an n the strides cannot halve (see :func:`_levels`)."""
+    ``latent_dim`` and ``phase_head`` (:data:`PHASE_HEADS`). ``forward(x)`` with x
+    (B, 2, n, n, n) → (amplitude, phase) (B, n, n, n); :meth:`encode` → z (B, latent_dim),
+    :meth:`decode` z → (amplitude, phase) (the strain head: one of the two signs),
+    :meth:`complex_density` z → the complex density (the strain head's sign chosen by the
+    intensity). Raises ValueError for an n the strides cannot halve (see :func:`_levels`) or
+    an unknown phase head."""
 
-    def __init__(self, n: int, channels: int, latent_dim: int):
+    def __init__(self, n: int, channels: int, latent_dim: int, phase_head: str = "convolutional"):
         super().__init__()
-        self.n, self.bottom = n, _levels(n)
+        if phase_head not in PHASE_HEADS:
+            raise ValueError(f"phase_head must be one of {PHASE_HEADS}, got {phase_head!r}")
+        self.n, self.bottom, self.phase_head = n, _levels(n), phase_head
         c, top = channels, max(4, channels // 2)
         self.enc = nn.Sequential(_conv(2, c, 2), _conv(c, c), _conv(c, 2 * c, 2), _conv(2 * c, 2 * c),
                                  _conv(2 * c, 4 * c, 2), _conv(4 * c, 4 * c))
@@ -109,14 +214,58 @@ class AE3D(nn.Module):
         self.register_buffer("input_mean", torch.zeros(n, n, n))
         self.register_buffer("input_std", torch.ones(n, n, n))
         self.c = c
+        if phase_head == "strain":
+            self.strain = nn.Linear(latent_dim, 21)  # the upper triangle of M ≈ k kᵀ (k = K's entries / scale)
+            self.register_buffer("strain_scale", torch.ones(()))  # rad per voxel² (set_strain_scale)
+            self.register_buffer("strain_basis", torch.as_tensor(strain_basis(n), dtype=torch.float32))
 
     @torch.no_grad()
-    def set_input_statistics(self, x: torch.Tensor) -> None:
+    def set_input_statistics(self, x: torch.Tensor, operations=None) -> None:
         """Store the per-voxel mean and standard deviation (floored at :data:`INPUT_STD_FLOOR`)
         of channel 0 of network inputs x (B, 2, n, n, n) (:func:`network_input` of the training
-        set), used by :meth:`encode`."""
-        self.input_mean.copy_(x[:, 0].mean(0))
-        self.input_std.copy_(x[:, 0].std(0, unbiased=False).clamp_min(INPUT_STD_FLOOR))
+        set), used by :meth:`encode`; with ``operations`` (:func:`symmetry_operations`), those of
+        the inputs and all their images (the moments' images averaged: no copies of x)."""
+        x0 = x[:, 0]
+        if not operations or len(operations) == 1:
+            self.input_mean.copy_(x0.mean(0))
+            self.input_std.copy_(x0.std(0, unbiased=False).clamp_min(INPUT_STD_FLOOR))
+            return
+        mean, second = x0.mean(0), (x0 * x0).mean(0)
+        mean = torch.stack([_transform(mean, *op) for op in operations]).mean(0)
+        second = torch.stack([_transform(second, *op) for op in operations]).mean(0)
+        self.input_mean.copy_(mean)
+        self.input_std.copy_((second - mean ** 2).clamp_min(0).sqrt().clamp_min(INPUT_STD_FLOOR))
+
+    def architecture(self) -> dict:
+        """The constructor's arguments (``n``, ``channels``, ``latent_dim``, ``phase_head``),
+        saved with the weights in checkpoints and read back by :func:`load_model`."""
+        return {"n": self.n, "channels": self.c, "latent_dim": self.to_z.out_features, "phase_head": self.phase_head}
+
+    @torch.no_grad()
+    def set_strain_scale(self, forms: torch.Tensor) -> None:
+        """Store the root-mean-square entry (rad per voxel²) of the training strain forms
+        (B, 6) (:func:`fit_strain_form`): the unit of k in the regressed ``M ≈ k kᵀ``."""
+        self.strain_scale.copy_(forms.pow(2).mean().sqrt().clamp_min(1e-12))
+
+    def strain_outer(self, z: torch.Tensor) -> torch.Tensor:
+        """The regressed sign-free strain matrix M (B, 6, 6), symmetric, ≈ k kᵀ with k the
+        strain form's six entries (:data:`STRAIN_TERMS`) in units of ``strain_scale``."""
+        m = self.strain(z)
+        iu = torch.triu_indices(6, 6, device=z.device)
+        M = z.new_zeros(len(z), 6, 6)
+        M[:, iu[0], iu[1]] = m
+        return M + M.transpose(1, 2) - torch.diag_embed(torch.diagonal(M, dim1=1, dim2=2))
+
+    def strain_form(self, z: torch.Tensor) -> torch.Tensor:
+        """The strain form k (B, 6), rad per voxel² (:data:`STRAIN_TERMS`), up to its sign:
+        ``M v / √(vᵀ M v)`` with v the top eigenvector of :meth:`strain_outer` (taken without
+        gradient; for a rank-one M = k kᵀ this is ±k exactly, and it is differentiable in M)."""
+        M = self.strain_outer(z)
+        with torch.no_grad():
+            v = torch.linalg.eigh(M)[1][..., -1]
+        Mv = (M @ v[..., None])[..., 0]
+        lam = (v * Mv).sum(-1).clamp_min(1e-12)
+        return Mv / lam.sqrt()[:, None] * self.strain_scale
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x0 = (x[:, :1] - self.input_mean) / self.input_std * x[:, 1:2]  # 0 on unmeasured voxels
@@ -125,10 +274,32 @@ class AE3D(nn.Module):
     def decode(self, z: torch.Tensor):
         h = self.from_z(z).view(-1, 4 * self.c, self.bottom, self.bottom, self.bottom)
         out = self.head(self.dec(nn.functional.silu(h)))
+        if self.phase_head == "strain":  # one of the two twin signs, chosen by complex_density
+            return torch.sigmoid(out[:, 0]), torch.einsum("bt,txyz->bxyz", self.strain_form(z), self.strain_basis)
         return torch.sigmoid(out[:, 0]), math.pi * torch.tanh(out[:, 1])
 
     def forward(self, x: torch.Tensor):
         return self.decode(self.encode(x))
+
+    def complex_density(self, z: torch.Tensor, sqrt_intensity: torch.Tensor | None = None,
+                        measured: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoded complex densities (B, n, n, n) of latents z (B, D). The strain head
+        needs the measured ``sqrt_intensity`` (B, n, n, n) and ``measured`` (bool,
+        broadcastable): of ``ρ e^{+iφ}`` and ``ρ e^{−iφ}`` it returns, per object, the one
+        with the lower :func:`physics_loss` (the choice without gradient). Given the
+        amplitude the sign is not a twin ambiguity: ``ρ e^{−iφ}`` has the intensity I(−q),
+        not I(q), unless ρ is centrosymmetric, and then the two are twins and equally good.
+        Raises ValueError when the strain head gets no intensity."""
+        amp, phi = self.decode(z)
+        plus = torch.polar(amp, phi)
+        if self.phase_head != "strain":
+            return plus
+        if sqrt_intensity is None or measured is None:
+            raise ValueError("the strain phase head needs the measured intensity to choose its sign")
+        minus = torch.polar(amp, -phi)
+        with torch.no_grad():
+            flip = physics_loss(minus, sqrt_intensity, measured) < physics_loss(plus, sqrt_intensity, measured)
+        return torch.where(flip[:, None, None, None], minus, plus)
 
 
 def network_input(intensity, measured) -> torch.Tensor:
@@ -176,6 +347,26 @@ def supervised_loss(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (pp + tt - 2 * best) / tt
 
 
+def amplitude_loss(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Twin-invariant loss (B,) of real amplitudes (B, n, n, n) on the centred odd grid (the
+    strain head's amplitude): ``min(‖p − ρ‖², ‖p − ρ(−r)‖²) / ‖ρ‖²``."""
+    tt = (truth ** 2).sum(_AXES).clamp_min(1e-12)
+    a = ((pred - truth) ** 2).sum(_AXES)
+    b = ((pred - torch.flip(truth, dims=_AXES)) ** 2).sum(_AXES)
+    return torch.minimum(a, b) / tt
+
+
+def strain_loss(model: "AE3D", z: torch.Tensor, forms: torch.Tensor) -> torch.Tensor:
+    """Sign-free loss (B,) of the strain head: ``‖M − k kᵀ‖²_F / 36`` with M
+    (:meth:`AE3D.strain_outer`) and k the true forms (B, 6) (:func:`fit_strain_form`) in
+    units of ``model.strain_scale``. k kᵀ is the same for k and −k: the network need not choose
+    the twin's sign, which no continuous function of the intensity can do for forms of either
+    sign (the nonzero forms modulo ±1, a projective space, have no continuous choice of sign)."""
+    k = forms / model.strain_scale
+    target = k[:, :, None] * k[:, None, :]
+    return ((model.strain_outer(z) - target) ** 2).mean((1, 2))
+
+
 def _fingerprint(cfg: AE3DSettings, seed: int) -> str:
     keep = cfg.model_dump(exclude={"epochs", "n_test", "finetune_epochs", "refine_iterations", "tracking"})
     return hashlib.sha1(json.dumps({"settings": keep, "seed": int(seed)}, sort_keys=True).encode()).hexdigest()
@@ -197,7 +388,7 @@ def train_ae3d(cfg: AE3DSettings, train, seed: int, checkpoint_path=None, log_pa
     Raises ValueError for a grid the network cannot take."""
     dev = torch.device(device)
     torch.manual_seed(derived_seed(seed, 0))
-    model = AE3D(cfg.crystals.n, cfg.channels, cfg.latent_dim).to(dev)
+    model = AE3D(cfg.crystals.n, cfg.channels, cfg.latent_dim, cfg.phase_head).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n_obj = len(train.intensity)
     steps_per_epoch = math.ceil(n_obj / cfg.batch_size)
@@ -211,8 +402,13 @@ def train_ae3d(cfg: AE3DSettings, train, seed: int, checkpoint_path=None, log_pa
         start = int(ckpt["epoch"])
     log = RunLog(log_path, LOG_COLUMNS, ckpt, key="epoch")
     x_all = network_input(train.intensity, train.measured)
-    if ckpt is None:
-        model.set_input_statistics(x_all.to(dev))
+    ops = symmetry_operations(train.measured) if cfg.augment else [((0, 1, 2), (1, 1, 1))]
+    strain = cfg.phase_head == "strain"
+    forms = torch.as_tensor(fit_strain_form(train.amplitude, train.phase), dtype=torch.float32) if strain else None
+    if ckpt is None:  # statistics over the training inputs and their images under the operations
+        model.set_input_statistics(x_all.to(dev), ops)
+        if strain:
+            model.set_strain_scale(forms.to(dev))
     sqrt_I = torch.as_tensor(np.sqrt(np.clip(train.intensity, 0, None)), dtype=torch.float32)
     meas = torch.as_tensor(np.asarray(train.measured), dtype=torch.bool)
     truth = torch.polar(torch.as_tensor(train.amplitude, dtype=torch.float32),
@@ -223,12 +419,20 @@ def train_ae3d(cfg: AE3DSettings, train, seed: int, checkpoint_path=None, log_pa
         model.train()
         order = torch.randperm(n_obj, generator=torch.Generator().manual_seed(derived_seed(seed, epoch + 1)))
         sums = np.zeros(3)
-        for b0 in range(0, n_obj, cfg.batch_size):
+        pick = torch.randint(len(ops), (steps_per_epoch,),
+                             generator=torch.Generator().manual_seed(derived_seed(seed, epoch + 1, 1)))
+        for step, b0 in enumerate(range(0, n_obj, cfg.batch_size)):
             idx = order[b0:b0 + cfg.batch_size]
-            amp, phi = model(x_all[idx].to(dev))
-            pred = torch.polar(amp, phi)
-            sup = supervised_loss(pred, truth[idx].to(dev)).mean()
-            phys = physics_loss(pred, sqrt_I[idx].to(dev), meas.to(dev)).mean()
+            (xb, tb, sb), fb = apply_symmetry(ops[int(pick[step])], [x_all[idx], truth[idx], sqrt_I[idx]],
+                                              forms[idx] if strain else None)
+            xb, tb, sb = xb.to(dev), tb.to(dev), sb.to(dev)
+            z = model.encode(xb)
+            pred = model.complex_density(z, sb, meas.to(dev))
+            if strain:
+                sup = (amplitude_loss(pred.abs(), tb.abs()) + cfg.strain_weight * strain_loss(model, z, fb.to(dev))).mean()
+            else:
+                sup = supervised_loss(pred, tb).mean()
+            phys = physics_loss(pred, sb, meas.to(dev)).mean()
             loss = sup + cfg.physics_weight * phys
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -243,9 +447,7 @@ def train_ae3d(cfg: AE3DSettings, train, seed: int, checkpoint_path=None, log_pa
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"epoch": epoch + 1, "model": model.state_dict(),
                                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                              "fingerprint": fp, "log_rows": log.state(),
-                                              "n": cfg.crystals.n, "channels": cfg.channels,
-                                              "latent_dim": cfg.latent_dim})
+                                              "fingerprint": fp, "log_rows": log.state(), **model.architecture()})
     return model.eval(), log.frame()
 
 
@@ -259,7 +461,8 @@ def load_model(checkpoint_path, device: str | torch.device = "cpu") -> AE3D:
         raise FileNotFoundError(f"ae3d checkpoint not found: {p}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        model = AE3D(int(ckpt["n"]), int(ckpt["channels"]), int(ckpt["latent_dim"]))
+        model = AE3D(int(ckpt["n"]), int(ckpt["channels"]), int(ckpt["latent_dim"]),
+                     str(ckpt.get("phase_head", "convolutional")))
         if "input_mean" not in ckpt["model"]:
             raise ValueError(f"{p} holds a network trained without input standardisation (spiflow before the "
                              f"fix of its collapse, README 'Direct ML phasing'): retrain it")
@@ -273,6 +476,12 @@ def load_model(checkpoint_path, device: str | torch.device = "cpu") -> AE3D:
     return model.to(device).eval()
 
 
+def _sqrt_intensity(intensity) -> torch.Tensor:
+    """√I (B, n, n, n) float32 of intensities (B, n, n, n) or (n, n, n), negatives clipped."""
+    sqrt_I = torch.as_tensor(np.sqrt(np.clip(np.asarray(intensity, dtype=np.float32), 0, None)))
+    return sqrt_I[None] if sqrt_I.ndim == 3 else sqrt_I
+
+
 @torch.no_grad()
 def predict(model: AE3D, intensity, measured, batch_size: int = 16) -> np.ndarray:
     """Complex densities (B, n, n, n) complex64 (amplitude ρ ∈ [0, 1], phase rad) of the
@@ -282,10 +491,12 @@ def predict(model: AE3D, intensity, measured, batch_size: int = 16) -> np.ndarra
     x = network_input(intensity, measured)
     if x.shape[-1] != model.n:
         raise ValueError(f"the network takes {model.n}^3 volumes, got {tuple(x.shape[-3:])}")
+    sqrt_I = _sqrt_intensity(intensity)
+    meas = torch.as_tensor(np.asarray(measured), dtype=torch.bool).to(dev)
     out = []
     for b0 in range(0, len(x), batch_size):
-        amp, phi = model(x[b0:b0 + batch_size].to(dev))
-        out.append(torch.polar(amp, phi).cpu())
+        z = model.encode(x[b0:b0 + batch_size].to(dev))
+        out.append(model.complex_density(z, sqrt_I[b0:b0 + batch_size].to(dev), meas).cpu())
     return torch.cat(out).numpy().astype(np.complex64)
 
 
@@ -296,9 +507,7 @@ def finetune(model: AE3D, intensity, measured, epochs: int, lr: float, batch_siz
     mode)."""
     dev = next(model.parameters()).device
     x = network_input(intensity, measured)
-    sqrt_I = torch.as_tensor(np.sqrt(np.clip(np.asarray(intensity, dtype=np.float32), 0, None)))
-    if sqrt_I.ndim == 3:
-        sqrt_I = sqrt_I[None]
+    sqrt_I = _sqrt_intensity(intensity)
     meas = torch.as_tensor(np.asarray(measured), dtype=torch.bool).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
@@ -308,8 +517,8 @@ def finetune(model: AE3D, intensity, measured, epochs: int, lr: float, batch_siz
         total = 0.0
         for b0 in range(0, len(x), batch_size):
             idx = order[b0:b0 + batch_size]
-            amp, phi = model(x[idx].to(dev))
-            loss = physics_loss(torch.polar(amp, phi), sqrt_I[idx].to(dev), meas).mean()
+            sb = sqrt_I[idx].to(dev)
+            loss = physics_loss(model.complex_density(model.encode(x[idx].to(dev)), sb, meas), sb, meas).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -505,8 +714,8 @@ def stage_train(config: dict, train_intensity, train_truth, model_path, log_csv,
     cs = bragg.read_crystal_set(train_intensity, train_truth)
     model, _ = train_ae3d(cfg, cs, config["dataset"]["seed"], checkpoint, log_csv,
                           device=resolve_device(config["device"]))
-    save_checkpoint(model_path, {"model": model.cpu().state_dict(), "n": cfg.crystals.n, "channels": cfg.channels,
-                                 "latent_dim": cfg.latent_dim, "fingerprint": _fingerprint(cfg, config["dataset"]["seed"])})
+    save_checkpoint(model_path, {"model": model.cpu().state_dict(), **model.architecture(),
+                                 "fingerprint": _fingerprint(cfg, config["dataset"]["seed"])})
 
 
 def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results_csv, results_md,

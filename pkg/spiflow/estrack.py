@@ -70,8 +70,8 @@ def es_frequencies(dim: int, omega_max: float) -> np.ndarray:
 @torch.no_grad()
 def latent_cost(model: ae3d.AE3D, z: torch.Tensor, sqrt_intensity: torch.Tensor, measured: torch.Tensor):
     """Physics loss (B,) of the decoded densities of latents z (B, D) against √I (B, n, n, n)."""
-    amp, phi = model.decode(z)
-    return ae3d.physics_loss(torch.polar(amp, phi), sqrt_intensity, measured)
+    sqrt_I = sqrt_intensity.expand(len(z), *sqrt_intensity.shape[1:])
+    return ae3d.physics_loss(model.complex_density(z, sqrt_I, measured), sqrt_I, measured)
 
 
 @torch.no_grad()
@@ -170,16 +170,15 @@ def track_series(model: ae3d.AE3D, series, cfg: AE3DTrackingSettings = _DEFAULTS
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            amp, phi = model.decode(model.encode(x[f:f + 1]))
-        d = torch.polar(amp, phi)
+            d = model.complex_density(model.encode(x[f:f + 1]), sqrt_I, m)
         t_enc = time.perf_counter() - t0
         record(METHODS[0], t_enc, d[0].cpu().numpy(), float(ae3d.physics_loss(d, sqrt_I, m)[0]))
         t0 = time.perf_counter()
         z, costs, t_es = extremum_seek(model, z, I, series.measured, cfg.steps, cfg.alpha, cfg.gain,
                                        cfg.steps_per_period, t0=t_es)
         with torch.no_grad():
-            amp, phi = model.decode(z[None])
-        record(METHODS[1], time.perf_counter() - t0, torch.polar(amp, phi)[0].cpu().numpy(), float(costs[-1]),
+            d = model.complex_density(z[None], sqrt_I, m)
+        record(METHODS[1], time.perf_counter() - t0, d[0].cpu().numpy(), float(costs[-1]),
                float(costs[0]))
         t0 = time.perf_counter()
         res = phase_complex(I, it_cfg, measured=series.measured, seed=f)
