@@ -186,7 +186,8 @@ def test_trained_network_is_not_collapsed():
     the truths do, and its error (ambiguities removed) must be clearly below that of the
     training set's mean object."""
     cr = CrystalsSettings(n=17, size_range_voxels=[1.4, 3.0], photons=1e6, max_displacement_angstrom=0.0)
-    cfg = AE3DSettings(crystals=cr, n_train=24, channels=8, latent_dim=16, epochs=10, batch_size=4, lr=0.005)
+    cfg = AE3DSettings(crystals=cr, n_train=24, channels=8, latent_dim=16, epochs=10, batch_size=4, lr=0.005,
+                       phase_head="convolutional", augment=False)  # the network whose collapse was fixed
     train = bragg.simulate_crystals(cr, cfg.n_train, seed=0)
     model, _ = ae3d.train_ae3d(cfg, train, seed=0)
     cs = bragg.simulate_crystals(cr, 12, seed=0)  # the first 12 training objects (a collapse fails here too)

@@ -74,7 +74,8 @@ def _tiny_config(tmp_path, **tracking):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"device": "cpu", "ae3d": {
         "crystals": {"n": 17, "size_range_voxels": [2.2, 2.8], "photons": 1e6},
-        "tracking": {"frames": 3, "steps": 100, "iterative_cycles": 1, "iterative_restarts": 1, **tracking}}}))
+        "tracking": {"frames": 3, "steps": 100, "iterative_cycles": 1, "iterative_restarts": 1, "alpha": 1.0,
+                     **tracking}}}))
     return load_config(str(f))
 
 

@@ -259,13 +259,15 @@ class AE3D(nn.Module):
     def strain_form(self, z: torch.Tensor) -> torch.Tensor:
         """The strain form k (B, 6), rad per voxel² (:data:`STRAIN_TERMS`), up to its sign:
         ``M v / √(vᵀ M v)`` with v the top eigenvector of :meth:`strain_outer` (taken without
-        gradient; for a rank-one M = k kᵀ this is ±k exactly, and it is differentiable in M)."""
+        gradient; for a rank-one M = k kᵀ this is ±k exactly, and it is differentiable in M);
+        0 where M has no positive eigenvalue."""
         M = self.strain_outer(z)
         with torch.no_grad():
             v = torch.linalg.eigh(M)[1][..., -1]
         Mv = (M @ v[..., None])[..., 0]
-        lam = (v * Mv).sum(-1).clamp_min(1e-12)
-        return Mv / lam.sqrt()[:, None] * self.strain_scale
+        lam = (v * Mv).sum(-1)
+        k = Mv / lam.clamp_min(1e-12).sqrt()[:, None]
+        return torch.where((lam > 1e-12)[:, None], k, torch.zeros_like(k)) * self.strain_scale  # M ≤ 0: no strain
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x0 = (x[:, :1] - self.input_mean) / self.input_std * x[:, 1:2]  # 0 on unmeasured voxels
