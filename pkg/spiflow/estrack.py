@@ -7,7 +7,9 @@ doi 10.1038/s41524-024-01482-5) keep the decoder fixed and tune z frame by frame
 labels and without retraining, against the label-free cost
 
     C_t(z) = physics loss of decode(z) against √I_t (:func:`spiflow.ae3d.physics_loss`:
-    ``‖k |F| − √I‖² / ‖√I‖²`` over measured voxels, k the least-squares scale),
+    ``‖k |F| − √I‖² / ‖√I‖²`` over measured voxels, k the least-squares scale; the decoded
+    density is :meth:`spiflow.ae3d.AE3D.complex_density`, so the strain head's sign is chosen
+    by the same intensity and C may jump where the choice changes),
 
 by bounded extremum seeking (Scheinker & Krstić, IEEE Trans. Autom. Control 58, 1107
 (2013), "Minimum-seeking for CLFs: universal semiglobally stabilizing feedback under unknown
