@@ -11,7 +11,7 @@
     spiflow import-euxfel              # the hits of the run euxfel.path -> patterns store, hits.csv/png
     spiflow export-cxi FILE.cxi [--patterns PATTERNS.zarr]
     spiflow export-dragonfly --photons photons.emc --detector det.dat [--patterns ...]
-    spiflow ae3d-phase --intensity VOLUME --checkpoint CKPT --out DENSITY [--refine N]
+    spiflow ae3d-phase --intensity VOLUME --checkpoint CKPT --out DENSITY [--refine N | --refine-algorithm RAAR/ER]
                                        # MRC/.npy intensity -> DENSITY.zarr, DENSITY_{amplitude,phase}.mrc
 
 Paths follow docs/conventions.md (``spiflow.rules.layout``), so files written here are the same
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="ae3d checkpoint (.pt)")
     s.add_argument("--out", required=True, help="output prefix: OUT.zarr, OUT_amplitude.mrc, OUT_phase.mrc")
     s.add_argument("--refine", type=int, default=0, help="ER iterations after the network (default 0)")
+    s.add_argument("--refine-algorithm", default=None,
+                   help="instead of --refine: one cycle of this iterative phasing with shrinkwrap after the network, "
+                        "a key of spiflow.ae3d.ITERATIVE_BASELINES (RAAR/ER: the best measured refinement; HIO/ER)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
@@ -117,7 +120,8 @@ def _run_ae3d_phase(args) -> int:
 
     pipeline.configure_threads(args.threads)
     try:
-        paths = ae3d.phase_volume(args.intensity, args.checkpoint, args.out, refine_iterations=args.refine)
+        paths = ae3d.phase_volume(args.intensity, args.checkpoint, args.out, refine_iterations=args.refine,
+                                    refine_algorithm=args.refine_algorithm)
     except (FileNotFoundError, ValueError) as exc:
         print(f"spiflow ae3d-phase: {exc}", file=sys.stderr)
         return 1
