@@ -99,7 +99,7 @@ def test_tracking_stages_write_the_table_and_figure_and_es_lowers_the_cost(tmp_p
     out = [tmp_path / n for n in ("t.csv", "t.md", "t.png")]
     estrack.stage_track(stage_config(config, "ae3d_track"), si, st, tmp_path / "model.pt", *out)
     table = pd.read_csv(out[0])
-    assert list(table.columns) == estrack.TABLE_COLUMNS and len(table) == 9
+    assert list(table.columns) == estrack.TABLE_COLUMNS and len(table) == 3 * len(estrack.METHODS)
     assert set(table["method"]) == set(estrack.METHODS)
     assert table[["seconds", "cost", "cost_truth", "complex_error"]].notna().all().all()
     assert (table["seconds"] > 0).all()
@@ -165,3 +165,20 @@ def test_tracking_settings_name_the_key(tmp_path):
         bragg.write_crystal_set(big, tmp_path / "b.zarr", tmp_path / "bt.zarr", 1, {})
         estrack.stage_track(stage_config(config, "ae3d_track"), tmp_path / "b.zarr", tmp_path / "bt.zarr",
                             tmp_path / "m.pt", *(tmp_path / n for n in ("x.csv", "x.md", "x.png")))
+
+
+def test_tracking_algorithms_are_the_ae3d_baselines():
+    """ae3d.tracking's iterative_algorithm and refine_algorithm accept exactly the keys of
+    spiflow.ae3d.ITERATIVE_BASELINES (the one place the schedules are set), and
+    iterative_settings takes that schedule with the tracking's budget."""
+    import typing
+
+    from spiflow.settings import AE3DTrackingSettings
+    fields = AE3DTrackingSettings.model_fields
+    assert set(typing.get_args(fields["iterative_algorithm"].annotation)) == set(ae3d.ITERATIVE_BASELINES)
+    refine = {a for arg in typing.get_args(fields["refine_algorithm"].annotation) for a in typing.get_args(arg)}
+    assert refine == set(ae3d.ITERATIVE_BASELINES)
+    cfg = AE3DTrackingSettings(iterative_algorithm="HIO/ER", iterative_cycles=3, iterative_restarts=5)
+    s = estrack.iterative_settings(cfg)
+    assert s.schedule == ae3d.ITERATIVE_SETTINGS.schedule and (s.n_cycles, s.n_restarts) == (3, 5)
+    assert estrack.iterative_settings().schedule == ae3d.RAAR_SETTINGS.schedule

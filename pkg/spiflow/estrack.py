@@ -54,7 +54,8 @@ from . import ae3d, bragg
 from .settings import AE3DTrackingSettings
 
 _DEFAULTS = AE3DTrackingSettings()  # the defaults of ae3d.tracking (the one place they are set)
-METHODS = ("untuned encoder", "ES-tracked latent", "iterative phasing")
+METHODS = ("untuned encoder", "ES-tracked latent", "iterative phasing", "untuned encoder + refinement",
+           "ES-tracked latent + refinement")
 TABLE_COLUMNS = ["frame", "method", "u_max_angstrom", "radius_voxels", "seconds", "cost", "cost_start", "cost_truth",
                  "complex_error", "phase_rmse_rad", "amplitude_fsc_mean", "amplitude_resolution_05",
                  "fourier_error", "twin", "shift"]
@@ -111,10 +112,10 @@ def extremum_seek(model: ae3d.AE3D, z0, intensity, measured, steps: int = _DEFAU
 
 
 def iterative_settings(cfg: AE3DTrackingSettings = _DEFAULTS):
-    """The iterative phasing of every frame: :data:`spiflow.ae3d.ITERATIVE_SETTINGS` with
-    ``cfg.iterative_cycles`` cycles and ``cfg.iterative_restarts`` restarts."""
-    return ae3d.ITERATIVE_SETTINGS.model_copy(update={"n_cycles": cfg.iterative_cycles,
-                                                      "n_restarts": cfg.iterative_restarts})
+    """The iterative phasing of every frame: ``spiflow.ae3d.ITERATIVE_BASELINES[cfg.iterative_algorithm]``
+    with ``cfg.iterative_cycles`` cycles and ``cfg.iterative_restarts`` restarts."""
+    return ae3d.ITERATIVE_BASELINES[cfg.iterative_algorithm].model_copy(
+        update={"n_cycles": cfg.iterative_cycles, "n_restarts": cfg.iterative_restarts})
 
 
 def track_series(model: ae3d.AE3D, series, cfg: AE3DTrackingSettings = _DEFAULTS, progress: bool = False,
@@ -130,7 +131,11 @@ def track_series(model: ae3d.AE3D, series, cfg: AE3DTrackingSettings = _DEFAULTS
       ``cfg.steps_per_period``), each frame starting from the previous frame's final z and
       ES time; no truth, no retraining;
     * ``iterative phasing``: :func:`spiflow.phasing.phase_complex` from random phases
-      (:func:`iterative_settings`, seed = frame).
+      (:func:`iterative_settings`, seed = frame);
+    * with ``cfg.refine_algorithm`` set, ``untuned encoder + refinement`` and ``ES-tracked
+      latent + refinement``: each of the first two followed by one cycle of that iterative
+      phasing (:func:`spiflow.ae3d.refine_cycle`); their seconds include the network's or
+      ES's (the refinement does not feed back into the tracked latent).
 
     Returns a DataFrame with :data:`TABLE_COLUMNS`, one row per (frame, method): ``seconds``
     wall time of that phasing of that frame (the encoder of frame 0 that starts ES is not
@@ -174,20 +179,28 @@ def track_series(model: ae3d.AE3D, series, cfg: AE3DTrackingSettings = _DEFAULTS
         with torch.no_grad():
             d = model.complex_density(model.encode(x[f:f + 1]), sqrt_I, m)
         t_enc = time.perf_counter() - t0
-        record(METHODS[0], t_enc, d[0].cpu().numpy(), float(ae3d.physics_loss(d, sqrt_I, m)[0]))
+        d_enc = d[0].cpu().numpy()
+        record(METHODS[0], t_enc, d_enc, float(ae3d.physics_loss(d, sqrt_I, m)[0]))
+        first = len(rows) - 1
         t0 = time.perf_counter()
         z, costs, t_es = extremum_seek(model, z, I, series.measured, cfg.steps, cfg.alpha, cfg.gain,
                                        cfg.steps_per_period, t0=t_es)
         with torch.no_grad():
             d = model.complex_density(z[None], sqrt_I, m)
-        record(METHODS[1], time.perf_counter() - t0, d[0].cpu().numpy(), float(costs[-1]),
-               float(costs[0]))
+        t_track = time.perf_counter() - t0
+        d_es = d[0].cpu().numpy()
+        record(METHODS[1], t_track, d_es, float(costs[-1]), float(costs[0]))
         t0 = time.perf_counter()
         res = phase_complex(I, it_cfg, measured=series.measured, seed=f)
         seconds = time.perf_counter() - t0
         record(METHODS[2], seconds, res.density, cost_of(res.density))
+        if cfg.refine_algorithm is not None:
+            for label, start, t_start in ((METHODS[3], d_enc, t_enc), (METHODS[4], d_es, t_track)):
+                t0 = time.perf_counter()
+                ref = ae3d.refine_cycle(start, I, series.measured, ae3d.ITERATIVE_BASELINES[cfg.refine_algorithm])
+                record(label, t_start + time.perf_counter() - t0, ref.density, cost_of(ref.density))
         if progress:
-            print(pd.DataFrame(rows[-3:])[["frame", "method", "seconds", "cost", "complex_error"]]
+            print(pd.DataFrame(rows[first:])[["frame", "method", "seconds", "cost", "complex_error"]]
                   .to_string(header=f == 0), flush=True)
     return bragg.errors_table(rows)[TABLE_COLUMNS]
 
@@ -196,8 +209,8 @@ def summarize_tracking(table) -> str:
     """Markdown summary of :func:`track_series`' table: medians over frames per method
     (complex error, phase RMSE, amplitude FSC, Fourier error, C, seconds) and the counts of
     frames where the ES-tracked latent's C is below its start and below the untuned
-    encoder's, and where its complex error is below the untuned encoder's and below
-    iterative phasing's."""
+    encoder's, where its complex error is below the untuned encoder's and below
+    iterative phasing's, and where each refined method's error is below iterative phasing's."""
     cols = ["complex_error", "phase_rmse_rad", "amplitude_fsc_mean", "fourier_error", "cost", "seconds"]
     med = table.groupby("method", sort=False)[cols].median().reset_index()
     piv = {c: table.pivot(index="frame", columns="method", values=c) for c in ("cost", "complex_error")}
@@ -209,6 +222,9 @@ def summarize_tracking(table) -> str:
              f"frames where its complex error is below the untuned encoder's: "
              f"{int((piv['complex_error'][es] < piv['complex_error'][enc]).sum())}/{n}; "
              f"below iterative phasing's: {int((piv['complex_error'][es] < piv['complex_error'][it]).sum())}/{n}",
+             *[f"frames where {m}'s complex error is below iterative phasing's: "
+               f"{int((piv['complex_error'][m] < piv['complex_error'][it]).sum())}/{n}"
+               for m in METHODS[3:] if m in piv["complex_error"]],
              f"C of the true densities (noise floor), median: {table['cost_truth'].median():.3g}", "",
              "medians over frames:", "", med.to_markdown(index=False, floatfmt=".3g")]
     return "\n".join(lines) + "\n"
@@ -334,7 +350,8 @@ def stage_track(config: dict, series_intensity, series_truth, model_path, table_
             f"u_max {p[0, 2]:.3g} -> {p[-1, 2]:.3g} A, R {p[0, 0]:.3g} -> {p[-1, 0]:.3g} voxels)\n\n"
             f"network `{model_path}` on {next(model.parameters()).device}, {torch.get_num_threads()} threads; "
             f"ES: {tr.steps} steps/frame, alpha {tr.alpha}, gain {tr.gain}, {tr.steps_per_period} steps per "
-            f"period; iterative: {tr.iterative_cycles} cycles x {tr.iterative_restarts} restarts\n\n"
+            f"period; iterative: {tr.iterative_algorithm}, {tr.iterative_cycles} cycles x {tr.iterative_restarts} "
+            f"restarts; refinement: {tr.refine_algorithm}\n\n"
             f"wall {wall:.0f} s; 1-minute load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end\n\n"
             + summarize_tracking(table))
     with atomic_path(summary_md) as tmp:

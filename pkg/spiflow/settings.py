@@ -575,7 +575,7 @@ class CrystalsSettings(Section):
 
 
 class AE3DTrackingSettings(Section):
-    """Latent tracking of a slowly changing crystal by bounded extremum seeking (spiflow.estrack; rules ae3d_series, ae3d_track): a series of frames of one crystal (spiflow.bragg.simulate_series, seed dataset.seed + 2: not a training object) whose strain grows; per frame the untuned encoder, the ES-tracked latent (decoder fixed, no labels, no retraining) and iterative phasing"""
+    """Latent tracking of a slowly changing crystal by bounded extremum seeking (spiflow.estrack; rules ae3d_series, ae3d_track): a series of frames of one crystal (spiflow.bragg.simulate_series, seed dataset.seed + 2: not a training object) whose strain grows; per frame the untuned encoder, the ES-tracked latent (decoder fixed, no labels, no retraining), each of them followed by one refinement cycle, and iterative phasing"""
     frames: int = Field(20, ge=1, description='frames T of the series')
     displacement_range_angstrom: list[Annotated[float, Field(ge=0)]] = Field([0.1, 0.8], min_length=2, max_length=2, description='[first, last] frame of the largest displacement u_max along g_hat, angstrom, ramped linearly over the frames (phase 2 pi |g| u)')
     radius_range_voxels: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = Field(None, description='[first, last] frame of the crystal size R, voxels, ramped linearly (null: fixed at the middle of ae3d.crystals.size_range_voxels)')
@@ -584,7 +584,9 @@ class AE3DTrackingSettings(Section):
     alpha: float = Field(0.05, gt=0, description='ES alpha: the rate of latent component i is bounded by sqrt(alpha omega_i), its dither amplitude is sqrt(alpha / omega_i) (about 0.3 at omega 0.5; the default network\'s latents spread about 0.9 across crystals; alpha 1, dither 1.4, suited the n = 17 convolutional network of config/ae3d.yaml and made the default network worse: README)')
     gain: float = Field(40.0, gt=0, description='ES gain k on the cost divided by its value at the frame\'s start (measured on one frame of the n = 17 network: alpha 1, k 40 lowered C 0.228 -> 0.163 in 300 steps; alpha 0.005, k 5 did not move it)')
     steps_per_period: int = Field(10, ge=2, description='ES steps (dt = 1) per dither period of the fastest component: omega_max = 2 pi / steps_per_period; the others down to 0.55 omega_max')
-    iterative_cycles: int = Field(2, ge=1, description='iterative phasing per frame (spiflow.ae3d.ITERATIVE_SETTINGS: HIO:50,ER:10 with shrinkwrap per cycle, then 30 ER): cycles')
+    iterative_algorithm: Literal['HIO/ER', 'RAAR/ER'] = Field('RAAR/ER', description='iterative phasing per frame, a key of spiflow.ae3d.ITERATIVE_BASELINES: HIO:50,ER:10 or RAAR:50,ER:10 with shrinkwrap per cycle, then 30 ER (RAAR/ER: the stronger on these crystals; HIO/ER before 2026-12-04)')
+    refine_algorithm: Literal['HIO/ER', 'RAAR/ER'] | None = Field('RAAR/ER', description='also per frame: the untuned encoder and the ES-tracked latent each followed by one cycle of this iterative phasing (spiflow.ae3d.refine_cycle); null: no such rows')
+    iterative_cycles: int = Field(2, ge=1, description='iterative phasing per frame (iterative_algorithm): cycles')
     iterative_restarts: int = Field(2, ge=1, description='iterative phasing per frame: restarts from random phases (the best by Fourier error is kept)')
 
 
