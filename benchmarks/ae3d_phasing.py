@@ -7,8 +7,9 @@
 Simulates ``ae3d.n_train`` crystals (seed ``dataset.seed``) and ``n_test`` held-out ones
 (seed ``dataset.seed + 1``) with :mod:`spiflow.bragg`, trains :mod:`spiflow.ae3d` (checkpoint
 ``OUT/ae3d.pt``, resumed when present; log ``OUT/train_log.csv``), then measures per object
-(:func:`spiflow.ae3d.compare_methods`): the network alone, iterative phasing from random
-starts at growing budgets, and the network + ``refine_iterations`` ER iterations, with the
+(:func:`spiflow.ae3d.compare_methods`): the network alone, iterative phasing (HIO/ER and
+RAAR/ER) from random starts at growing budgets, the network + ``refine_iterations`` ER
+iterations and the network + one HIO/ER or RAAR/ER cycle, with the
 errors of :func:`spiflow.bragg.complex_errors` and wall seconds. Writes ``OUT/results.csv``,
 ``OUT/results.md`` (with the settings, the training time and the 1-minute load average) and
 ``OUT/slices.png`` (central slices of the first held-out object).

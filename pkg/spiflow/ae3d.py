@@ -762,7 +762,8 @@ def stage_train(config: dict, train_intensity, train_truth, model_path, log_csv,
 def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results_csv, results_md,
                    slices_png) -> None:
     """rule ae3d_evaluate: :func:`compare_methods` on the held-out stores (network alone,
-    network + ``ae3d.refine_iterations`` ER, network + HIO/ER, iterative phasing), plus, with
+    network + ``ae3d.refine_iterations`` ER, network + one HIO/ER and one RAAR/ER cycle,
+    iterative phasing with both from random starts), plus, with
     ``ae3d.finetune_epochs`` > 0, the network after label-free :func:`finetune` on the
     held-out intensities (lr ``ae3d.lr`` / 10; no truth used); the table and its
     :func:`summarize` (markdown, with the 1-minute load average); central slices of the first
