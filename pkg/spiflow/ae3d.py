@@ -561,8 +561,10 @@ def refine_cycle(prediction, intensity, measured, settings: PhasingSettings):
     (σ ``sigma_start`` → ``sigma_end``), then its ``final_er`` ER iterations, started from
     the network's complex ``prediction`` (n, n, n) (first support: its amplitude blurred by
     ``sigma_end`` and thresholded at ``shrinkwrap_threshold``; :func:`spiflow.phasing.phase_complex`
-    with ``start``; ``n_restarts`` is ignored). Returns its
-    :class:`~spiflow.phasing.ComplexPhasingResult`."""
+    with ``start``; ``n_restarts`` is ignored) against ``intensity`` (n, n, n) photons with
+    ``measured`` (n, n, n) bool. Returns its :class:`~spiflow.phasing.ComplexPhasingResult`
+    (density in the units of √intensity per voxel). Raises ValueError as ``phase_complex``
+    (shapes, non-finite values, positivity on)."""
     from .phasing import phase_complex
     return phase_complex(intensity, settings.model_copy(update={"n_cycles": 1, "n_restarts": 1, "n_average": 1}),
                          measured=measured, start=prediction)
