@@ -570,8 +570,20 @@ def refine_cycle(prediction, intensity, measured, settings: PhasingSettings):
                          measured=measured, start=prediction)
 
 
+#: (cycles, restarts) of the iterative phasing from random starts that :func:`compare_methods`
+#: times against the network, from one cycle of one run to RAAR/ER's best on the default
+#: held-out crystals (4 × 4: README, "Network + RAAR/ER")
+ITERATIVE_BUDGETS = ((1, 1), (1, 4), (2, 4), (4, 4))
+
+
+def iterative_method(name: str, cycles: int, restarts: int) -> str:
+    """The name of a :func:`compare_methods` row of iterative phasing ``name`` (a key of
+    :data:`ITERATIVE_BASELINES`) from random starts with that budget."""
+    return f"iterative {name} {cycles} cycles x {restarts} restarts"
+
+
 def compare_methods(model: AE3D, test, refine_iterations: int, iterative: dict | None = None,
-                    budgets=((1, 1), (1, 4), (2, 4), (4, 4)), progress: bool = False, slices: dict | None = None):
+                    budgets=ITERATIVE_BUDGETS, progress: bool = False, slices: dict | None = None):
     """Per held-out object of ``test`` (a :class:`spiflow.bragg.CrystalSet`) the errors
     (:func:`spiflow.bragg.complex_errors` against the truth, with the measured intensity) and
     wall seconds of: ``network`` (:func:`predict`, one object at a time); ``network+ER<N>``
@@ -617,7 +629,7 @@ def compare_methods(model: AE3D, test, refine_iterations: int, iterative: dict |
                 t0 = time.perf_counter()
                 it = phase_complex(I, settings.model_copy(update={"n_cycles": int(k), "n_restarts": int(r)}),
                                    measured=m, seed=i)
-                record(f"iterative {name} {k} cycles x {r} restarts", time.perf_counter() - t0, it.density)
+                record(iterative_method(name, k, r), time.perf_counter() - t0, it.density)
         if progress:
             print(pd.DataFrame(rows[first:])[["method", "seconds", "complex_error"]].to_string(), flush=True)
     return pd.DataFrame(rows)
@@ -769,9 +781,8 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
     ``ae3d.finetune_epochs`` > 0, the network after label-free :func:`finetune` on the
     held-out intensities (lr ``ae3d.lr`` / 10; no truth used); the table and its
     :func:`summarize` (markdown, with the 1-minute load average); central slices of the first
-    object's truth, network, network + RAAR/ER and the last iterative row by name (RAAR/ER,
-    the largest budget)
-    (:func:`plot_complex_slices`) at ``slices_png``."""
+    object's truth, network, network + RAAR/ER and iterative RAAR/ER at the largest budget
+    of :data:`ITERATIVE_BUDGETS` (:func:`plot_complex_slices`) at ``slices_png``."""
     import copy
     import os
 
@@ -781,7 +792,8 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
     model = load_model(model_path)
     slices: dict = {}
     table = compare_methods(model, test, cfg.refine_iterations, slices=slices)
-    keep = ["truth", "network", "network+RAAR/ER", max((k for k in slices if k.startswith("iterative")), default="")]
+    largest = max(ITERATIVE_BUDGETS, key=lambda b: b[0] * b[1])
+    keep = ["truth", "network", "network+RAAR/ER", iterative_method("RAAR/ER", *largest)]
     plot_complex_slices({k: slices[k] for k in keep if k in slices}, slices_png)
     if cfg.finetune_epochs:
         import pandas as pd
