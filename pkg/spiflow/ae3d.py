@@ -582,6 +582,10 @@ def iterative_method(name: str, cycles: int, restarts: int) -> str:
     return f"iterative {name} {cycles} cycles x {restarts} restarts"
 
 
+#: the iterative row shown in the slice figures: RAAR/ER at the largest of ITERATIVE_BUDGETS
+SLICES_ITERATIVE = iterative_method("RAAR/ER", *max(ITERATIVE_BUDGETS, key=lambda b: b[0] * b[1]))
+
+
 def compare_methods(model: AE3D, test, refine_iterations: int, iterative: dict | None = None,
                     budgets=ITERATIVE_BUDGETS, progress: bool = False, slices: dict | None = None):
     """Per held-out object of ``test`` (a :class:`spiflow.bragg.CrystalSet`) the errors
@@ -781,8 +785,8 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
     ``ae3d.finetune_epochs`` > 0, the network after label-free :func:`finetune` on the
     held-out intensities (lr ``ae3d.lr`` / 10; no truth used); the table and its
     :func:`summarize` (markdown, with the 1-minute load average); central slices of the first
-    object's truth, network, network + RAAR/ER and iterative RAAR/ER at the largest budget
-    of :data:`ITERATIVE_BUDGETS` (:func:`plot_complex_slices`) at ``slices_png``."""
+    object's truth, network, network + RAAR/ER and :data:`SLICES_ITERATIVE`
+    (:func:`plot_complex_slices`) at ``slices_png``."""
     import copy
     import os
 
@@ -792,8 +796,7 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
     model = load_model(model_path)
     slices: dict = {}
     table = compare_methods(model, test, cfg.refine_iterations, slices=slices)
-    largest = max(ITERATIVE_BUDGETS, key=lambda b: b[0] * b[1])
-    keep = ["truth", "network", "network+RAAR/ER", iterative_method("RAAR/ER", *largest)]
+    keep = ["truth", "network", "network+RAAR/ER", SLICES_ITERATIVE]
     plot_complex_slices({k: slices[k] for k in keep if k in slices}, slices_png)
     if cfg.finetune_epochs:
         import pandas as pd
