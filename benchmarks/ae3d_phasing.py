@@ -70,8 +70,7 @@ def main(argv=None):
     test = bragg.simulate_crystals(ac.crystals, a.n_test or ac.n_test, seed + 1)
     slices: dict = {}
     table = ae3d.compare_methods(model, test, ac.refine_iterations, progress=True, slices=slices)
-    keep = ["truth", "network", "network+RAAR/ER", ae3d.SLICES_ITERATIVE]
-    ae3d.plot_complex_slices({k: slices[k] for k in keep if k in slices}, out / "slices.png")
+    ae3d.plot_complex_slices({k: slices[k] for k in ae3d.SLICES_METHODS if k in slices}, out / "slices.png")
     table.to_csv(out / "results.csv", index=False)
     summary = ae3d.summarize(table)
     load1 = os.getloadavg()[0]

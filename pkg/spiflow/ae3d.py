@@ -85,7 +85,7 @@ from torch import nn
 
 from . import bragg
 from .io import RunLog, derived_seed, load_checkpoint, save_checkpoint
-from .settings import AE3DSettings, PhasingSettings
+from .settings import ITERATIVE_ALGORITHMS, AE3DSettings, PhasingSettings
 
 INPUT_STD_FLOOR = 0.02  # of the per-voxel std of the normalised log intensity (AE3D.set_input_statistics)
 LOG_COLUMNS = ["epoch", "loss", "supervised", "physics", "lr", "seconds"]
@@ -553,7 +553,7 @@ ITERATIVE_SETTINGS = PhasingSettings(positivity=False, schedule="HIO:50,ER:10", 
 # default held-out crystals 4 cycles x 4 restarts reach a median complex error of 0.038
 # against HIO/ER's 0.111 (README, "network + RAAR/ER"), so both are baselines
 RAAR_SETTINGS = ITERATIVE_SETTINGS.model_copy(update={"schedule": "RAAR:50,ER:10"})
-ITERATIVE_BASELINES = {"HIO/ER": ITERATIVE_SETTINGS, "RAAR/ER": RAAR_SETTINGS}
+ITERATIVE_BASELINES = dict(zip(ITERATIVE_ALGORITHMS, (ITERATIVE_SETTINGS, RAAR_SETTINGS)))
 
 
 def refine_cycle(prediction, intensity, measured, settings: PhasingSettings):
@@ -582,8 +582,16 @@ def iterative_method(name: str, cycles: int, restarts: int) -> str:
     return f"iterative {name} {cycles} cycles x {restarts} restarts"
 
 
-#: the iterative row shown in the slice figures: RAAR/ER at the largest of ITERATIVE_BUDGETS
-SLICES_ITERATIVE = iterative_method("RAAR/ER", *max(ITERATIVE_BUDGETS, key=lambda b: b[0] * b[1]))
+def network_method(name: str) -> str:
+    """The name of a :func:`compare_methods` row of the network followed by one cycle of the
+    iterative phasing ``name`` (a key of :data:`ITERATIVE_BASELINES`)."""
+    return f"network+{name}"
+
+
+#: the rows shown in the slice figures (:func:`plot_complex_slices`): the truth, the network
+#: alone, network + RAAR/ER and iterative RAAR/ER at the largest of ITERATIVE_BUDGETS
+SLICES_METHODS = ("truth", "network", network_method("RAAR/ER"),
+                  iterative_method("RAAR/ER", *max(ITERATIVE_BUDGETS, key=lambda b: b[0] * b[1])))
 
 
 def compare_methods(model: AE3D, test, refine_iterations: int, iterative: dict | None = None,
@@ -627,7 +635,7 @@ def compare_methods(model: AE3D, test, refine_iterations: int, iterative: dict |
         for name, settings in iterative.items():
             t0 = time.perf_counter()
             ref = refine_cycle(pred, I, m, settings)
-            record(f"network+{name}", t_net + time.perf_counter() - t0, ref.density)
+            record(network_method(name), t_net + time.perf_counter() - t0, ref.density)
         for name, settings in iterative.items():
             for k, r in budgets:
                 t0 = time.perf_counter()
@@ -785,8 +793,7 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
     ``ae3d.finetune_epochs`` > 0, the network after label-free :func:`finetune` on the
     held-out intensities (lr ``ae3d.lr`` / 10; no truth used); the table and its
     :func:`summarize` (markdown, with the 1-minute load average); central slices of the first
-    object's truth, network, network + RAAR/ER and :data:`SLICES_ITERATIVE`
-    (:func:`plot_complex_slices`) at ``slices_png``."""
+    object's :data:`SLICES_METHODS` (:func:`plot_complex_slices`) at ``slices_png``."""
     import copy
     import os
 
@@ -796,8 +803,7 @@ def stage_evaluate(config: dict, test_intensity, test_truth, model_path, results
     model = load_model(model_path)
     slices: dict = {}
     table = compare_methods(model, test, cfg.refine_iterations, slices=slices)
-    keep = ["truth", "network", "network+RAAR/ER", SLICES_ITERATIVE]
-    plot_complex_slices({k: slices[k] for k in keep if k in slices}, slices_png)
+    plot_complex_slices({k: slices[k] for k in SLICES_METHODS if k in slices}, slices_png)
     if cfg.finetune_epochs:
         import pandas as pd
         tuned = copy.deepcopy(model)

@@ -574,6 +574,11 @@ class CrystalsSettings(Section):
     gap_offset_voxels: int = Field(3, description='offset of the detector gap from the peak along x, voxels')
 
 
+#: the iterative phasing baselines of ae3d, by name (spiflow.ae3d.ITERATIVE_BASELINES gives
+#: each one's schedule): support-only HIO or RAAR cycles with shrinkwrap, then ER
+ITERATIVE_ALGORITHMS = ("HIO/ER", "RAAR/ER")
+
+
 class AE3DTrackingSettings(Section):
     """Latent tracking of a slowly changing crystal by bounded extremum seeking (spiflow.estrack; rules ae3d_series, ae3d_track): a series of frames of one crystal (spiflow.bragg.simulate_series, seed dataset.seed + 2: not a training object) whose strain grows; per frame the untuned encoder, the ES-tracked latent (decoder fixed, no labels, no retraining), each of them followed by one refinement cycle, and iterative phasing"""
     frames: int = Field(20, ge=1, description='frames T of the series')
@@ -584,8 +589,8 @@ class AE3DTrackingSettings(Section):
     alpha: float = Field(0.05, gt=0, description='ES alpha: the rate of latent component i is bounded by sqrt(alpha omega_i), its dither amplitude is sqrt(alpha / omega_i) (about 0.3 at omega 0.5; the default network\'s latents spread about 0.9 across crystals; alpha 1, dither 1.4, suited the n = 17 convolutional network of config/ae3d.yaml and made the default network worse: README)')
     gain: float = Field(40.0, gt=0, description='ES gain k on the cost divided by its value at the frame\'s start (measured on one frame of the n = 17 network: alpha 1, k 40 lowered C 0.228 -> 0.163 in 300 steps; alpha 0.005, k 5 did not move it)')
     steps_per_period: int = Field(10, ge=2, description='ES steps (dt = 1) per dither period of the fastest component: omega_max = 2 pi / steps_per_period; the others down to 0.55 omega_max')
-    iterative_algorithm: Literal['HIO/ER', 'RAAR/ER'] = Field('RAAR/ER', description='iterative phasing per frame, a key of spiflow.ae3d.ITERATIVE_BASELINES: HIO:50,ER:10 or RAAR:50,ER:10 with shrinkwrap per cycle, then 30 ER (RAAR/ER: the stronger on these crystals; HIO/ER before 2026-12-04)')
-    refine_algorithm: Literal['HIO/ER', 'RAAR/ER'] | None = Field('RAAR/ER', description='also per frame: the untuned encoder and the ES-tracked latent each followed by one cycle of this iterative phasing (spiflow.ae3d.refine_cycle); null: no such rows')
+    iterative_algorithm: Literal[ITERATIVE_ALGORITHMS] = Field('RAAR/ER', description='iterative phasing per frame, a key of spiflow.ae3d.ITERATIVE_BASELINES: HIO:50,ER:10 or RAAR:50,ER:10 with shrinkwrap per cycle, then 30 ER (RAAR/ER: the stronger on these crystals; HIO/ER before 2026-12-04)')
+    refine_algorithm: Literal[ITERATIVE_ALGORITHMS] | None = Field('RAAR/ER', description='also per frame: the untuned encoder and the ES-tracked latent each followed by one cycle of this iterative phasing (spiflow.ae3d.refine_cycle); null: no such rows')
     iterative_cycles: int = Field(2, ge=1, description='iterative phasing per frame (iterative_algorithm): cycles')
     iterative_restarts: int = Field(2, ge=1, description='iterative phasing per frame: restarts from random phases (the best by Fourier error is kept)')
 
